@@ -1,0 +1,112 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pairing import (interleave, pair_stats, sample_pair_noise_and_sigmas, sample_sigmas, select_pairs,
+                     validate_pairs)
+
+
+def test_best_worst_and_top_bottom_on_an_interleaved_batch():
+    groups = ["a", "b", "a", "b", "a", "b", "a", "b"]
+    rewards = torch.tensor([0.1, 0.5, 0.9, 0.5, 0.3, 0.5, 0.7, 0.5])  # group b ties
+    assert select_pairs(groups, rewards).tolist() == [[2, 0]]
+    assert select_pairs(groups, rewards, "top_bottom").tolist() == [[2, 0], [6, 4]]
+    assert select_pairs(groups, rewards, "top_bottom", min_margin=0.5).tolist() == [[2, 0]]
+    stats = pair_stats(groups, rewards, select_pairs(groups, rewards))
+    assert stats == {"pairs_kept": 1.0, "groups": 2.0, "groups_without_pair": 1.0, "tie_groups": 1.0,
+                     "reward_gap_mean": pytest.approx(0.8)}
+
+
+def test_ties_in_sorting_are_broken_by_index_and_groups_keep_first_appearance_order():
+    groups = torch.tensor([7, 3, 7, 3, 7, 3])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 2.0, 0.0, 0.0])
+    assert select_pairs(groups, rewards, "top_bottom").tolist() == [[0, 4], [3, 5]]
+    assert select_pairs(groups, rewards).tolist() == [[0, 4], [3, 5]]
+
+
+def test_singletons_give_no_pair_and_nan_names_the_index():
+    assert select_pairs(["x", "y"], torch.tensor([1.0, 0.0])).shape == (0, 2)
+    with pytest.raises(ValueError, match="index 2"):
+        select_pairs([0, 0, 1, 1], torch.tensor([1.0, 0.0, float("nan"), 0.0]))
+    with pytest.raises(ValueError, match="strategy"):
+        select_pairs([0, 0], torch.tensor([1.0, 0.0]), "random")
+    with pytest.raises(ValueError):
+        select_pairs([0, 0, 0], torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="min_margin"):
+        select_pairs([0, 0], torch.tensor([1.0, 0.0]), min_margin=-1)
+
+
+@st.composite
+def scored_groups(draw):
+    n_groups = draw(st.integers(1, 5))
+    sizes = [draw(st.integers(1, 9)) for _ in range(n_groups)]
+    groups = [g for g, k in enumerate(sizes) for _ in range(k)]
+    groups = draw(st.permutations(groups))
+    rewards = draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]) | st.floats(-10, 10),
+                            min_size=len(groups), max_size=len(groups)))
+    margin = draw(st.sampled_from([0.0, 0.1, 0.5]))
+    return list(groups), torch.tensor(rewards, dtype=torch.float64), margin
+
+
+@settings(max_examples=200, deadline=None)
+@given(scored_groups(), st.sampled_from(["best_worst", "top_bottom"]))
+def test_pair_properties(data, strategy):
+    groups, rewards, margin = data
+    pairs = select_pairs(groups, rewards, strategy, margin)
+    sizes = {g: groups.count(g) for g in set(groups)}
+    per_group = {}
+    for c, r in pairs.tolist():
+        assert groups[c] == groups[r]
+        assert rewards[c] - rewards[r] > margin
+        per_group[groups[c]] = per_group.get(groups[c], 0) + 1
+    for g, n in per_group.items():
+        assert n <= sizes[g] // 2
+    if strategy == "top_bottom":
+        used = pairs.flatten().tolist()
+        assert len(used) == len(set(used))
+    else:
+        for g in sizes:
+            members = [i for i, x in enumerate(groups) if x == g]
+            spread = rewards[members].max() - rewards[members].min()
+            assert per_group.get(g, 0) == (1 if len(members) > 1 and spread > margin else 0)
+    # interleaving puts each pair's rows side by side and validates
+    inter_groups = interleave(pairs, groups)
+    validate_pairs(inter_groups, interleave(pairs, rewards))
+    stats = pair_stats(groups, rewards, pairs)
+    assert stats["pairs_kept"] == pairs.shape[0]
+    assert stats["groups_without_pair"] == len(sizes) - len(per_group)
+
+
+def test_interleave_and_validate():
+    pairs = torch.tensor([[2, 0], [3, 1]])
+    x = torch.arange(4 * 3).reshape(4, 3)
+    assert interleave(pairs, x)[:, 0].tolist() == [6, 0, 9, 3]
+    assert interleave(pairs, ["a", "b", "c", "d"]) == ["c", "a", "d", "b"]
+    with pytest.raises(ValueError, match="pair 1"):
+        validate_pairs(["a", "a", "b", "c"], [1.0, 0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="pair 0"):
+        validate_pairs(["a", "a"], [0.0, 1.0])
+    with pytest.raises(ValueError):
+        validate_pairs(["a", "a", "b"], [1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "uniform", "mode"])
+def test_noise_and_sigma_are_shared_within_pairs_and_differ_across(scheme):
+    latents = torch.randn(6, 16, 64)
+    noise, sigmas = sample_pair_noise_and_sigmas(latents, torch.Generator().manual_seed(0), scheme)
+    assert noise.shape == latents.shape and sigmas.shape == (6,)
+    assert torch.equal(noise[0::2], noise[1::2]) and torch.equal(sigmas[0::2], sigmas[1::2])
+    assert not torch.equal(noise[0], noise[2]) and len(set(sigmas[0::2].tolist())) == 3
+    assert ((sigmas > 0) & (sigmas < 1)).all()
+    again = sample_pair_noise_and_sigmas(latents, torch.Generator().manual_seed(0), scheme)
+    assert torch.equal(again[0], noise) and torch.equal(again[1], sigmas)
+    with pytest.raises(ValueError):
+        sample_pair_noise_and_sigmas(latents[:5], torch.Generator(), scheme)
+
+
+def test_logit_normal_sigmas_have_the_right_distribution():
+    s = sample_sigmas(20000, "logit_normal", torch.Generator().manual_seed(0))
+    logits = torch.log(s / (1 - s))
+    assert abs(logits.mean().item()) < 0.03 and abs(logits.std().item() - 1) < 0.03
+    with pytest.raises(ValueError, match="sigma scheme"):
+        sample_sigmas(3, "cosine")
