@@ -89,7 +89,8 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.bfloat16, device: 
     or `tiny` / `tiny-bench` (built locally, random weights, no download). Remote code is never run."""
     if pretrained in ("tiny", "tiny-bench"):
         pipe = build_tiny_pipeline(seed=0, size="tiny" if pretrained == "tiny" else "bench")
-        pipe.to(dtype=dtype)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
     else:
         pipe = QwenImagePipeline.from_pretrained(pretrained, dtype=dtype, trust_remote_code=False)
     pipe.to(device)
@@ -240,10 +241,14 @@ def lora_state_dict(transformer) -> dict:
     return get_peft_model_state_dict(transformer)
 
 
-def save_lora(transformer, output_dir: str):
+def save_lora(transformer, output_dir: str, state_dict: dict | None = None):
     """Writes `output_dir/pytorch_lora_weights.safetensors` in the diffusers format that
-    `QwenImagePipeline.load_lora_weights(output_dir)` reads."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(transformer).items()}
+    `QwenImagePipeline.load_lora_weights(output_dir)` reads. `state_dict`: the transformer's full
+    state (e.g. gathered from FSDP shards); default: its own."""
+    from peft.utils import get_peft_model_state_dict
+
+    lora = get_peft_model_state_dict(transformer, state_dict=state_dict)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
     # The adapter config travels as metadata: without it the loader assumes alpha = rank.
     metadata = transformer.peft_config["default"].to_dict()
     QwenImagePipeline.save_lora_weights(output_dir, transformer_lora_layers=state, safe_serialization=True,
@@ -406,7 +411,8 @@ def predict_velocity(transformer, noisy_latents: torch.Tensor, sigmas: torch.Ten
     img_shapes = [[(1, height // vae_scale // 2, width // vae_scale // 2)]] * noisy_latents.shape[0]
     if prompt_mask is not None and bool(prompt_mask.all()):
         prompt_mask = None  # the pipeline drops an all-ones mask: train on what sampling saw
-    dtype = transformer.dtype
+    inner = getattr(transformer, "module", transformer)  # DDP wraps; FSDP2 shards in place
+    dtype = inner.time_text_embed.timestep_embedder.linear_1.weight.dtype  # the frozen weights' dtype
     return transformer(hidden_states=noisy_latents.to(dtype), timestep=sigmas.to(dtype),
                        encoder_hidden_states=prompt_embeds.to(dtype), encoder_hidden_states_mask=prompt_mask,
                        img_shapes=img_shapes, return_dict=False)[0]

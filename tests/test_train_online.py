@@ -1,0 +1,206 @@
+"""The online trainer end to end on the tiny model: validation, learning (two-sided), ties, NaN
+handling, exact resume, SIGTERM, and 2-process DDP / FSDP2 launches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_online_dpo
+from conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "train_online_dpo.py")
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def eval_rewards(rows):
+    return [r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r]
+
+
+def lora(output_dir):
+    return load_file(os.path.join(output_dir, "lora", "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("flag,value,field", [
+    ("samples_per_prompt", "1", "samples_per_prompt"),
+    ("micro_batch_pairs", "0", "micro_batch_pairs"),
+    ("beta", "0", "beta"),
+    ("beta", "-5", "beta"),
+    ("beta", "nan", "beta"),
+    ("reward", "clip_score", "reward"),
+    ("pair_strategy", "random", "pair_strategy"),
+    ("sigma_scheme", "cosine", "sigma_scheme"),
+    ("train_data", "/nonexistent/prompts.parquet", "train_data"),
+    ("eval_data", "/nonexistent/test.txt", "eval_data"),
+    ("height", "50", "height"),
+    ("max_sequence_length", "2000", "max_sequence_length"),
+    ("reward_kwargs", "{not json", "reward_kwargs"),
+    ("train_mode", "qlora", "train_mode"),
+    ("preset", "gpu_huge", "preset"),
+])
+def test_invalid_config_fails_before_any_model_loads(flag, value, field):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=field):
+        train_online_dpo.main(["--preset", "cpu_tiny", f"--{flag}", value] if flag != "preset" else ["--preset", value])
+    assert time.perf_counter() - start < 5
+
+
+def test_prompts_must_split_evenly_across_ranks():
+    from trainer_utils import parse_config
+
+    config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny", "--prompts_per_step", "7"])
+    train_online_dpo.validate(config, world_size=1)
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        train_online_dpo.validate(config, world_size=2)
+
+
+def test_recipe_defaults():
+    c = train_online_dpo.Config()
+    assert (c.pretrained, c.reward, c.height, c.width, c.samples_per_prompt, c.num_inference_steps) == \
+        ("Qwen/Qwen-Image", "ocr", 512, 512, 16, 35)
+    assert (c.true_cfg_scale, c.max_sequence_length, c.lora_rank, c.lora_alpha, c.learning_rate) == (1.0, 256, 64, 128, 3e-4)
+    assert (c.weight_decay, c.max_grad_norm, c.beta, c.sigma_scheme, c.max_steps) == (1e-4, 1.0, 100.0, "logit_normal", 300)
+    assert (c.eval_every, c.checkpoint_every, c.pair_strategy, c.lr_warmup_steps) == (20, 20, "best_worst", 0)
+    import qwen_image
+
+    assert tuple(c.lora_targets.split(",")) == qwen_image.RECIPE_LORA_TARGETS
+
+
+@pytest.mark.slow
+def test_online_dpo_learns_and_the_reversed_preference_unlearns(tmp_path):
+    """cpu_tiny (20 steps): the eval reward (64 images, fixed seeds) rises; reversing chosen and
+    rejected makes it fall. Measured: 0.5049 -> 0.5217 and -> 0.4943; eval std ~0.001."""
+    forward, backward = str(tmp_path / "forward"), str(tmp_path / "reversed")
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", forward])
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", backward, "--reverse_preference", "true"])
+    up, down = eval_rewards(read_metrics(forward)), eval_rewards(read_metrics(backward))
+    assert up[0] == down[0]  # same model, same eval seeds
+    assert up[-1] - up[0] > 0.008
+    assert down[0] - down[-1] > 0.005
+    rows = [r for r in read_metrics(forward) if "dpo/loss" in r]
+    assert len(rows) == 20 and all(r["pairs/kept"] == 8 for r in rows)
+    assert sum(r["dpo/implicit_acc"] for r in rows[-5:]) / 5 > 0.5
+    for key in ("reward/mean", "reward/std", "reward/max", "reward/min", "pairs/tie_groups_dropped",
+                "dpo/implicit_reward_margin", "time/rollout_s", "time/reward_s", "time/update_s", "lr"):
+        assert key in rows[0]
+    assert os.path.exists(os.path.join(forward, "samples", "pairs-000020.png"))
+    assert sorted(os.listdir(forward)).count("checkpoint-20") == 1
+
+
+@pytest.mark.slow
+def test_every_group_tied_skips_the_update(tmp_path):
+    """The real OCR reward reads no text in tiny random images: every group ties at 0."""
+    out = str(tmp_path / "tie")
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "1", "--eval_every", "0",
+                           "--reward", "ocr"])
+    row = read_metrics(out)[0]
+    assert row["pairs/kept"] == 0 and row["pairs/tie_groups_dropped"] == 8 and row["update/skipped_no_pairs"] == 1
+    assert "dpo/loss" not in row
+    weights = lora(out)
+    assert all(torch.count_nonzero(v) == 0 for k, v in weights.items() if "lora_B" in k)  # still the init
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skips_the_update_and_stops_when_repeated(tmp_path, monkeypatch):
+    import dpo_loss
+
+    real = dpo_loss.diffusion_dpo_loss
+    calls = {"n": 0}
+
+    def nan_first_update(model_pred, ref_pred, target, beta):
+        calls["n"] += 1
+        loss, metrics = real(model_pred, ref_pred, target, beta)
+        return (loss * float("nan") if calls["n"] == 1 else loss), metrics
+
+    monkeypatch.setattr(dpo_loss, "diffusion_dpo_loss", nan_first_update)
+    out = str(tmp_path / "nan")
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "2", "--eval_every", "0"])
+    rows = [r for r in read_metrics(out) if "reward/mean" in r]
+    assert rows[0]["update/nonfinite_skipped"] == 1 and "update/nonfinite_skipped" not in rows[1]
+    assert all(torch.isfinite(v).all() for v in lora(out).values())
+
+    monkeypatch.setattr(dpo_loss, "diffusion_dpo_loss",
+                        lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    with pytest.raises(FloatingPointError, match="2 non-finite updates in a row"):
+        train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", str(tmp_path / "nan2"), "--max_steps", "3",
+                               "--eval_every", "0", "--max_nonfinite_in_a_row", "2"])
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    common = ["--preset", "cpu_tiny", "--max_steps", "4", "--eval_every", "0", "--checkpoint_every", "2"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train_online_dpo.main(common + ["--output_dir", straight])
+    train_online_dpo.main(common + ["--output_dir", split, "--max_steps", "2"])
+    train_online_dpo.main(common + ["--output_dir", split, "--resume_from_checkpoint", "latest"])
+    a, b = lora(straight), lora(split)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    losses = lambda d: [r["dpo/loss"] for r in read_metrics(d) if "dpo/loss" in r]
+    assert losses(split) == pytest.approx(losses(straight), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
+    out = str(tmp_path / "term")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "500",
+                             "--eval_every", "0", "--checkpoint_every", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    checkpoints = [d for d in os.listdir(out) if d.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and not [d for d in os.listdir(out) if d.startswith(".checkpoint")]
+    step = int(checkpoints[0].split("-")[1])
+    assert 1 <= step < 500
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", str(step + 1),
+                           "--eval_every", "0", "--resume_from_checkpoint", os.path.join(out, checkpoints[0])])
+    assert read_metrics(out)[-2]["step"] == step + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
+def test_two_process_launch(tmp_path, tiny_dir, sharding):
+    """2 CPU processes (gloo): DDP through accelerate, or FSDP2 fully_shard."""
+    out = str(tmp_path / sharding)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+           "--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "2", "--eval_every", "2",
+           "--checkpoint_every", "2", "--sharding", sharding]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    steps = [r for r in rows if "data/prompt_uids" in r]
+    assert len(steps) == 2
+    for r in steps:  # 8 prompts per step: rank 0 took 4, rank 1 the other 4
+        uids = r["data/prompt_uids"]
+        assert len(uids) == 8 and not set(uids[:4]) & set(uids[4:])
+        assert r["pairs/kept"] == 8
+    checksums = rows[-1]["final/param_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    # the saved LoRA loads into a fresh pipeline and changes its prediction
+    import qwen_image as qi
+
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    embeds, mask = qi.PromptCache(pipe, 64)(["a cat"])
+    with torch.no_grad():
+        before = qi.predict_velocity(pipe.transformer, x, torch.tensor([0.5]), embeds, mask, 64, 64)
+        pipe.load_lora_weights(os.path.join(out, "lora"))
+        after = qi.predict_velocity(pipe.transformer, x, torch.tensor([0.5]), embeds, mask, 64, 64)
+    assert (after - before).abs().max() > 1e-4
