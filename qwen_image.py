@@ -250,7 +250,10 @@ def save_lora(transformer, output_dir: str, state_dict: dict | None = None):
     lora = get_peft_model_state_dict(transformer, state_dict=state_dict)
     state = {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
     # The adapter config travels as metadata: without it the loader assumes alpha = rank.
+    # The exact adapted modules (not suffixes + exclusions), so the loader injects what the file holds.
     metadata = transformer.peft_config["default"].to_dict()
+    metadata.pop("exclude_modules", None)
+    metadata["target_modules"] = sorted({k.rsplit(".lora_", 1)[0] for k in state})
     QwenImagePipeline.save_lora_weights(output_dir, transformer_lora_layers=state, safe_serialization=True,
                                         transformer_lora_adapter_metadata=metadata)
 

@@ -178,6 +178,9 @@ def train(config: Config):
     accelerator = Accelerator(log_with=None if config.log_with == "none" else config.log_with,
                               project_dir=config.output_dir)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise RuntimeError("launch with a MULTI_GPU accelerate config (configs/multi_gpu.yaml) and pass "
+                           "--sharding fsdp2: the script shards the transformer itself (it samples with it too)")
     if int(os.environ.get("WORLD_SIZE", "1")) != world:
         raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate set up {world} "
                            "process(es): on CPU set ACCELERATE_USE_CPU=true (see README, Distributed)")

@@ -252,8 +252,8 @@ def setup_trackers(accelerator, log_with: str, project: str, config: dict, outpu
 
 
 def pair_grid(chosen: list[Image.Image], rejected: list[Image.Image], chosen_rewards, rejected_rewards,
-              tile: int = 128) -> Image.Image:
-    """Two rows: chosen on top, rejected below, each tile captioned with its reward."""
+              tile: int = 128, labels=("W", "L")) -> Image.Image:
+    """Two rows: chosen on top, rejected below, each tile captioned with its label and reward."""
     n = len(chosen)
     grid = Image.new("RGB", (tile * n, 2 * (tile + 14)), "white")
     draw = ImageDraw.Draw(grid)
@@ -261,7 +261,7 @@ def pair_grid(chosen: list[Image.Image], rejected: list[Image.Image], chosen_rew
         for row, (images, scores) in enumerate(((chosen, chosen_rewards), (rejected, rejected_rewards))):
             y = row * (tile + 14)
             grid.paste(images[i].convert("RGB").resize((tile, tile)), (i * tile, y + 14))
-            draw.text((i * tile + 2, y + 1), f"{'W' if row == 0 else 'L'} {float(scores[i]):.3f}", fill="black")
+            draw.text((i * tile + 2, y + 1), f"{labels[row]} {float(scores[i]):.3f}", fill="black")
     return grid
 
 

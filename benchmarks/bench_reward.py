@@ -1,0 +1,70 @@
+"""Images per second of each local reward on 512x512 images (rendered text, as the OCR task makes).
+
+    python benchmarks/bench_reward.py [--images 32] [--repeats 3] [--vlm]
+
+`--vlm` adds the ocr_vlm path on a tiny random Qwen2.5-VL built locally (its speed says nothing
+about an 8B model; it shows the per-image overhead of the code path). Last line: a JSON object.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+import rewards  # noqa: E402
+
+WORDS = ["Hello World", "Open 24 Hours", "Coffee Shop", "Grand Opening", "Slow Down", "Keep Calm", "Fresh Bread",
+         "Jazz Night"]
+
+
+def render(text, size=512):
+    image = Image.new("RGB", (size, size), (245, 240, 230))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=44)
+    draw.text(((size - draw.textlength(text, font=font)) / 2, size / 2 - 22), text, fill=(20, 20, 20), font=font)
+    return image
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vlm", action="store_true")
+    args = parser.parse_args()
+    images = [render(WORDS[i % len(WORDS)]) for i in range(args.images)]
+    prompts = [f'A sign that says "{WORDS[i % len(WORDS)]}"' for i in range(args.images)]
+    candidates = {"ocr": rewards.build_reward("ocr"), "jpeg_compressibility": rewards.build_reward("jpeg_compressibility"),
+                  "brightness": rewards.build_reward("brightness")}
+    if args.vlm:
+        import qwen_image
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        path = tempfile.mkdtemp()
+        pipe = qwen_image.build_tiny_pipeline(0)
+        pipe.text_encoder.save_pretrained(path)
+        pipe.tokenizer.save_pretrained(path)
+        Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2).save_pretrained(path)
+        candidates["ocr_vlm_tiny"] = rewards.build_reward("ocr_vlm", model=path, dtype="float32", max_new_tokens=16)
+    for fn in candidates.values():  # load lazily outside the timing
+        fn(images[:2], prompts[:2])
+    result = {"image_size": 512, "images": args.images}
+    for _ in range(args.repeats):  # interleaved repeats, medians reported
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            scores = fn(images, prompts)
+            result.setdefault(name, []).append(args.images / (time.perf_counter() - start))
+            if name == "ocr":
+                result["ocr_mean_score"] = sum(scores) / len(scores)
+    out = {k: (round(statistics.median(v), 2) if isinstance(v, list) else v) for k, v in result.items()}
+    print(json.dumps({f"{k}_images_per_s" if k in candidates else k: v for k, v in out.items()}))
+
+
+if __name__ == "__main__":
+    main()
