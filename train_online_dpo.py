@@ -162,90 +162,39 @@ def main(argv=None):
 
 def train(config: Config):
     # Imports after validation: a bad flag fails in a second, not after ~10 s of imports.
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     import qwen_image as qi
     import trainer_utils as tu
-    import dpo_loss
-    from dpo_loss import noisy_latents, velocity_target
-    from pairing import interleave, pair_stats, sample_pair_noise_and_sigmas, select_pairs
+    from pairing import interleave, pair_stats, select_pairs
     from rewards import OCR_REWARDS, build_reward
 
-    accelerator = Accelerator(log_with=None if config.log_with == "none" else config.log_with,
-                              project_dir=config.output_dir)
+    accelerator = tu.make_accelerator(config)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise RuntimeError("launch with a MULTI_GPU accelerate config (configs/multi_gpu.yaml) and pass "
-                           "--sharding fsdp2: the script shards the transformer itself (it samples with it too)")
-    if int(os.environ.get("WORLD_SIZE", "1")) != world:
-        raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate set up {world} "
-                           "process(es): on CPU set ACCELERATE_USE_CPU=true (see README, Distributed)")
     validate(config, world)
     set_seed(config.seed)
     stop = tu.StopFlag()
-    dtype = getattr(torch, config.dtype)
     is_ocr = config.reward in OCR_REWARDS
 
-    # ---- data, model, reward
+    # ---- data, reward, model
     train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr)
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)
-    if config.max_eval_prompts:
-        eval_rows = eval_rows[: config.max_eval_prompts]
+    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
-
-    pipe = qi.load_pipeline(config.pretrained, dtype=dtype, device=device)
-    transformer = pipe.transformer
+    pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
     # every prompt this run will see is encoded once; then the text encoder leaves the accelerator
     prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt])
     prompt_cache.offload_text_encoder("cpu")
+    policy = tu.DPOPolicy(config, pipe, accelerator)  # LoRA (or full) + reference + optimizer
+    transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
 
-    reference = None
-    if config.train_mode == "lora":
-        qi.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_targets.split(","), config.lora_init)
-    else:
-        reference = qi.make_frozen_reference(transformer)
-        transformer.requires_grad_(True)
-        for name in qi.dead_text_stream_modules(transformer):  # never reach the output: freeze
-            transformer.get_submodule(name).requires_grad_(False)
-    cast_training_params(transformer, dtype=torch.float32)  # fp32 trainable weights, AdamW state
-    qi.set_gradient_checkpointing(transformer, config.gradient_checkpointing)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-
-    if config.sharding == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in transformer.transformer_blocks:
-            fully_shard(block)
-        fully_shard(transformer)
-        params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay, eps=config.adam_epsilon)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
-    if config.sharding == "fsdp2":
-        model = transformer  # FSDP2 reduces gradients itself
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    else:
-        model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    transformer.train()
-
-    # ---- resume
-    start_step, nonfinite_in_a_row = 0, 0
+    start_step = 0
     checkpoint = tu.resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if checkpoint:
-        state = tu.load_checkpoint(checkpoint, model, optimizer, lr_scheduler)
-        start_step, nonfinite_in_a_row = state["step"], state.get("nonfinite_in_a_row", 0)
+        start_step = policy.load_checkpoint(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-    metrics_log = tu.MetricsLog(accelerator, config.output_dir, resume_step=start_step if checkpoint else None)
-    tu.setup_trackers(accelerator, config.log_with, config.tracker_project, tu.config_dict(config), config.output_dir)
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
-        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-            json.dump(tu.config_dict(config), f, indent=1)
+    metrics_log = tu.start_run(accelerator, config, resume_step=start_step if checkpoint else None)
 
     rollout_settings = qi.RolloutSettings(height=config.height, width=config.width,
                                           num_inference_steps=config.num_inference_steps,
@@ -254,50 +203,18 @@ def train(config: Config):
     eval_settings = qi.RolloutSettings(**{**rollout_settings.__dict__, "num_inference_steps": config.eval_inference_steps})
 
     def run_eval(step):
-        transformer.eval()
-        metrics, images, scores = tu.evaluate(pipe, prompt_cache, eval_rows, reward_fn, eval_settings,
-                                              config.eval_samples_per_prompt, accelerator, exact_match=is_ocr)
-        transformer.train()
-        if accelerator.is_main_process and images:
-            tu.image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]]).save(
-                os.path.join(config.output_dir, "samples", f"eval-{step:06d}.png"))
-        metrics_log.log(metrics, step)
-        return metrics
-
-    def all_sum(*values):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        return accelerator.reduce(t, reduction="sum").tolist() if world > 1 else t.tolist()
-
-    def all_max(value):
-        if world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.item()
-
-    def velocity(module, x0, noise, sigmas, embeds, mask):
-        return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
-                                   config.height, config.width)
-
-    def reference_velocity(*args):
-        with torch.no_grad():
-            if reference is not None:
-                return velocity(reference, *args)
-            with qi.lora_disabled(transformer):
-                return velocity(transformer, *args)
+        tu.evaluate_and_log(pipe, prompt_cache, eval_rows, reward_fn, eval_settings, config.eval_samples_per_prompt,
+                            accelerator, is_ocr, metrics_log, step, config.output_dir)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)
-
     progress = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                     disable=not accelerator.is_local_main_process, desc="online DPO")
-    step = start_step
+    K = config.samples_per_prompt
     for step in range(start_step, config.max_steps):
-        metrics = {}
-        # 1-3. this rank's prompts, K rollouts each with the current policy (seeds: f(step, sample))
+        # 1-3. this rank's prompts; K rollouts each with the current policy, seeds = f(seed, step, rank, j)
         t0 = time.perf_counter()
         rows = tu.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
-        K = config.samples_per_prompt
         flat_rows = [row for row in rows for _ in range(K)]
         prompts = [row["prompt"] for row in flat_rows]
         group_ids = [f"{i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
@@ -306,97 +223,43 @@ def train(config: Config):
         latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
         transformer.train()
         t1 = time.perf_counter()
+
         # 4. rewards
         rewards = torch.tensor(tu.score_rows(reward_fn, images, flat_rows), dtype=torch.float64)
         t2 = time.perf_counter()
-        # 5. pairs: best vs worst per prompt group; tie groups give none
+
+        # 5. pairs per prompt group (ties give none), interleaved [c0, r0, c1, r1, ...]
         pairs = select_pairs(group_ids, rewards, config.pair_strategy, config.min_reward_margin)  # [P, 2]
         stats = pair_stats(group_ids, rewards, pairs)
         if config.reverse_preference:
             pairs = pairs.flip(1)
+        n_pairs = pairs.shape[0]
+        if n_pairs:
+            chosen_rejected_latents = interleave(pairs, latents).to(device)  # [2P, S, 64]
+            pair_prompts = interleave(pairs, prompts)
+        else:  # no pair on this rank: placeholder rows, zero weight, so it still joins every collective
+            chosen_rejected_latents, pair_prompts = latents[:2].to(device), prompts[:2]
+
+        # 6-7. shared noise and sigma per pair, reference and policy predictions, DPO loss, updates
+        metrics = policy.update(chosen_rejected_latents, pair_prompts, n_pairs, prompt_cache, step,
+                                updates=config.updates_per_rollout)
+        if "update/skipped_no_pairs" in metrics:
+            accelerator.print(f"step {step}: no pairs (every group tied or below min_reward_margin); update skipped")
+        t3 = time.perf_counter()
+
+        # 8. metrics, samples, evaluation, checkpoints
         all_rewards = accelerator.gather(rewards.to(device)).cpu() if world > 1 else rewards
-        pairs_total, tie_groups, no_pair_groups, gap_sum = all_sum(
-            pairs.shape[0], stats["tie_groups"], stats["groups_without_pair"],
-            stats["reward_gap_mean"] * pairs.shape[0])
+        pairs_total, tie_groups, no_pair_groups, gap_sum = tu.all_sum(
+            accelerator, n_pairs, stats["tie_groups"], stats["groups_without_pair"], stats["reward_gap_mean"] * n_pairs)
         metrics.update({
-            "data/prompt_uids": [u for uids in _gather_object([r["uid"] for r in rows], world) for u in uids],
+            "data/prompt_uids": [u for uids in tu.gather_object(accelerator, [r["uid"] for r in rows]) for u in uids],
             "reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(unbiased=False).item(),
             "reward/max": all_rewards.max().item(), "reward/min": all_rewards.min().item(),
             "pairs/kept": pairs_total, "pairs/tie_groups_dropped": tie_groups,
             "pairs/groups_without_pair": no_pair_groups, "pairs/reward_gap": gap_sum / max(pairs_total, 1),
+            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
+            "lr": policy.lr_scheduler.get_last_lr()[0],
         })
-
-        # 6-7. DPO updates on interleaved [c0, r0, c1, r1, ...]
-        n_pairs = pairs.shape[0]
-        if pairs_total == 0:
-            metrics["update/skipped_no_pairs"] = 1.0
-            accelerator.print(f"step {step}: no pairs (every group tied or below min_reward_margin); update skipped")
-        else:
-            if n_pairs:
-                x0 = interleave(pairs, latents).to(device)  # [2P, S, 64]
-                pair_prompts = interleave(pairs, prompts)
-            else:  # this rank has no pair: it still joins every collective, with zero weight
-                x0, pair_prompts = latents[:2].to(device), prompts[:2]
-            # every rank runs the same number of micro-batches (the most any rank needs)
-            n_micro = int(all_max(max(1, math.ceil(n_pairs / config.micro_batch_pairs))))
-            loss_sum = acc_sum = margin_sum = 0.0  # over this rank's pairs and the successful updates
-            good_updates = 0
-            for update in range(config.updates_per_rollout):
-                generator = torch.Generator().manual_seed(tu.derived_seed(config.seed, step, rank, update, 7) % 2**62)
-                noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
-                                                             logit_mean=config.logit_mean, logit_std=config.logit_std)
-                target = velocity_target(x0, noise)
-                update_sums = [0.0, 0.0, 0.0]
-                for micro in range(n_micro):
-                    lo = micro * config.micro_batch_pairs
-                    hi = min(lo + config.micro_batch_pairs, n_pairs)
-                    weight = 1.0
-                    if hi <= lo:  # padding micro-batch: same shapes, no contribution
-                        lo, hi, weight = 0, 1, 0.0
-                    rows_ = slice(2 * lo, 2 * hi)
-                    embeds, mask = prompt_cache(pair_prompts[rows_], device=device, dtype=dtype)
-                    args = (x0[rows_], noise[rows_], sigmas[rows_], embeds, mask)
-                    ref_pred = reference_velocity(*args)
-                    sync = micro == n_micro - 1
-                    with _no_sync(model, config.sharding, world, accelerator, sync):
-                        model_pred = velocity(model, *args)
-                        loss, m = dpo_loss.diffusion_dpo_loss(model_pred, ref_pred, target[rows_], config.beta)
-                        # gradient of the mean over every pair of every rank (DDP/FSDP average ranks)
-                        scale = weight * (hi - lo) * world / pairs_total
-                        accelerator.backward(loss * scale)
-                    for i, value in enumerate((loss.item(), m["implicit_acc"], m["reward_margin"])):
-                        update_sums[i] += weight * value * (hi - lo)
-                # one optimizer step per update; skipped (and counted) when anything is non-finite
-                local_bad = float(not math.isfinite(update_sums[0]) or any(
-                    p.grad is not None and not torch.isfinite(p.grad).all() for p in params))
-                if all_sum(local_bad)[0] > 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite_in_a_row += 1
-                    metrics["update/nonfinite_skipped"] = metrics.get("update/nonfinite_skipped", 0) + 1
-                    accelerator.print(f"step {step}: non-finite loss or gradient, update skipped "
-                                      f"({nonfinite_in_a_row} in a row)")
-                    if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
-                        raise FloatingPointError(
-                            f"{nonfinite_in_a_row} non-finite updates in a row (max_nonfinite_in_a_row); stopping")
-                    continue
-                nonfinite_in_a_row = 0
-                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                metrics["update/grad_norm"] = float(grad_norm)
-                good_updates += 1
-                loss_sum, acc_sum, margin_sum = (a + b for a, b in zip((loss_sum, acc_sum, margin_sum), update_sums))
-            if good_updates:
-                loss_total, acc_total, margin_total = all_sum(loss_sum, acc_sum, margin_sum)
-                denominator = pairs_total * good_updates
-                metrics.update({"dpo/loss": loss_total / denominator, "dpo/implicit_acc": acc_total / denominator,
-                                "dpo/implicit_reward_margin": margin_total / denominator})
-        t3 = time.perf_counter()
-        metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
-                        "lr": lr_scheduler.get_last_lr()[0]})
-
-        # 8. samples, logs, evaluation, checkpoints
         if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and n_pairs:
             shown = pairs[:8]
             tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
@@ -404,83 +267,25 @@ def train(config: Config):
                 os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
         metrics_log.log(metrics, step + 1)
         progress.update(1)
-        progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}", reward=f"{metrics['reward/mean']:.4f}")
+        progress.set_postfix(loss=f"{metrics['dpo/loss']:.4f}" if "dpo/loss" in metrics else "skip",
+                             reward=f"{metrics['reward/mean']:.4f}")
         if config.eval_every and (step + 1) % config.eval_every == 0:
             run_eval(step + 1)
-        stopping = all_sum(float(stop.raised))[0] > 0
+        stopping = tu.all_sum(accelerator, float(stop.raised))[0] > 0
         if stopping or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
-            tu.save_checkpoint(config.output_dir, step + 1, model, optimizer, lr_scheduler,
-                               {"nonfinite_in_a_row": nonfinite_in_a_row}, accelerator.is_main_process,
-                               config.checkpoints_total_limit)
+            policy.save_checkpoint(config.output_dir, step + 1, config.checkpoints_total_limit)
         if stopping:
             accelerator.print(f"stop signal: checkpoint written at step {step + 1}, exiting")
             accelerator.end_training()
             return {"stopped_at": step + 1}
     progress.close()
 
-    # ---- final weights, in the format diffusers loads; per-rank checksums show replicas agree
-    checksum = sum(float(_full(p).double().abs().sum()) for p in params)
-    metrics_log.log({"final/param_checksums": _gather_object(checksum, world)}, config.max_steps)
-    final_dir = _save_final(config, model, transformer, accelerator)
+    # final weights in the format diffusers loads; per-rank checksums show the replicas agree
+    metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
+    final_dir = policy.save_final(config.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"final_dir": final_dir, "step": config.max_steps}
-
-
-def _gather_object(obj, world):
-    """[obj of rank 0, obj of rank 1, ...]"""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _full(p):
-    """A parameter as one full tensor (FSDP2 holds DTensor shards)."""
-    p = p.detach()
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
-
-
-def _no_sync(model, sharding, world, accelerator, sync: bool):
-    """Gradient accumulation: reduce across ranks only on the last micro-batch."""
-    import contextlib
-
-    if world == 1 or sync:
-        return contextlib.nullcontext()
-    if sharding == "fsdp2":
-        @contextlib.contextmanager
-        def fsdp_no_sync():
-            model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(True)
-        return fsdp_no_sync()
-    return accelerator.no_sync(model)
-
-
-def _save_final(config, model, transformer, accelerator):
-    """LoRA: output_dir/lora/pytorch_lora_weights.safetensors; full: output_dir/transformer/."""
-    import qwen_image as qi
-    import trainer_utils as tu
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    full_state = get_model_state_dict(model, options=tu._options())  # collective under FSDP
-    if not accelerator.is_main_process:
-        return None
-    if config.train_mode == "lora":
-        out = os.path.join(config.output_dir, "lora")
-        qi.save_lora(transformer, out, state_dict=full_state)
-    else:  # a directory QwenImageTransformer2DModel.from_pretrained reads
-        from safetensors.torch import save_file
-
-        out = os.path.join(config.output_dir, "transformer")
-        os.makedirs(out, exist_ok=True)
-        transformer.save_config(out)
-        save_file({k: v.contiguous() for k, v in full_state.items()},
-                  os.path.join(out, "diffusion_pytorch_model.safetensors"))
-    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""What both training scripts (and evaluate.py) need besides the model and the loss: config parsing
-with presets, prompt data, the per-step prompt stream, atomic checkpoints, metric logging, sample
-grids, evaluation, and a clean stop on SIGTERM. Nothing here knows the DPO math.
+"""What both training scripts (and evaluate.py) share: config parsing with presets, prompt data, the
+per-step data stream, the accelerator, the policy and its DPO update (`DPOPolicy`), atomic
+checkpoints, metric logging, sample grids, evaluation, and a clean stop on SIGTERM.
+The scripts keep what differs: where the (chosen, rejected) latents come from.
 """
 
 from __future__ import annotations
@@ -276,6 +277,17 @@ def image_grid(images: list[Image.Image], captions: list[str], columns: int = 8,
     return grid
 
 
+def start_run(accelerator, config, resume_step: int | None) -> "MetricsLog":
+    """Output directory, config.json, trackers and the metrics log."""
+    metrics_log = MetricsLog(accelerator, config.output_dir, resume_step=resume_step)
+    setup_trackers(accelerator, config.log_with, config.tracker_project, config_dict(config), config.output_dir)
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
+        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+            json.dump(config_dict(config), f, indent=1)
+    return metrics_log
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -313,6 +325,20 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     return metrics, images[:n_real], scores
 
 
+def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt, accelerator,
+                     exact_match: bool, metrics_log, step: int, output_dir: str) -> dict:
+    """The trainers' periodic evaluation: metrics to the log, a grid to samples/eval-STEP.png."""
+    pipe.transformer.eval()
+    metrics, images, scores = evaluate(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt,
+                                       accelerator, exact_match)
+    pipe.transformer.train()
+    if accelerator.is_main_process and images:
+        image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]]).save(
+            os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
+    metrics_log.log(metrics, step)
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------------
 # Stop signal
 
@@ -330,3 +356,239 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.raised = True
         self.received_at = time.time()
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+
+
+def make_accelerator(config):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(log_with=None if config.log_with == "none" else config.log_with,
+                              project_dir=config.output_dir)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise RuntimeError("launch with a MULTI_GPU accelerate config (configs/multi_gpu.yaml) and pass "
+                           "--sharding fsdp2: the script shards the transformer itself (it samples with it too)")
+    if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
+        raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate set up "
+                           f"{accelerator.num_processes} process(es): on CPU set ACCELERATE_USE_CPU=true")
+    return accelerator
+
+
+def all_sum(accelerator, *values) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(accelerator, value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def gather_object(accelerator, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]"""
+    if accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy and its DPO update, shared by the online and offline trainers
+
+
+class DPOPolicy:
+    """The trainable transformer (LoRA or full), its reference, optimizer and LR schedule, and the
+    Diffusion-DPO update on interleaved [c0, r0, c1, r1, ...] latents.
+
+    Reads these config fields: dtype, train_mode, lora_rank, lora_alpha, lora_targets, lora_init,
+    gradient_checkpointing, sharding, learning_rate, adam_beta1, adam_beta2, weight_decay,
+    adam_epsilon, lr_warmup_steps, max_grad_norm, beta, sigma_scheme, logit_mean, logit_std,
+    micro_batch_pairs, max_nonfinite_in_a_row, height, width, seed.
+    """
+
+    def __init__(self, config, pipe, accelerator):
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
+
+        import qwen_image as qi
+
+        self.config, self.accelerator = config, accelerator
+        self.dtype = getattr(torch, config.dtype)
+        self.transformer = transformer = pipe.transformer
+        self.reference = None
+        if config.train_mode == "lora":
+            qi.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_targets.split(","),
+                        config.lora_init)
+        else:
+            self.reference = qi.make_frozen_reference(transformer)
+            transformer.requires_grad_(True)
+            for name in qi.dead_text_stream_modules(transformer):  # never reach the output: freeze
+                transformer.get_submodule(name).requires_grad_(False)
+        cast_training_params(transformer, dtype=torch.float32)  # fp32 trainable weights and AdamW state
+        qi.set_gradient_checkpointing(transformer, config.gradient_checkpointing)
+        if config.sharding == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in transformer.transformer_blocks:
+                fully_shard(block)
+            fully_shard(transformer)
+        self.params = [p for p in transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.weight_decay, eps=config.adam_epsilon)
+        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
+        if config.sharding == "fsdp2":  # FSDP2 reduces gradients itself
+            self.model = transformer
+            self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        else:
+            self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        transformer.train()
+        self.nonfinite_in_a_row = 0
+
+    # -- predictions
+    def _velocity(self, module, x0, noise, sigmas, embeds, mask):
+        import qwen_image as qi
+        from dpo_loss import noisy_latents
+
+        return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
+                                   self.config.height, self.config.width)
+
+    def reference_velocity(self, *args):
+        import qwen_image as qi
+
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._velocity(self.reference, *args)
+            with qi.lora_disabled(self.transformer):
+                return self._velocity(self.transformer, *args)
+
+    def _no_sync(self, sync: bool):
+        """Gradient accumulation: reduce across ranks only on the last micro-batch."""
+        import contextlib
+
+        if self.accelerator.num_processes == 1 or sync:
+            return contextlib.nullcontext()
+        if self.config.sharding == "fsdp2":
+            @contextlib.contextmanager
+            def fsdp_no_sync():
+                self.model.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    self.model.set_requires_gradient_sync(True)
+            return fsdp_no_sync()
+        return self.accelerator.no_sync(self.model)
+
+    # -- the update
+    def update(self, x0: torch.Tensor, pair_prompts: list[str], n_pairs: int, prompt_cache, step: int,
+               updates: int = 1, stream: int = 0) -> dict:
+        """`updates` optimizer steps on this rank's pairs: x0 [2P, S, 64] interleaved, n_pairs = P
+        (0 allowed: x0 then holds 2 placeholder rows and this rank joins with zero weight). The loss
+        is the mean over every pair of every rank. Noise and sigma: fresh per update, drawn from
+        (seed, step, rank, stream, update), so a resumed run draws the same."""
+        import dpo_loss
+        from dpo_loss import velocity_target
+        from pairing import sample_pair_noise_and_sigmas
+
+        config, accelerator = self.config, self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        pairs_total = all_sum(accelerator, n_pairs)[0]
+        metrics = {}
+        if pairs_total == 0:
+            return {"update/skipped_no_pairs": 1.0}
+        # every rank runs the same number of micro-batches (the most any rank needs)
+        n_micro = int(all_max(accelerator, max(1, math.ceil(n_pairs / config.micro_batch_pairs))))
+        totals, good_updates = [0.0, 0.0, 0.0], 0
+        for update in range(updates):
+            generator = torch.Generator().manual_seed(derived_seed(config.seed, step, rank, stream, update) % 2**62)
+            noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
+                                                         logit_mean=config.logit_mean, logit_std=config.logit_std)
+            target = velocity_target(x0, noise)
+            sums = [0.0, 0.0, 0.0]  # loss, implicit accuracy, implicit reward margin, summed over pairs
+            for micro in range(n_micro):
+                lo = micro * config.micro_batch_pairs
+                hi, weight = min(lo + config.micro_batch_pairs, n_pairs), 1.0
+                if hi <= lo:  # padding micro-batch: same shapes, no contribution
+                    lo, hi, weight = 0, 1, 0.0
+                rows = slice(2 * lo, 2 * hi)
+                embeds, mask = prompt_cache(pair_prompts[rows], device=x0.device, dtype=self.dtype)
+                args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
+                ref_pred = self.reference_velocity(*args)
+                with self._no_sync(micro == n_micro - 1):
+                    model_pred = self._velocity(self.model, *args)
+                    loss, m = dpo_loss.diffusion_dpo_loss(model_pred, ref_pred, target[rows], config.beta)
+                    # DDP / FSDP average gradients over ranks: scale to the global mean over pairs
+                    accelerator.backward(loss * (weight * (hi - lo) * world / pairs_total))
+                for i, value in enumerate((loss.item(), m["implicit_acc"], m["reward_margin"])):
+                    sums[i] += weight * value * (hi - lo)
+            # one optimizer step per update; skipped (and counted) when anything is non-finite
+            local_bad = float(not math.isfinite(sums[0]) or any(
+                p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params))
+            if all_sum(accelerator, local_bad)[0] > 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_in_a_row += 1
+                metrics["update/nonfinite_skipped"] = metrics.get("update/nonfinite_skipped", 0) + 1
+                accelerator.print(f"step {step}: non-finite loss or gradient, update skipped "
+                                  f"({self.nonfinite_in_a_row} in a row)")
+                if self.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+                    raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite updates in a row "
+                                             "(max_nonfinite_in_a_row); stopping")
+                continue
+            self.nonfinite_in_a_row = 0
+            grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics["update/grad_norm"] = float(grad_norm)
+            good_updates += 1
+            totals = [a + b for a, b in zip(totals, sums)]
+        if good_updates:
+            loss_total, acc_total, margin_total = all_sum(accelerator, *totals)
+            denominator = pairs_total * good_updates
+            metrics.update({"dpo/loss": loss_total / denominator, "dpo/implicit_acc": acc_total / denominator,
+                            "dpo/implicit_reward_margin": margin_total / denominator})
+        return metrics
+
+    # -- state
+    def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
+        return save_checkpoint(output_dir, step, self.model, self.optimizer, self.lr_scheduler,
+                               {"nonfinite_in_a_row": self.nonfinite_in_a_row}, self.accelerator.is_main_process, limit)
+
+    def load_checkpoint(self, path: str) -> int:
+        state = load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        return state["step"]
+
+    def checksums(self) -> list[float]:
+        """Sum of |trainable weights| on every rank: equal when the replicas agree."""
+        def full(p):
+            p = p.detach()
+            return p.full_tensor() if hasattr(p, "full_tensor") else p
+        return gather_object(self.accelerator, sum(float(full(p).double().abs().sum()) for p in self.params))
+
+    def save_final(self, output_dir: str) -> str | None:
+        """LoRA: output_dir/lora/pytorch_lora_weights.safetensors (diffusers format); full:
+        output_dir/transformer/ (QwenImageTransformer2DModel.from_pretrained reads it)."""
+        import qwen_image as qi
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full_state = get_model_state_dict(self.model, options=_options())  # collective under FSDP
+        if not self.accelerator.is_main_process:
+            return None
+        if self.config.train_mode == "lora":
+            out = os.path.join(output_dir, "lora")
+            qi.save_lora(self.transformer, out, state_dict=full_state)
+        else:
+            out = os.path.join(output_dir, "transformer")
+            os.makedirs(out, exist_ok=True)
+            self.transformer.save_config(out)
+            save_file({k: v.contiguous() for k, v in full_state.items()},
+                      os.path.join(out, "diffusion_pytorch_model.safetensors"))
+        return out
