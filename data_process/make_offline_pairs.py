@@ -1,0 +1,125 @@
+"""Synthetic preference pairs from any model and reward (RankDPO / Syn-Pic style): roll out K
+samples per prompt, score them, pick pairs with pairing.select_pairs, write a pairs parquet
+(format: data_process/pairs_format.py).
+
+    python data_process/make_offline_pairs.py --preset cpu_tiny --output outputs/pairs/tiny.parquet
+    python data_process/make_offline_pairs.py --prompts data/ocr/train.parquet --output data/pairs/ocr.parquet
+
+Sample j of prompt i has seed derived from (seed, i, j), so a row can be regenerated exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+@dataclass
+class PairsConfig:
+    pretrained: str = "Qwen/Qwen-Image"
+    dtype: str = "bfloat16"
+    prompts: str = "data/ocr/train.parquet"  # data_process parquet, a directory of them, or a .txt
+    max_prompts: int = 0  # 0 = all
+    samples_per_prompt: int = 8
+    height: int = 512
+    width: int = 512
+    num_inference_steps: int = 35
+    true_cfg_scale: float = 1.0
+    negative_prompt: str = " "
+    max_sequence_length: int = 256
+    chunk_size: int = 16
+    reward: str = "ocr"
+    reward_kwargs: str = "{}"
+    pair_strategy: str = "best_worst"
+    min_reward_margin: float = 0.0
+    store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
+    seed: int = 0
+    output: str = "data/pairs/pairs.parquet"
+    preset: str = ""
+
+
+PRESETS = {
+    "cpu_tiny": dict(pretrained="tiny", dtype="float32", prompts=os.path.join(ROOT, "data", "tiny_prompts.txt"),
+                     samples_per_prompt=8, height=64, width=64, num_inference_steps=4, chunk_size=32,
+                     max_sequence_length=64, reward="brightness", pair_strategy="top_bottom"),
+}
+
+
+def validate(config: PairsConfig):
+    from pairing import PAIR_STRATEGIES
+    from rewards import REWARDS
+    from trainer_utils import require
+
+    require(os.path.exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
+    require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt")
+    require(config.reward in REWARDS, "reward", f"unknown reward {config.reward!r}; known: {', '.join(REWARDS)}")
+    require(config.pair_strategy in PAIR_STRATEGIES, "pair_strategy", f"must be one of {PAIR_STRATEGIES}")
+    require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
+    require(config.min_reward_margin >= 0, "min_reward_margin", "must be >= 0")
+    require(bool(config.output), "output", "must be a file path")
+
+
+def main(argv=None):
+    from trainer_utils import parse_config
+
+    config = parse_config(PairsConfig, PRESETS, argv)
+    validate(config)
+    return generate(config)
+
+
+def generate(config: PairsConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    import qwen_image as qi
+    import trainer_utils as tu
+    from data_process.pairs_format import image_to_png_bytes, latents_to_bytes, write_pairs
+    from pairing import pair_stats, select_pairs
+    from rewards import OCR_REWARDS, build_reward
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = tu.load_prompts(config.prompts, need_ocr_target=config.reward in OCR_REWARDS)[: config.max_prompts or None]
+    reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
+    pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
+    cache = qi.PromptCache(pipe, config.max_sequence_length)
+    settings = qi.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
+                                  true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
+                                  chunk_size=config.chunk_size)
+    K = config.samples_per_prompt
+    prompts_per_batch = max(1, config.chunk_size // K)
+    out_rows, totals = [], {"prompts": 0, "pairs": 0, "groups_without_pair": 0}
+    for start in tqdm(range(0, len(rows), prompts_per_batch), desc="pairs"):
+        batch = rows[start:start + prompts_per_batch]
+        flat = [row for row in batch for _ in range(K)]
+        seeds = [tu.derived_seed(config.seed, start + i, j) % 2**31 for i in range(len(batch)) for j in range(K)]
+        group_ids = [start + i for i in range(len(batch)) for _ in range(K)]
+        latents, images = qi.rollout(pipe, cache, [r["prompt"] for r in flat], seeds, settings)
+        scores = torch.tensor(tu.score_rows(reward_fn, images, flat), dtype=torch.float64)
+        pairs = select_pairs(group_ids, scores, config.pair_strategy, config.min_reward_margin)
+        stats = pair_stats(group_ids, scores, pairs)
+        totals["prompts"] += len(batch)
+        totals["pairs"] += pairs.shape[0]
+        totals["groups_without_pair"] += int(stats["groups_without_pair"])
+        for c, r in pairs.tolist():
+            row = {"prompt": flat[c]["prompt"], "chosen_image": image_to_png_bytes(images[c]),
+                   "rejected_image": image_to_png_bytes(images[r]), "chosen_score": scores[c].item(),
+                   "rejected_score": scores[r].item(), "chosen_seed": seeds[c], "rejected_seed": seeds[r]}
+            if config.store_latents:
+                row.update(chosen_latents=latents_to_bytes(latents[c]), rejected_latents=latents_to_bytes(latents[r]),
+                           latents_shape=list(latents.shape[1:]), height=config.height, width=config.width)
+            out_rows.append(row)
+    if not out_rows:
+        raise ValueError("no pairs: every prompt group tied or stayed below min_reward_margin")
+    write_pairs(out_rows, config.output)
+    print(json.dumps({**totals, "output": config.output}))
+    return totals
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Offline Diffusion-DPO for Qwen-Image on a dataset of preference pairs.
+
+Once: read the pairs (data_process/pairs_format.py), take each pair's latents from the file or
+VAE-encode its images (resized and centre-cropped to the training resolution), encode every prompt.
+Then each step, on every rank: this rank's pairs -> shared noise and sigma per pair -> reference and
+policy velocity predictions -> the same Diffusion-DPO loss and update as the online trainer.
+
+    python data_process/make_offline_pairs.py --preset cpu_tiny --output outputs/pairs/tiny.parquet
+    python train_offline_dpo.py --preset cpu_tiny --pairs_path outputs/pairs/tiny.parquet --output_dir outputs/offline
+    accelerate launch --config_file configs/multi_gpu.yaml train_offline_dpo.py --pairs_path data/pairs/ \\
+        --eval_data data/ocr/test.parquet --output_dir outputs/offline_dpo
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Config:
+    # model
+    pretrained: str = "Qwen/Qwen-Image"
+    dtype: str = "bfloat16"
+    train_mode: str = "lora"
+    lora_rank: int = 64
+    lora_alpha: int = 128
+    lora_targets: str = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
+                         "img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2")
+    lora_init: str = "gaussian"
+    gradient_checkpointing: bool = True
+    sharding: str = "none"
+    # data
+    pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet or a directory of them
+    strict: bool = False  # corrupt image bytes: error instead of skipping the row
+    eval_data: str = "data/ocr/test.parquet"  # prompts for evaluation
+    height: int = 512  # training resolution: images are resized / centre-cropped to it
+    width: int = 512
+    max_sequence_length: int = 256
+    pairs_per_step: int = 32  # global, over all ranks
+    # DPO
+    beta: float = 2000.0  # generic offline default in this convention (README, "The loss")
+    reverse_preference: bool = False  # control run: train towards the rejected image
+    sigma_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    micro_batch_pairs: int = 1
+    # optimisation
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = 0
+    max_steps: int = 2000
+    max_nonfinite_in_a_row: int = 3
+    # evaluation (rollouts of the eval prompts, scored by `reward`), logging, checkpoints
+    reward: str = "ocr"
+    reward_kwargs: str = "{}"
+    eval_every: int = 100
+    eval_samples_per_prompt: int = 1
+    eval_inference_steps: int = 50
+    max_eval_prompts: int = 64
+    true_cfg_scale: float = 1.0
+    negative_prompt: str = " "
+    rollout_chunk_size: int = 16
+    checkpoint_every: int = 100
+    checkpoints_total_limit: int = 3
+    log_with: str = "wandb"
+    tracker_project: str = "qwen-image-offline-dpo"
+    output_dir: str = "outputs/offline_dpo"
+    resume_from_checkpoint: str = ""
+    seed: int = 0
+    preset: str = ""
+
+
+PRESETS = {
+    # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
+    "cpu_tiny": dict(
+        pretrained="tiny", dtype="float32", lora_rank=8, lora_alpha=8, gradient_checkpointing=False,
+        lora_targets="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
+                     "img_mlp.net.0.proj,img_mlp.net.2,proj_out",
+        eval_data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt"),
+        height=64, width=64, max_sequence_length=64, pairs_per_step=16, micro_batch_pairs=16, beta=100.0,
+        learning_rate=3e-2, max_steps=30, reward="brightness", eval_every=15, eval_samples_per_prompt=4,
+        eval_inference_steps=4, max_eval_prompts=0, rollout_chunk_size=32, checkpoint_every=15, log_with="none",
+    ),
+}
+
+
+def validate(config: Config, world_size: int = 1):
+    from trainer_utils import require, validate_policy_config
+
+    validate_policy_config(config, world_size)
+    require(os.path.exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
+            f"must be >= 1 and divisible by the number of processes ({world_size})")
+
+
+def main(argv=None):
+    from trainer_utils import parse_config
+
+    config = parse_config(Config, PRESETS, argv)
+    validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    return train(config)
+
+
+def load_pair_latents(pipe, pairs: list[dict], height: int, width: int, batch_size: int = 16) -> int:
+    """Adds `latents` [2, S, 64] (chosen, rejected) to every pair: from the file when it holds latents
+    for this resolution, else VAE-encoded from the images (once). Returns how many were encoded."""
+    import qwen_image as qi
+    from PIL import Image
+
+    todo = []
+    for pair in pairs:
+        if "chosen_latents" in pair and (pair["height"], pair["width"]) == (height, width):
+            pair["latents"] = torch.tensor(np.stack([pair["chosen_latents"], pair["rejected_latents"]]))
+        else:
+            todo.append(pair)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        images = [Image.open(io.BytesIO(p[side])).convert("RGB") for p in chunk for side in ("chosen_image", "rejected_image")]
+        latents = qi.encode_images(pipe, images, height, width, batch_size=2 * len(chunk))  # [2n, S, 64]
+        for i, pair in enumerate(chunk):
+            pair["latents"] = latents[2 * i:2 * i + 2]
+    return len(todo)
+
+
+def train(config: Config):
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    import qwen_image as qi
+    import trainer_utils as tu
+    from data_process.pairs_format import read_pairs
+    from rewards import OCR_REWARDS, build_reward
+
+    accelerator = tu.make_accelerator(config)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    validate(config, world)
+    set_seed(config.seed)
+    stop = tu.StopFlag()
+    is_ocr = config.reward in OCR_REWARDS
+
+    # ---- data, reward, model; latents and prompt embeddings computed once
+    pairs, counts = read_pairs(config.pairs_path, strict=config.strict)
+    if counts["corrupt_images_skipped"]:
+        accelerator.print(f"skipped {counts['corrupt_images_skipped']} pair(s) with undecodable images")
+    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
+    reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
+    pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
+    t0 = time.perf_counter()
+    encoded = load_pair_latents(pipe, pairs, config.height, config.width)
+    prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
+    prompt_cache.warm([p["prompt"] for p in pairs] + [r["prompt"] for r in eval_rows] + [config.negative_prompt])
+    prompt_cache.offload_text_encoder("cpu")
+    accelerator.print(f"{len(pairs)} pairs ({encoded} VAE-encoded, {len(pairs) - encoded} from stored latents) "
+                      f"and {len(prompt_cache.embeds)} prompts prepared in {time.perf_counter() - t0:.1f} s")
+    policy = tu.DPOPolicy(config, pipe, accelerator)
+
+    start_step = 0
+    checkpoint = tu.resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    if checkpoint:
+        start_step = policy.load_checkpoint(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+    metrics_log = tu.start_run(accelerator, config, resume_step=start_step if checkpoint else None)
+    eval_settings = qi.RolloutSettings(height=config.height, width=config.width,
+                                       num_inference_steps=config.eval_inference_steps,
+                                       true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
+                                       chunk_size=config.rollout_chunk_size)
+
+    def run_eval(step):
+        tu.evaluate_and_log(pipe, prompt_cache, eval_rows, reward_fn, eval_settings, config.eval_samples_per_prompt,
+                            accelerator, is_ocr, metrics_log, step, config.output_dir)
+
+    if start_step == 0 and config.eval_every:
+        run_eval(0)
+    progress = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
+                    disable=not accelerator.is_local_main_process, desc="offline DPO")
+    for step in range(start_step, config.max_steps):
+        t0 = time.perf_counter()
+        # this rank's pairs: seeded per-epoch permutations, a pure function of the step
+        batch = tu.prompts_for_step(pairs, step, config.pairs_per_step, rank, world, config.seed)
+        chosen_rejected_latents = torch.cat([p["latents"] for p in batch]).to(device)  # [2P, S, 64]
+        if config.reverse_preference:
+            chosen_rejected_latents = chosen_rejected_latents.view(len(batch), 2, *chosen_rejected_latents.shape[1:])
+            chosen_rejected_latents = chosen_rejected_latents.flip(1).flatten(0, 1)
+        pair_prompts = [p["prompt"] for p in batch for _ in range(2)]
+        metrics = policy.update(chosen_rejected_latents, pair_prompts, len(batch), prompt_cache, step)
+        score_gap = sum(p["chosen_score"] - p["rejected_score"] for p in batch)
+        metrics.update({"pairs/score_gap": tu.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
+                        "time/update_s": time.perf_counter() - t0, "lr": policy.lr_scheduler.get_last_lr()[0],
+                        "data/epoch": step * config.pairs_per_step / len(pairs)})
+        metrics_log.log(metrics, step + 1)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}",
+                             acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
+        if config.eval_every and (step + 1) % config.eval_every == 0:
+            run_eval(step + 1)
+        stopping = tu.all_sum(accelerator, float(stop.raised))[0] > 0
+        if stopping or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+            policy.save_checkpoint(config.output_dir, step + 1, config.checkpoints_total_limit)
+        if stopping:
+            accelerator.print(f"stop signal: checkpoint written at step {step + 1}, exiting")
+            accelerator.end_training()
+            return {"stopped_at": step + 1}
+    progress.close()
+
+    metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
+    final_dir = policy.save_final(config.output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"final_dir": final_dir, "step": config.max_steps}
+
+
+if __name__ == "__main__":
+    main()
