@@ -165,12 +165,7 @@ def train(config: Config):
                       f"and {len(prompt_cache.embeds)} prompts prepared in {time.perf_counter() - t0:.1f} s")
     policy = tu.DPOPolicy(config, pipe, accelerator)
 
-    start_step = 0
-    checkpoint = tu.resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    if checkpoint:
-        start_step = policy.load_checkpoint(checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-    metrics_log = tu.start_run(accelerator, config, resume_step=start_step if checkpoint else None)
+    start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
     eval_settings = qi.RolloutSettings(height=config.height, width=config.width,
                                        num_inference_steps=config.eval_inference_steps,
                                        true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
@@ -202,22 +197,10 @@ def train(config: Config):
         progress.update(1)
         progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}",
                              acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
-        if config.eval_every and (step + 1) % config.eval_every == 0:
-            run_eval(step + 1)
-        stopping = tu.all_sum(accelerator, float(stop.raised))[0] > 0
-        if stopping or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
-            policy.save_checkpoint(config.output_dir, step + 1, config.checkpoints_total_limit)
-        if stopping:
-            accelerator.print(f"stop signal: checkpoint written at step {step + 1}, exiting")
-            accelerator.end_training()
+        if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()
-
-    metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
-    final_dir = policy.save_final(config.output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {"final_dir": final_dir, "step": config.max_steps}
+    return tu.finish(config, policy, metrics_log, accelerator)
 
 
 if __name__ == "__main__":

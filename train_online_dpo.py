@@ -158,12 +158,7 @@ def train(config: Config):
     policy = tu.DPOPolicy(config, pipe, accelerator)  # LoRA (or full) + reference + optimizer
     transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
 
-    start_step = 0
-    checkpoint = tu.resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    if checkpoint:
-        start_step = policy.load_checkpoint(checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-    metrics_log = tu.start_run(accelerator, config, resume_step=start_step if checkpoint else None)
+    start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
 
     rollout_settings = qi.RolloutSettings(height=config.height, width=config.width,
                                           num_inference_steps=config.num_inference_steps,
@@ -238,23 +233,10 @@ def train(config: Config):
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['dpo/loss']:.4f}" if "dpo/loss" in metrics else "skip",
                              reward=f"{metrics['reward/mean']:.4f}")
-        if config.eval_every and (step + 1) % config.eval_every == 0:
-            run_eval(step + 1)
-        stopping = tu.all_sum(accelerator, float(stop.raised))[0] > 0
-        if stopping or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
-            policy.save_checkpoint(config.output_dir, step + 1, config.checkpoints_total_limit)
-        if stopping:
-            accelerator.print(f"stop signal: checkpoint written at step {step + 1}, exiting")
-            accelerator.end_training()
+        if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()
-
-    # final weights in the format diffusers loads; per-rank checksums show the replicas agree
-    metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
-    final_dir = policy.save_final(config.output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {"final_dir": final_dir, "step": config.max_steps}
+    return tu.finish(config, policy, metrics_log, accelerator)
 
 
 if __name__ == "__main__":

@@ -326,6 +326,39 @@ def start_run(accelerator, config, resume_step: int | None) -> "MetricsLog":
     return metrics_log
 
 
+def resume_and_start_run(config, policy, accelerator) -> tuple[int, "MetricsLog"]:
+    """Restores `resume_from_checkpoint` if set; opens the run's logs. -> (start step, metrics log)."""
+    start_step = 0
+    checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    if checkpoint:
+        start_step = policy.load_checkpoint(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+    return start_step, start_run(accelerator, config, resume_step=start_step if checkpoint else None)
+
+
+def after_step(steps_done: int, config, policy, accelerator, stop: "StopFlag", run_eval) -> bool:
+    """Periodic evaluation and checkpoint. On a stop signal (agreed across ranks) a checkpoint is
+    written and True returned: the caller leaves its loop."""
+    if config.eval_every and steps_done % config.eval_every == 0:
+        run_eval(steps_done)
+    stopping = all_sum(accelerator, float(stop.raised))[0] > 0
+    if stopping or (config.checkpoint_every and steps_done % config.checkpoint_every == 0):
+        policy.save_checkpoint(config.output_dir, steps_done, config.checkpoints_total_limit)
+    if stopping:
+        accelerator.print(f"stop signal: checkpoint written at step {steps_done}, exiting")
+        accelerator.end_training()
+    return stopping
+
+
+def finish(config, policy, metrics_log, accelerator) -> dict:
+    """Final weights in the format diffusers loads; per-rank checksums show the replicas agree."""
+    metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
+    final_dir = policy.save_final(config.output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"final_dir": final_dir, "step": config.max_steps}
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 

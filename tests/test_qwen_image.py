@@ -230,8 +230,9 @@ def test_bf16_forward_runs_close_to_fp32(tiny_dir):
 
 
 def test_vae_encode_decode_are_inverse_up_to_the_vaes_own_error(tiny_pipe):
-    """A random VAE is no autoencoder, so 'close' is measured against the raw VAE's own round trip:
-    our normalise/pack/unpack must add nothing to it (measured: equal to 1e-5 relative)."""
+    """A random VAE is no autoencoder (measured: its round trip has RMS error 1.06 on unit-RMS
+    latents, correlation ~0), so 'close' is measured against the raw VAE's own round trip: our
+    normalise / pack / unpack / uint8 steps must add nothing to it (asserted to 1e-3 relative)."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, (H // 16) * (W // 16), 64, generator=g)
     images = qi.decode_latents(tiny_pipe, z, H, W)
