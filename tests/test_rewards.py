@@ -104,24 +104,49 @@ def test_paddle_ocr_keeps_its_cache_out_of_the_working_directory(paddle_ocr, tmp
 
 # ---------------------------------------------------------------------------------- VLM
 
-@pytest.fixture(scope="module")
-def tiny_vlm_dir(tmp_path_factory):
-    """A tiny random Qwen2.5-VL saved like a hub checkpoint: the tiny pipeline's text encoder (a full
-    Qwen2_5_VLForConditionalGeneration with a vision tower), its tokenizer, a PIL image processor."""
+def _save_tiny_qwen3_vl(path, tokenizer):
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                          "<|vision_end|>")}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 2, 2],
+                                              mrope_interleaved=True)),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def tiny_vlm_dir(request, tmp_path_factory):
+    """A tiny random VLM saved like a hub checkpoint with its tokenizer and a PIL image processor:
+    Qwen2.5-VL (the tiny pipeline's text encoder, a full Qwen2_5_VLForConditionalGeneration) or
+    Qwen3-VL (patch 16, deepstack), the reference recipe's reward model family."""
     import qwen_image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    path = tmp_path_factory.mktemp("tiny-vlm")
+    path = tmp_path_factory.mktemp(request.param)
     pipe = qwen_image.build_tiny_pipeline(seed=0)
-    pipe.text_encoder.save_pretrained(path)
+    if request.param == "qwen2_5_vl":
+        pipe.text_encoder.save_pretrained(path)
+    else:
+        _save_tiny_qwen3_vl(path, pipe.tokenizer)
     pipe.tokenizer.save_pretrained(path)
-    Qwen2VLImageProcessorPil(patch_size=14, temporal_patch_size=2, merge_size=2).save_pretrained(path)
-    return str(path)
+    patch = 14 if request.param == "qwen2_5_vl" else 16
+    Qwen2VLImageProcessorPil(patch_size=patch, temporal_patch_size=2, merge_size=2).save_pretrained(path)
+    return request.param, str(path)
 
 
 def test_vlm_reward_runs_the_real_code_path(tiny_vlm_dir):
-    reward = build_reward("ocr_vlm", model=tiny_vlm_dir, device="cpu", dtype="float32", batch_size=2,
-                          max_new_tokens=8, image_pixels=56 * 56)
+    model_type, path = tiny_vlm_dir
+    reward = build_reward("ocr_vlm", model=path, device="cpu", dtype="float32", batch_size=2,
+                          max_new_tokens=8, image_pixels=64 * 64)
     images = [render(w, size=128, font_size=16) for w in WORDS[:3]]
     start = time.perf_counter()
     scores = reward(images, [prompt_for(w) for w in WORDS[:3]])
@@ -130,8 +155,8 @@ def test_vlm_reward_runs_the_real_code_path(tiny_vlm_dir):
     texts = reward.transcribe(images)
     assert texts == reward.transcribe(images)  # greedy decoding is deterministic
     assert all(isinstance(t, str) for t in texts)
-    assert reward._model.config.model_type == "qwen2_5_vl"
-    print(f"tiny VLM OCR: {elapsed / 3:.3f} s/image")
+    assert reward._model.config.model_type == model_type
+    print(f"tiny {model_type} OCR: {elapsed / 3:.3f} s/image")
 
 
 # ---------------------------------------------------------------------------------- server

@@ -260,3 +260,36 @@ def test_fsdp2_bf16_resume_continues_exactly(tmp_path):
     a, b = lora(straight), lora(split)
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
     assert read_metrics(split)[-1]["final/param_checksums"] == read_metrics(straight)[-1]["final/param_checksums"]
+
+
+@pytest.mark.slow
+def test_full_parameter_mode_saves_a_diffusers_transformer(tmp_path, tiny_dir):
+    from diffusers import QwenImageTransformer2DModel
+
+    import qwen_image as qi
+
+    out = str(tmp_path / "full")
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "2", "--eval_every", "0",
+                           "--train_mode", "full", "--learning_rate", "1e-3"])
+    trained = QwenImageTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), dtype=torch.float32)
+    base = qi.load_pipeline(tiny_dir, dtype=torch.float32).transformer
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed and not any(n.startswith(m) for n in changed for m in qi.dead_text_stream_modules(base))
+    assert read_metrics(out)[0]["pairs/kept"] == 8
+
+
+@pytest.mark.slow
+def test_trackers_wandb_offline_without_key_and_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for tracker in ("wandb", "tensorboard"):
+        out = tmp_path / tracker
+        train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", str(out), "--max_steps", "1", "--eval_every", "0",
+                               "--log_with", tracker])
+        files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+        if tracker == "wandb":
+            assert any("offline-run-" in f for f in files), files
+            assert os.environ["WANDB_MODE"] == "offline"
+        else:
+            assert any("events.out.tfevents" in f for f in files), files
