@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 

@@ -14,7 +14,6 @@ Every field of Config is a command-line flag; `--preset NAME` applies a group of
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import train_offline_dpo
-from conftest import ROOT
 from data_process import make_offline_pairs, pickapic_to_pairs, qwenimage_ocr
 from data_process.pairs_format import PairsDataError, image_to_png_bytes, read_pairs, write_pairs
 

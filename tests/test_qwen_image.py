@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 import qwen_image as qi
@@ -248,7 +247,6 @@ def test_vae_encode_decode_are_inverse_up_to_the_vaes_own_error(tiny_pipe):
     our_err = (z_back - z).pow(2).mean().sqrt()
     torch.testing.assert_close(our_err, raw_err, rtol=1e-3, atol=1e-5)
     # encode is deterministic and resizes/centre-crops other sizes to the training resolution
-    from PIL import Image
 
     big = images[0].resize((96, 64))
     assert qi.encode_images(tiny_pipe, [big], H, W).shape == (1, 16, 64)
