@@ -78,7 +78,7 @@ def run(config: EvalConfig) -> dict:
             pipe.load_lora_weights(config.lora_dir)
         metrics, images, scores = tu.evaluate(pipe, cache, rows, reward_fn, settings, config.samples_per_prompt,
                                               accelerator, exact_match=is_ocr)
-        all_scores = [s for part in _gather(scores, accelerator) for s in part]
+        all_scores = [s for part in tu.gather_object(accelerator, scores) for s in part]
         results[variant] = {k.removeprefix("eval/"): v for k, v in metrics.items()} | {"scores": all_scores}
         grids[variant] = (images[: config.grid_images], scores[: config.grid_images])
 
@@ -102,14 +102,6 @@ def run(config: EvalConfig) -> dict:
         summary = {v: round(results[v]["reward_mean"], 6) for v in variants}
         print(json.dumps(summary))
     return results
-
-
-def _gather(obj, accelerator):
-    if accelerator.num_processes == 1:
-        return [obj]
-    out = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 if __name__ == "__main__":

@@ -16,16 +16,16 @@ import contextlib
 import copy
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from diffusers import (
-    AutoencoderKLQwenImage,
-    FlowMatchEulerDiscreteScheduler,
-    QwenImagePipeline,
-    QwenImageTransformer2DModel,
-)
+if TYPE_CHECKING:
+    from diffusers import QwenImagePipeline
+
+# diffusers / transformers / peft are imported inside the functions: importing this module stays
+# cheap, so scripts can read its constants (LoRA targets) and validate flags before ~10 s of imports.
 
 # The transformer modules the reference recipe puts LoRA on (VeRL-Omni Qwen-Image OCR DPO).
 RECIPE_LORA_TARGETS = (
@@ -85,6 +85,8 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.bfloat16, device: 
                   ) -> QwenImagePipeline:
     """The pipeline for a hub id (`Qwen/Qwen-Image`), a local directory written by `save_pretrained`,
     or `tiny` / `tiny-bench` (built locally, random weights, no download). Remote code is never run."""
+    from diffusers import QwenImagePipeline
+
     if pretrained in ("tiny", "tiny-bench"):
         pipe = build_tiny_pipeline(seed=0, size="tiny" if pretrained == "tiny" else "bench")
         if dtype != torch.float32:
@@ -134,6 +136,8 @@ def build_tiny_pipeline(seed: int = 0, size: str = "tiny") -> QwenImagePipeline:
     Same code paths as the 20B model (packing, RoPE, masks, VAE normalisation, scheduler shift); only
     the widths and depths are small. `size="bench"` gives a variant where compute dominates.
     """
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     s = TINY_SIZES[size]
@@ -233,16 +237,11 @@ def set_gradient_checkpointing(transformer, enabled: bool):
         transformer.disable_gradient_checkpointing()
 
 
-def lora_state_dict(transformer) -> dict:
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(transformer)
-
-
 def save_lora(transformer, output_dir: str, state_dict: dict | None = None):
     """Writes `output_dir/pytorch_lora_weights.safetensors` in the diffusers format that
     `QwenImagePipeline.load_lora_weights(output_dir)` reads. `state_dict`: the transformer's full
     state (e.g. gathered from FSDP shards); default: its own."""
+    from diffusers import QwenImagePipeline
     from peft.utils import get_peft_model_state_dict
 
     lora = get_peft_model_state_dict(transformer, state_dict=state_dict)

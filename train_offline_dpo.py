@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import qwen_image as qi
+
 
 @dataclass
 class Config:
@@ -31,8 +33,7 @@ class Config:
     train_mode: str = "lora"
     lora_rank: int = 64
     lora_alpha: int = 128
-    lora_targets: str = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
-                         "img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2")
+    lora_targets: str = ",".join(qi.RECIPE_LORA_TARGETS)  # comma-separated module-name suffixes
     lora_init: str = "gaussian"
     gradient_checkpointing: bool = True
     sharding: str = "none"
@@ -85,8 +86,7 @@ PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
     "cpu_tiny": dict(
         pretrained="tiny", dtype="float32", lora_rank=8, lora_alpha=8, gradient_checkpointing=False,
-        lora_targets="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
-                     "img_mlp.net.0.proj,img_mlp.net.2,proj_out",
+        lora_targets=",".join(qi.TINY_LORA_TARGETS),
         eval_data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt"),
         height=64, width=64, max_sequence_length=64, pairs_per_step=16, micro_batch_pairs=16, beta=100.0,
         learning_rate=3e-2, max_steps=30, reward="brightness", eval_every=15, eval_samples_per_prompt=4,
@@ -115,7 +115,6 @@ def main(argv=None):
 def load_pair_latents(pipe, pairs: list[dict], height: int, width: int, batch_size: int = 16) -> int:
     """Adds `latents` [2, S, 64] (chosen, rejected) to every pair: from the file when it holds latents
     for this resolution, else VAE-encoded from the images (once). Returns how many were encoded."""
-    import qwen_image as qi
     from PIL import Image
 
     todo = []
@@ -137,7 +136,6 @@ def train(config: Config):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    import qwen_image as qi
     import trainer_utils as tu
     from data_process.pairs_format import read_pairs
     from rewards import OCR_REWARDS, build_reward

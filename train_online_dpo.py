@@ -5,7 +5,7 @@ policy -> score them -> pair best/worst per prompt group -> shared noise and sig
 reference and policy velocity predictions -> Diffusion-DPO loss -> update.
 
     python train_online_dpo.py --preset cpu_tiny --output_dir outputs/demo          # CPU, minutes
-    accelerate launch --config_file configs/ddp_8gpu.yaml train_online_dpo.py \\
+    accelerate launch --config_file configs/multi_gpu.yaml train_online_dpo.py \\
         --train_data data/ocr/train.parquet --eval_data data/ocr/test.parquet --output_dir outputs/ocr
 
 Every field of Config is a command-line flag; `--preset NAME` applies a group of overrides.
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+import qwen_image as qi
+
 
 @dataclass
 class Config:
@@ -29,8 +31,7 @@ class Config:
     train_mode: str = "lora"  # "lora" (reference = adapters disabled) or "full" (reference = frozen copy)
     lora_rank: int = 64
     lora_alpha: int = 128
-    lora_targets: str = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
-                         "img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2")
+    lora_targets: str = ",".join(qi.RECIPE_LORA_TARGETS)  # comma-separated module-name suffixes
     lora_init: str = "gaussian"
     gradient_checkpointing: bool = True
     sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
@@ -91,8 +92,7 @@ PRESETS = {
     # LoRA on attention, the image MLP and proj_out; lr 3e-2; two updates per rollout batch.
     "cpu_tiny": dict(
         pretrained="tiny", dtype="float32", lora_rank=8, lora_alpha=8, gradient_checkpointing=False,
-        lora_targets="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
-                     "img_mlp.net.0.proj,img_mlp.net.2,proj_out",
+        lora_targets=",".join(qi.TINY_LORA_TARGETS),
         train_data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt"),
         eval_data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt"),
         prompts_per_step=8, samples_per_prompt=8, height=64, width=64, num_inference_steps=4,
@@ -133,7 +133,6 @@ def train(config: Config):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    import qwen_image as qi
     import trainer_utils as tu
     from pairing import interleave, pair_stats, select_pairs
     from rewards import OCR_REWARDS, build_reward

@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 
 import torch
 from PIL import Image, ImageDraw
@@ -420,13 +419,11 @@ class StopFlag:
 
     def __init__(self):
         self.raised = False
-        self.received_at = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.raised = True
-        self.received_at = time.time()
 
 
 # ----------------------------------------------------------------------------------------------
