@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import qwen_image as qi
+import trainer_utils as tu
 
 
 @dataclass
@@ -85,12 +86,8 @@ class Config:
 PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
     "cpu_tiny": dict(
-        pretrained="tiny", dtype="float32", lora_rank=8, lora_alpha=8, gradient_checkpointing=False,
-        lora_targets=",".join(qi.TINY_LORA_TARGETS),
-        eval_data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt"),
-        height=64, width=64, max_sequence_length=64, pairs_per_step=16, micro_batch_pairs=16, beta=100.0,
-        learning_rate=3e-2, max_steps=30, reward="brightness", eval_every=15, eval_samples_per_prompt=4,
-        eval_inference_steps=4, max_eval_prompts=0, rollout_chunk_size=32, checkpoint_every=15, log_with="none",
+        tu.CPU_TINY_OVERRIDES, pairs_per_step=16, micro_batch_pairs=16, beta=100.0, max_steps=30, eval_every=15,
+        max_eval_prompts=0, checkpoint_every=15,
     ),
 }
 
@@ -133,18 +130,13 @@ def load_pair_latents(pipe, pairs: list[dict], height: int, width: int, batch_si
 
 
 def train(config: Config):
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    import trainer_utils as tu
     from data_process.pairs_format import read_pairs
     from rewards import OCR_REWARDS, build_reward
 
-    accelerator = tu.make_accelerator(config)
+    accelerator, stop = tu.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    validate(config, world)
-    set_seed(config.seed)
-    stop = tu.StopFlag()
     is_ocr = config.reward in OCR_REWARDS
 
     # ---- data, reward, model; latents and prompt embeddings computed once
@@ -164,14 +156,7 @@ def train(config: Config):
     policy = tu.DPOPolicy(config, pipe, accelerator)
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
-    eval_settings = qi.RolloutSettings(height=config.height, width=config.width,
-                                       num_inference_steps=config.eval_inference_steps,
-                                       true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
-                                       chunk_size=config.rollout_chunk_size)
-
-    def run_eval(step):
-        tu.evaluate_and_log(pipe, prompt_cache, eval_rows, reward_fn, eval_settings, config.eval_samples_per_prompt,
-                            accelerator, is_ocr, metrics_log, step, config.output_dir)
+    run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import qwen_image as qi
+import trainer_utils as tu
 
 
 @dataclass
@@ -88,17 +89,12 @@ class Config:
 
 
 PRESETS = {
-    # The tiny random Qwen-Image on a CPU with a reward it can learn (DESIGN.md's recipe):
-    # LoRA on attention, the image MLP and proj_out; lr 3e-2; two updates per rollout batch.
+    # The tiny random Qwen-Image on a CPU with a reward it can learn (tu.CPU_TINY_OVERRIDES), 8 prompts
+    # x 8 samples, 4 sampling steps, two updates per rollout batch.
     "cpu_tiny": dict(
-        pretrained="tiny", dtype="float32", lora_rank=8, lora_alpha=8, gradient_checkpointing=False,
-        lora_targets=",".join(qi.TINY_LORA_TARGETS),
-        train_data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt"),
-        eval_data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt"),
-        prompts_per_step=8, samples_per_prompt=8, height=64, width=64, num_inference_steps=4,
-        eval_inference_steps=4, eval_samples_per_prompt=4, rollout_chunk_size=32, reward="brightness",
-        learning_rate=3e-2, updates_per_rollout=2, micro_batch_pairs=8, max_steps=20, eval_every=10,
-        checkpoint_every=10, sample_grid_every=10, log_with="none", max_sequence_length=64,
+        tu.CPU_TINY_OVERRIDES, train_data=tu.TINY_PROMPTS, prompts_per_step=8, samples_per_prompt=8,
+        num_inference_steps=4, updates_per_rollout=2, micro_batch_pairs=8, max_steps=20, eval_every=10,
+        checkpoint_every=10, sample_grid_every=10,
     ),
 }
 
@@ -130,18 +126,13 @@ def main(argv=None):
 
 def train(config: Config):
     # Imports after validation: a bad flag fails in a second, not after ~10 s of imports.
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    import trainer_utils as tu
     from pairing import interleave, pair_stats, select_pairs
     from rewards import OCR_REWARDS, build_reward
 
-    accelerator = tu.make_accelerator(config)
+    accelerator, stop = tu.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    validate(config, world)
-    set_seed(config.seed)
-    stop = tu.StopFlag()
     is_ocr = config.reward in OCR_REWARDS
 
     # ---- data, reward, model
@@ -158,15 +149,8 @@ def train(config: Config):
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
 
-    rollout_settings = qi.RolloutSettings(height=config.height, width=config.width,
-                                          num_inference_steps=config.num_inference_steps,
-                                          true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
-                                          chunk_size=config.rollout_chunk_size)
-    eval_settings = qi.RolloutSettings(**{**rollout_settings.__dict__, "num_inference_steps": config.eval_inference_steps})
-
-    def run_eval(step):
-        tu.evaluate_and_log(pipe, prompt_cache, eval_rows, reward_fn, eval_settings, config.eval_samples_per_prompt,
-                            accelerator, is_ocr, metrics_log, step, config.output_dir)
+    rollout_settings = tu.rollout_settings(config, config.num_inference_steps)
+    run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)

@@ -19,8 +19,20 @@ import tempfile
 import torch
 from PIL import Image, ImageDraw
 
+import qwen_image  # cheap: it imports diffusers inside its functions
+
 # ----------------------------------------------------------------------------------------------
 # Config
+
+TINY_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_prompts.txt")
+# What both trainers' `cpu_tiny` presets share: the tiny random Qwen-Image on a CPU with a reward it
+# can learn (DESIGN.md's recipe: LoRA on attention, the image MLP and proj_out; lr 3e-2).
+CPU_TINY_OVERRIDES = dict(
+    pretrained="tiny", dtype="float32", lora_rank=8, lora_alpha=8, gradient_checkpointing=False,
+    lora_targets=",".join(qwen_image.TINY_LORA_TARGETS),
+    eval_data=TINY_PROMPTS, height=64, width=64, max_sequence_length=64, eval_inference_steps=4,
+    eval_samples_per_prompt=4, rollout_chunk_size=32, reward="brightness", learning_rate=3e-2, log_with="none",
+)
 
 
 def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None):
@@ -99,11 +111,8 @@ def config_dict(config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Prompt data
 
-PROMPT_COLUMNS = ("prompt", "ground_truth", "data_source", "split", "index")
-
-
 def load_prompts(path: str, need_ocr_target: bool = False) -> list[dict]:
-    """Rows {prompt, ground_truth, uid} from a data_process parquet (columns PROMPT_COLUMNS), a
+    """Rows {prompt, ground_truth, uid} from a data_process/qwenimage_ocr.py parquet, a
     directory of such parquet files, or a text file with one prompt per line (blank lines skipped).
     With need_ocr_target, every prompt must carry a quoted OCR target (error names file and row)."""
     from rewards import ocr_target
@@ -395,6 +404,26 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     return metrics, images[:n_real], scores
 
 
+def rollout_settings(config, num_inference_steps: int):
+    """The trainers' sampling settings (both configs carry these fields)."""
+    return qwen_image.RolloutSettings(height=config.height, width=config.width, num_inference_steps=num_inference_steps,
+                                      true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
+                                      chunk_size=config.rollout_chunk_size)
+
+
+def make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log):
+    """-> run_eval(step): the eval prompts at fixed seeds with `eval_inference_steps`, logged."""
+    from rewards import OCR_REWARDS
+
+    settings = rollout_settings(config, config.eval_inference_steps)
+    is_ocr = config.reward in OCR_REWARDS
+
+    def run_eval(step: int) -> dict:
+        return evaluate_and_log(pipe, prompt_cache, eval_rows, reward_fn, settings, config.eval_samples_per_prompt,
+                                accelerator, is_ocr, metrics_log, step, config.output_dir)
+    return run_eval
+
+
 def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt, accelerator,
                      exact_match: bool, metrics_log, step: int, output_dir: str) -> dict:
     """The trainers' periodic evaluation: metrics to the log, a grid to samples/eval-STEP.png."""
@@ -428,6 +457,17 @@ class StopFlag:
 
 # ----------------------------------------------------------------------------------------------
 # Launch
+
+
+def launch(config, validate):
+    """-> (accelerator, stop flag): the accelerator (with launch checks), `validate(config, world)`
+    for the real number of processes, seeds set, SIGTERM/SIGINT caught."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    validate(config, accelerator.num_processes)
+    set_seed(config.seed)
+    return accelerator, StopFlag()
 
 
 def make_accelerator(config):

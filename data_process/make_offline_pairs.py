@@ -20,6 +20,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import trainer_utils as tu  # noqa: E402
+
 
 @dataclass
 class PairsConfig:
@@ -46,7 +48,7 @@ class PairsConfig:
 
 
 PRESETS = {
-    "cpu_tiny": dict(pretrained="tiny", dtype="float32", prompts=os.path.join(ROOT, "data", "tiny_prompts.txt"),
+    "cpu_tiny": dict(pretrained="tiny", dtype="float32", prompts=tu.TINY_PROMPTS,
                      samples_per_prompt=8, height=64, width=64, num_inference_steps=4, chunk_size=32,
                      max_sequence_length=64, reward="brightness", pair_strategy="top_bottom"),
 }
@@ -78,7 +80,6 @@ def generate(config: PairsConfig) -> dict:
     from tqdm.auto import tqdm
 
     import qwen_image as qi
-    import trainer_utils as tu
     from data_process.pairs_format import image_to_png_bytes, latents_to_bytes, write_pairs
     from pairing import pair_stats, select_pairs
     from rewards import OCR_REWARDS, build_reward
