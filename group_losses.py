@@ -97,15 +97,20 @@ def group_advantages(rewards, group_ids: Sequence | torch.Tensor, std: str | flo
     return advantages.float(), keep, group_index, stats
 
 
-def sample_group_noise_and_sigmas(group_index: torch.Tensor, shape: Sequence[int], generator: torch.Generator,
+def sample_group_noise_and_sigmas(group_index: torch.Tensor, shape: Sequence[int], generators: Sequence[torch.Generator],
                                   sigma_sampler) -> tuple[torch.Tensor, torch.Tensor]:
     """One Gaussian noise [*shape] and one sigma per GROUP, shared by its rows -> (noise [N, *shape],
-    sigmas [N]) on the CPU. Sharing them inside a group compares its samples at the same point of
-    the forward process (DGPO's `use_shared_noise`; Diffusion-DPO shares them within a pair).
+    sigmas [N]) on the CPU. Group g draws from generators[g] (its noise, then its sigma), so a
+    group's draws do not depend on which other groups share the batch (or the rank). Sharing them
+    inside a group compares its samples at the same point of the forward process (DGPO's
+    `use_shared_noise`; Diffusion-DPO shares them within a pair).
     `sigma_sampler(n, generator)` -> n sigmas in (0, 1)."""
     n_groups = int(group_index.max()) + 1 if group_index.numel() else 0
-    noise = torch.randn((n_groups, *shape), generator=generator, dtype=torch.float32)
-    sigmas = sigma_sampler(n_groups, generator).float()
+    if len(generators) != n_groups:
+        raise ValueError(f"{len(generators)} generators for {n_groups} groups")
+    noise = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators]) \
+        if n_groups else torch.zeros((0, *shape))
+    sigmas = torch.cat([sigma_sampler(1, g).float().reshape(1) for g in generators]) if n_groups else torch.zeros(0)
     return noise[group_index.cpu()], sigmas[group_index.cpu()]
 
 

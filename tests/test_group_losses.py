@@ -137,16 +137,20 @@ def test_group_advantages_errors(rewards, ids, kwargs, match):
         group_advantages(rewards, ids, **kwargs)
 
 
-def test_group_noise_and_sigmas_are_shared_within_a_group():
+def test_group_noise_and_sigmas_are_shared_within_a_group_and_drawn_from_its_generator():
     index = torch.tensor([0, 0, 1, 1, 1, 2, 2])
-    noise, sigmas = sample_group_noise_and_sigmas(index, (3, 2), torch.Generator().manual_seed(0),
-                                                  lambda n, g: torch.rand(n, generator=g))
+    uniform = lambda n, g: torch.rand(n, generator=g)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    noise, sigmas = sample_group_noise_and_sigmas(index, (3, 2), gens([5, 6, 7]), uniform)
     assert noise.shape == (7, 3, 2) and sigmas.shape == (7,)
     assert torch.equal(noise[0], noise[1]) and torch.equal(noise[2], noise[4]) and not torch.equal(noise[1], noise[2])
     assert sigmas[2] == sigmas[3] == sigmas[4] and sigmas[0] != sigmas[5]
-    again = sample_group_noise_and_sigmas(index, (3, 2), torch.Generator().manual_seed(0),
-                                          lambda n, g: torch.rand(n, generator=g))
-    assert torch.equal(again[0], noise) and torch.equal(again[1], sigmas)
+    g = torch.Generator().manual_seed(6)  # group 1's draws: its noise, then its sigma
+    assert torch.equal(noise[2], torch.randn(3, 2, generator=g)) and sigmas[2] == torch.rand(1, generator=g)[0]
+    alone, alone_sigma = sample_group_noise_and_sigmas(torch.tensor([0, 0]), (3, 2), gens([6]), uniform)
+    assert torch.equal(alone[0], noise[2]) and alone_sigma[0] == sigmas[2]  # independent of the other groups
+    with pytest.raises(ValueError, match="2 generators for 3 groups"):
+        sample_group_noise_and_sigmas(index, (3, 2), gens([1, 2]), uniform)
 
 
 # ---------------------------------------------------------------- DGPO

@@ -1,0 +1,280 @@
+"""What the online trainer does with one step's rollouts, per `--objective`.
+
+Every objective consumes the same `Rollouts` (K samples per prompt group, all on this rank) and
+updates the `Policy` (policy.py):
+
+- `dpo`   Diffusion-DPO: per group, chosen/rejected pairs by reward (pairing.py), the DPO loss
+          against the frozen reference (dpo_loss.py). 2 of K samples per group with best_worst.
+- `dgpo`  DGPO: every sample, weighted by its group advantage, in one DPO-style sigmoid per group.
+- `nft`   DiffusionNFT: every sample regressed through an implicit positive / negative policy built
+          from the trained and the old (EMA) policy, weighted by its advantage.
+- `awm`   AWM: advantage-weighted flow matching with a PPO-style ratio to the old policy.
+
+The group objectives share one update (`GroupObjective.update`): advantages within each group
+(zero-variance groups dropped and counted), one noise and one sigma per group and update, whole
+groups per micro-batch, the predictions the loss needs (reference, old), the loss from
+group_losses.py, backward scaled to the global mean over the loss's units, one guarded optimizer
+step per update, then the old adapter's EMA step. Each subclass only says what its loss is.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from policy import dpo_update
+from trainer_utils import all_max, all_sum, derived_seed
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts on this rank, K consecutive rows per prompt group."""
+    latents: torch.Tensor  # [N, S, 64] clean packed latents (what the sampler produced)
+    rewards: torch.Tensor  # [N] float64
+    group_ids: list[str]  # [N], equal within a prompt group; unique in the step over all ranks
+    prompts: list[str]  # [N]
+
+
+def parse_ema(spec: str) -> tuple[float, float, float]:
+    """'start,rate,max' -> decay(step) = min(max, rate * (step - start)) from `start` on, 0 before."""
+    start, rate, top = (float(x) for x in spec.split(","))
+    return start, rate, top
+
+
+def ema_decay(spec: str, step: int) -> float:
+    start, rate, top = parse_ema(spec)
+    return 0.0 if step < start else min(top, rate * (step - start))
+
+
+class DPO:
+    """Pairs per group (`pair_strategy`, ties dropped and counted), the Diffusion-DPO update."""
+
+    name = "dpo"
+    uses_old_adapter = False
+    samples_with_old = False
+
+    def __init__(self, config):
+        self.config = config
+
+    def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
+        """-> (metrics, pairs [P, 2] of (chosen, rejected) row indices, for the sample grid)."""
+        from pairing import interleave, pair_stats, select_pairs
+
+        config, accelerator = self.config, policy.accelerator
+        group_ids, rewards, latents, prompts = rollouts.group_ids, rollouts.rewards, rollouts.latents, rollouts.prompts
+        pairs = select_pairs(group_ids, rewards, config.pair_strategy, config.min_reward_margin)  # [P, 2]
+        stats = pair_stats(group_ids, rewards, pairs)
+        if config.reverse_preference:
+            pairs = pairs.flip(1)
+        n_pairs = pairs.shape[0]
+        device = accelerator.device
+        if n_pairs:
+            chosen_rejected_latents = interleave(pairs, latents).to(device)  # [2P, S, 64]
+            pair_prompts = interleave(pairs, prompts)
+        else:  # no pair on this rank: placeholder rows, zero weight, so it still joins every collective
+            chosen_rejected_latents, pair_prompts = latents[:2].to(device), prompts[:2]
+        metrics = dpo_update(policy, chosen_rejected_latents, pair_prompts, n_pairs, prompt_cache, step,
+                             updates=config.updates_per_rollout)
+        if "update/skipped_no_pairs" in metrics:
+            accelerator.print(f"step {step}: no pairs (every group tied or below min_reward_margin); update skipped")
+        pairs_total, tie_groups, no_pair_groups, gap_sum = all_sum(
+            accelerator, n_pairs, stats["tie_groups"], stats["groups_without_pair"], stats["reward_gap_mean"] * n_pairs)
+        metrics.update({"pairs/kept": pairs_total, "pairs/tie_groups_dropped": tie_groups,
+                        "pairs/groups_without_pair": no_pair_groups, "pairs/reward_gap": gap_sum / max(pairs_total, 1)})
+        return metrics, pairs
+
+
+class GroupObjective:
+    """The update shared by the group-wise objectives; a subclass defines `loss` (and its knobs)."""
+
+    name = ""
+    units = "samples"  # what the loss averages over: "samples" or "groups"
+    uses_old_adapter = True
+    samples_with_old = False
+    needs_reference = True
+    ema = "0,0,0"  # the old adapter's EMA schedule (parse_ema)
+
+    def __init__(self, config):
+        self.config = config
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+        raise NotImplementedError
+
+    def advantages(self, rollouts: Rollouts, accelerator):
+        from group_losses import group_advantages
+
+        std = "group"
+        if self.config.advantage_std == "batch":  # one scale: the std of every reward of the step, all ranks
+            everything = accelerator.gather(rollouts.rewards.to(accelerator.device)) if accelerator.num_processes > 1 \
+                else rollouts.rewards
+            spread = everything.double().std(unbiased=False).item()
+            std = spread if spread > 0 else "group"  # 0: every group is tied and dropped anyway
+        advantages, keep, group_index, stats = group_advantages(rollouts.rewards, rollouts.group_ids, std=std,
+                                                                group_size=self.config.samples_per_prompt)
+        if self.config.reverse_preference:  # control run: train towards the worse samples
+            advantages = -advantages
+        return advantages, keep, group_index, stats
+
+    def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
+        """`updates_per_rollout` optimizer steps on this rank's kept groups; the loss is the mean over
+        every unit (sample or group) of every rank. -> (metrics, best/worst pairs for the grid)."""
+        from dpo_loss import velocity_target
+        from group_losses import sample_group_noise_and_sigmas
+        from pairing import sample_sigmas, select_pairs
+
+        config, accelerator = self.config, policy.accelerator
+        world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+        advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
+        # kept groups, each a list of row indices; zero-variance groups are dropped here
+        groups: dict[int, list[int]] = {}
+        for row in torch.nonzero(keep).flatten().tolist():
+            groups.setdefault(int(group_index[row]), []).append(row)
+        groups_list = list(groups.values())
+        n_groups = len(groups_list)
+        units_local = n_groups if self.units == "groups" else sum(len(g) for g in groups_list)
+        units_total = all_sum(accelerator, units_local)[0]
+        metrics = self._advantage_metrics(accelerator, stats, advantages[keep])
+        grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
+        if units_total == 0:
+            accelerator.print(f"step {step}: every group has equal rewards; update skipped")
+            metrics["update/skipped_no_groups"] = 1.0
+            return metrics, grid_pairs
+        if n_groups == 0:  # nothing on this rank: one placeholder group with zero weight joins the collectives
+            groups_list = [list(range(config.samples_per_prompt))]
+        order = [row for g in groups_list for row in g]
+        x0 = rollouts.latents[order].to(device)  # [M, S, 64], whole groups in a row
+        prompts = [rollouts.prompts[i] for i in order]
+        adv = advantages[order].to(device)
+        dense_group = torch.tensor([number for number, g in enumerate(groups_list) for _ in g])  # [M]
+        bounds = [0]
+        for g in groups_list:
+            bounds.append(bounds[-1] + len(g))
+        per_micro = config.micro_batch_groups
+        n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups_list) / per_micro))))
+
+        def sigma_sampler(n, generator):
+            return sample_sigmas(n, config.sigma_scheme, generator, logit_mean=config.logit_mean,
+                                 logit_std=config.logit_std)
+
+        # a group's noise and sigma come from (seed, step, update, its id): the same on any number of ranks
+        group_keys = [zlib.crc32(rollouts.group_ids[g[0]].encode()) for g in groups_list]
+        totals, good_updates = {}, 0
+        for update in range(config.updates_per_rollout):
+            generators = [torch.Generator().manual_seed(derived_seed(config.seed, step, update, key) % 2**62)
+                          for key in group_keys]
+            noise, sigmas = sample_group_noise_and_sigmas(dense_group, x0.shape[1:], generators, sigma_sampler)
+            noise, sigmas = noise.to(device, x0.dtype), sigmas.to(device)
+            target = velocity_target(x0, noise)
+            sums = {}
+            for micro in range(n_micro):
+                first, last = micro * per_micro, min((micro + 1) * per_micro, n_groups)
+                weight = 1.0
+                if last <= first:  # padding micro-batch: same kind of work, no contribution
+                    first, last, weight = 0, 1, 0.0
+                rows = slice(bounds[first], bounds[last])
+                units = (last - first) if self.units == "groups" else (bounds[last] - bounds[first])
+                embeds, mask = prompt_cache(prompts[rows], device=device, dtype=policy.dtype)
+                args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
+                ref_pred = policy.reference_velocity(*args) if self.needs_reference else None
+                old_pred = policy.old_velocity(*args) if self.uses_old_adapter else None
+                with policy.no_sync(micro == n_micro - 1):
+                    model_pred = policy.velocity(*args)
+                    loss, m = self.loss(model_pred, ref_pred, old_pred, target[rows], sigmas[rows], adv[rows],
+                                        dense_group[rows] - first)
+                    # DDP / FSDP average gradients over ranks: scale to the global mean over units
+                    accelerator.backward(loss * (weight * units * world / units_total))
+                for key, value in m.items():
+                    sums[key] = sums.get(key, 0.0) + weight * value * units
+            if policy.optimizer_step(math.isfinite(sums["loss"]), step, metrics):
+                good_updates += 1
+                for key, value in sums.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        if self.uses_old_adapter:
+            decay = ema_decay(self.ema, step)
+            policy.update_old(decay)
+            metrics["old/ema_decay"] = decay
+        if good_updates:
+            keys = sorted(totals)
+            summed = all_sum(accelerator, *[totals[k] for k in keys])
+            metrics.update({f"{self.name}/{k}": v / (units_total * good_updates) for k, v in zip(keys, summed)})
+        return metrics, grid_pairs
+
+    @staticmethod
+    def _advantage_metrics(accelerator, stats, kept_advantages) -> dict:
+        groups, zero_variance, kept, abs_sum = all_sum(
+            accelerator, stats["groups"], stats["zero_variance_groups"], stats["samples_kept"],
+            float(kept_advantages.abs().sum()))
+        return {"adv/groups": groups, "adv/zero_variance_groups_dropped": zero_variance, "adv/samples_kept": kept,
+                "adv/abs_mean": abs_sum / max(kept, 1), "adv/max": stats["adv_max"], "adv/min": stats["adv_min"]}
+
+
+class DGPO(GroupObjective):
+    """group_losses.dgpo_loss: -logsigmoid((1/K) sum_i A_i * -beta (err_model_i - err_ref_i)) per group.
+    Knobs: dgpo_beta, dgpo_kl_weight, dgpo_clip_range (> 0 adds the old adapter, an EMA with
+    schedule dgpo_old_ema, and the official PPO-style clip on each sample's error)."""
+
+    name, units = "dgpo", "groups"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.uses_old_adapter = config.dgpo_clip_range > 0
+        self.ema = config.dgpo_old_ema
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+        from group_losses import dgpo_loss
+
+        c = self.config
+        return dgpo_loss(model_pred, ref_pred, target, advantages, group_index, c.dgpo_beta, c.dgpo_kl_weight,
+                         old_pred=old_pred, clip_range=c.dgpo_clip_range)
+
+
+class NFT(GroupObjective):
+    """group_losses.nft_loss: v+ = b v + (1-b) v_old, v- = (1+b) v_old - b v, each sample's
+    x0-prediction errors of v+ / v- weighted by r and 1 - r. Rollouts come from the old adapter
+    (the paper's behaviour policy). Knobs: nft_beta, nft_adv_clip, nft_kl_weight, nft_old_ema."""
+
+    name = "nft"
+    samples_with_old = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.needs_reference = config.nft_kl_weight > 0
+        self.ema = config.nft_old_ema
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+        from group_losses import nft_loss
+
+        c = self.config
+        return nft_loss(model_pred, old_pred, target, sigmas, advantages, c.nft_beta, c.nft_adv_clip,
+                        ref_pred=ref_pred, kl_weight=c.nft_kl_weight)
+
+
+class AWM(GroupObjective):
+    """group_losses.awm_loss: PPO-clipped ratio of flow-matching likelihoods to the old adapter,
+    weighted by the advantage, plus KL to the reference and to the old adapter. Knobs: awm_clip_range,
+    awm_adv_clip, awm_weighting, awm_kl_weight, awm_old_kl_weight, awm_old_ema."""
+
+    name = "awm"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.needs_reference = config.awm_kl_weight > 0
+        self.ema = config.awm_old_ema
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+        from group_losses import awm_loss
+
+        c = self.config
+        return awm_loss(model_pred, old_pred, target, sigmas, advantages, clip_range=c.awm_clip_range,
+                        adv_clip=c.awm_adv_clip, weighting=c.awm_weighting, ref_pred=ref_pred,
+                        kl_weight=c.awm_kl_weight, old_kl_weight=c.awm_old_kl_weight)
+
+
+OBJECTIVES = {"dpo": DPO, "dgpo": DGPO, "nft": NFT, "awm": AWM}
+
+
+def build(config):
+    return OBJECTIVES[config.objective](config)

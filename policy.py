@@ -1,0 +1,280 @@
+"""The trained policy and its updates.
+
+`Policy`: the transformer with its LoRA (or all its weights), the frozen reference, optionally an
+"old" policy (a second LoRA adapter on the same transformer), the optimizer and LR schedule; the
+velocity predictions of all three; one guarded optimizer step (non-finite loss or gradient: skipped
+and counted); checkpoints (the old adapter included) and the final export (the trained adapter
+only, in the diffusers format).
+
+`dpo_update`: Diffusion-DPO on interleaved [c0, r0, c1, r1, ...] latents; both trainers use it.
+The online trainer's group-wise objectives (DGPO, DiffusionNFT, AWM) live in objectives.py and use
+the same pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from trainer_utils import _options, all_max, all_sum, derived_seed, gather_object, load_checkpoint, save_checkpoint
+
+OLD_ADAPTER = "old"  # the name of the "old" / EMA policy's LoRA adapter; the trained one is peft's "default"
+
+
+class Policy:
+    """Reads these config fields: dtype, train_mode, lora_rank, lora_alpha, lora_targets, lora_init,
+    gradient_checkpointing, sharding, learning_rate, adam_beta1, adam_beta2, weight_decay,
+    adam_epsilon, lr_warmup_steps, max_grad_norm, max_nonfinite_in_a_row, height, width, seed (and
+    dpo_update's: beta, sigma_scheme, logit_mean, logit_std, micro_batch_pairs).
+
+    old_adapter: add a second LoRA adapter, a copy of the trained one at the start, that
+    `update_old` moves towards the trained weights (an EMA); only with train_mode "lora".
+    """
+
+    def __init__(self, config, pipe, accelerator, old_adapter: bool = False):
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
+
+        import qwen_image as qi
+
+        self.config, self.accelerator = config, accelerator
+        self.dtype = getattr(torch, config.dtype)
+        self.transformer = transformer = pipe.transformer
+        self.reference = None
+        self.has_old = old_adapter
+        if config.train_mode == "lora":
+            qi.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_targets.split(","),
+                        config.lora_init)
+            if old_adapter:
+                add_old_adapter(transformer)
+        else:
+            if old_adapter:
+                raise ValueError("an old-policy adapter needs train_mode 'lora'")
+            self.reference = qi.make_frozen_reference(transformer)
+            transformer.requires_grad_(True)
+            for name in qi.dead_text_stream_modules(transformer):  # never reach the output: freeze
+                transformer.get_submodule(name).requires_grad_(False)
+        cast_training_params(transformer, dtype=torch.float32)  # fp32 trainable weights and AdamW state
+        qi.set_gradient_checkpointing(transformer, config.gradient_checkpointing)
+        if config.sharding == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in transformer.transformer_blocks:
+                fully_shard(block)
+            fully_shard(transformer)
+        self.params = [p for p in transformer.parameters() if p.requires_grad]
+        # (trained, old) parameter pairs, matched by name: the EMA update and the checkpoint use them
+        named = dict(transformer.named_parameters())
+        self.old_pairs = [(named[n.replace(f".{OLD_ADAPTER}.", ".default.")], p) for n, p in named.items()
+                          if f".{OLD_ADAPTER}." in n] if old_adapter else []
+        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.weight_decay, eps=config.adam_epsilon)
+        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
+        if config.sharding == "fsdp2":  # FSDP2 reduces gradients itself
+            self.model = transformer
+            self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        else:
+            self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        transformer.train()
+        self.nonfinite_in_a_row = 0
+
+    # -- predictions: x0 [B, S, 64] clean latents, noise like x0, sigmas [B], embeds [B, L, D], mask [B, L]
+    def _velocity(self, module, x0, noise, sigmas, embeds, mask):
+        import qwen_image as qi
+        from dpo_loss import noisy_latents
+
+        return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
+                                   self.config.height, self.config.width)
+
+    def velocity(self, *args):
+        """The trained policy, with gradient (through the DDP / FSDP module)."""
+        return self._velocity(self.model, *args)
+
+    def reference_velocity(self, *args):
+        """The frozen reference: LoRA adapters disabled, or the frozen copy in full mode."""
+        import qwen_image as qi
+
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._velocity(self.reference, *args)
+            with qi.lora_disabled(self.transformer):
+                return self._velocity(self.transformer, *args)
+
+    def old_velocity(self, *args):
+        """The old policy: the same transformer with the old adapter active."""
+        with torch.no_grad(), adapter_active(self.transformer, OLD_ADAPTER):
+            return self._velocity(self.transformer, *args)
+
+    def sampling_with_old(self):
+        """Context: the pipeline samples with the old adapter (DiffusionNFT's behaviour policy)."""
+        return adapter_active(self.transformer, OLD_ADAPTER)
+
+    def no_sync(self, sync: bool):
+        """Gradient accumulation: reduce across ranks only on the last micro-batch."""
+        if self.accelerator.num_processes == 1 or sync:
+            return contextlib.nullcontext()
+        if self.config.sharding == "fsdp2":
+            @contextlib.contextmanager
+            def fsdp_no_sync():
+                self.model.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    self.model.set_requires_gradient_sync(True)
+            return fsdp_no_sync()
+        return self.accelerator.no_sync(self.model)
+
+    # -- one optimizer step
+    def optimizer_step(self, loss_is_finite: bool, step: int, metrics: dict) -> bool:
+        """After the micro-batches' backward passes: one optimizer step, or, when the loss or any
+        gradient is non-finite on any rank, no step (gradients dropped, counted in metrics; too many
+        in a row raise). Returns whether it stepped."""
+        config, accelerator = self.config, self.accelerator
+        local_bad = float(not loss_is_finite or any(
+            p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params))
+        if all_sum(accelerator, local_bad)[0] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            metrics["update/nonfinite_skipped"] = metrics.get("update/nonfinite_skipped", 0) + 1
+            accelerator.print(f"step {step}: non-finite loss or gradient, update skipped "
+                              f"({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+                raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite updates in a row "
+                                         "(max_nonfinite_in_a_row); stopping")
+            return False
+        self.nonfinite_in_a_row = 0
+        grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["update/grad_norm"] = float(grad_norm)
+        return True
+
+    @torch.no_grad()
+    def update_old(self, decay: float):
+        """old <- decay * old + (1 - decay) * trained (elementwise, on each rank's shard)."""
+        for trained, old in self.old_pairs:
+            old.mul_(decay).add_(trained.detach(), alpha=1.0 - decay)
+
+    # -- state
+    def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
+        return save_checkpoint(output_dir, step, self.model, self.optimizer, self.lr_scheduler,
+                               {"nonfinite_in_a_row": self.nonfinite_in_a_row}, self.accelerator.is_main_process, limit,
+                               also_frozen=[f".{OLD_ADAPTER}."] if self.has_old else None)
+
+    def load_checkpoint(self, path: str) -> int:
+        state = load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        return state["step"]
+
+    def checksums(self) -> list[float]:
+        """Sum of |trainable weights| on every rank: equal when the replicas agree."""
+        def full(p):
+            p = p.detach()
+            return p.full_tensor() if hasattr(p, "full_tensor") else p
+        return gather_object(self.accelerator, sum(float(full(p).double().abs().sum()) for p in self.params))
+
+    def save_final(self, output_dir: str) -> str | None:
+        """LoRA: output_dir/lora/pytorch_lora_weights.safetensors (diffusers format; the trained
+        adapter only); full: output_dir/transformer/ (QwenImageTransformer2DModel.from_pretrained)."""
+        import qwen_image as qi
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full_state = get_model_state_dict(self.model, options=_options())  # collective under FSDP
+        if not self.accelerator.is_main_process:
+            return None
+        if self.config.train_mode == "lora":
+            out = os.path.join(output_dir, "lora")
+            qi.save_lora(self.transformer, out, state_dict=full_state)
+        else:
+            out = os.path.join(output_dir, "transformer")
+            os.makedirs(out, exist_ok=True)
+            self.transformer.save_config(out)
+            save_file({k: v.contiguous() for k, v in full_state.items()},
+                      os.path.join(out, "diffusion_pytorch_model.safetensors"))
+        return out
+
+
+def add_old_adapter(transformer):
+    """A second LoRA adapter with the trained one's config, holding a copy of its weights; frozen.
+    The trained adapter stays the active one."""
+    import copy
+
+    transformer.add_adapter(copy.deepcopy(transformer.peft_config["default"]), adapter_name=OLD_ADAPTER)
+    transformer.set_adapter("default")
+    named = dict(transformer.named_parameters())
+    with torch.no_grad():
+        for name, p in named.items():
+            if f".{OLD_ADAPTER}." in name:
+                p.data = named[name.replace(f".{OLD_ADAPTER}.", ".default.")].detach().clone().float()
+                p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def adapter_active(transformer, name: str):
+    """Runs the transformer with adapter `name` active. peft's set_adapter also flips requires_grad
+    (the active adapter trainable, the others frozen): the flags are put back afterwards."""
+    flags = [(p, p.requires_grad) for p in transformer.parameters()]
+    transformer.set_adapter(name)
+    try:
+        yield transformer
+    finally:
+        transformer.set_adapter("default")
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pairs: int, prompt_cache, step: int,
+               updates: int = 1, stream: int = 0) -> dict:
+    """Diffusion-DPO: `updates` optimizer steps on this rank's pairs: x0 [2P, S, 64] interleaved,
+    n_pairs = P (0 allowed: x0 then holds 2 placeholder rows and this rank joins with zero weight).
+    The loss is the mean over every pair of every rank. Noise and sigma: one per pair, fresh per
+    update, drawn from (seed, step, rank, stream, update), so a resumed run draws the same."""
+    import dpo_loss
+    from dpo_loss import velocity_target
+    from pairing import sample_pair_noise_and_sigmas
+
+    config, accelerator = policy.config, policy.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    pairs_total = all_sum(accelerator, n_pairs)[0]
+    metrics = {}
+    if pairs_total == 0:
+        return {"update/skipped_no_pairs": 1.0}
+    # every rank runs the same number of micro-batches (the most any rank needs)
+    n_micro = int(all_max(accelerator, max(1, math.ceil(n_pairs / config.micro_batch_pairs))))
+    totals, good_updates = [0.0, 0.0, 0.0], 0
+    for update in range(updates):
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, step, rank, stream, update) % 2**62)
+        noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
+                                                     logit_mean=config.logit_mean, logit_std=config.logit_std)
+        target = velocity_target(x0, noise)
+        sums = [0.0, 0.0, 0.0]  # loss, implicit accuracy, implicit reward margin, summed over pairs
+        for micro in range(n_micro):
+            lo = micro * config.micro_batch_pairs
+            hi, weight = min(lo + config.micro_batch_pairs, n_pairs), 1.0
+            if hi <= lo:  # padding micro-batch: same shapes, no contribution
+                lo, hi, weight = 0, 1, 0.0
+            rows = slice(2 * lo, 2 * hi)
+            embeds, mask = prompt_cache(pair_prompts[rows], device=x0.device, dtype=policy.dtype)
+            args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
+            ref_pred = policy.reference_velocity(*args)
+            with policy.no_sync(micro == n_micro - 1):
+                model_pred = policy.velocity(*args)
+                loss, m = dpo_loss.diffusion_dpo_loss(model_pred, ref_pred, target[rows], config.beta)
+                # DDP / FSDP average gradients over ranks: scale to the global mean over pairs
+                accelerator.backward(loss * (weight * (hi - lo) * world / pairs_total))
+            for i, value in enumerate((loss.item(), m["implicit_acc"], m["reward_margin"])):
+                sums[i] += weight * value * (hi - lo)
+        if policy.optimizer_step(math.isfinite(sums[0]), step, metrics):
+            good_updates += 1
+            totals = [a + b for a, b in zip(totals, sums)]
+    if good_updates:
+        loss_total, acc_total, margin_total = all_sum(accelerator, *totals)
+        denominator = pairs_total * good_updates
+        metrics.update({"dpo/loss": loss_total / denominator, "dpo/implicit_acc": acc_total / denominator,
+                        "dpo/implicit_reward_margin": margin_total / denominator})
+    return metrics

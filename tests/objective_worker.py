@@ -1,0 +1,84 @@
+"""Runs each group objective's update on fixed, hand-made rollouts (no sampling): 4 prompt groups of
+K = 4 random latents with fixed rewards, 2 steps of 2 updates, on however many processes it is
+launched with; rank r takes its share of the groups. Writes OUT/<objective>/lora (the final LoRA)
+and OUT/<objective>/metrics.json (rank 0). tests/test_objectives.py compares 1 process (called in
+process), 2 processes with DDP and 2 with FSDP2.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/objective_worker.py TINY_DIR OUT SHARDING dgpo nft awm
+"""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+GROUPS, K, STEPS = 4, 4, 2
+PROMPTS = ["a red square", "a photo of a cat", "green grass", "a blue sky at noon"]
+
+
+def config_for(objective: str, tiny_dir: str, sharding: str, extra=()):
+    import train_online_dpo
+    from trainer_utils import parse_config
+
+    # an old-adapter EMA that moves from the first step, so the old policy differs from the trained one
+    return parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, [
+        "--preset", "cpu_tiny", "--pretrained", tiny_dir, "--objective", objective, "--sharding", sharding,
+        "--samples_per_prompt", str(K), "--micro_batch_groups", "1", "--updates_per_rollout", "2", "--learning_rate", "1e-3",
+        "--dgpo_clip_range", "0.05", "--dgpo_kl_weight", "0.001",
+        "--dgpo_old_ema", "0,0.5,0.5", "--nft_old_ema", "0,0.5,0.5", "--awm_old_ema", "0,0.5,0.5", *extra])
+
+
+def rollouts_for(step: int, rank: int, world: int):
+    """This rank's share of the step's groups: the same global rollouts whatever the world size."""
+    import torch
+
+    from objectives import Rollouts
+
+    g = torch.Generator().manual_seed(1000 + step)
+    latents = torch.randn(GROUPS * K, 16, 64, generator=g)  # 64x64 images: 16 packed tokens
+    rewards = torch.rand(GROUPS * K, generator=g, dtype=torch.float64)
+    rewards[K:2 * K] = 0.5  # group 1 ties: dropped and counted
+    mine = range(rank * GROUPS // world, (rank + 1) * GROUPS // world)
+    rows = [g * K + j for g in mine for j in range(K)]
+    return Rollouts(latents=latents[rows], rewards=rewards[rows], group_ids=[f"{i // K}:p" for i in rows],
+                    prompts=[PROMPTS[i // K] for i in rows])
+
+
+def run(objective_name: str, tiny_dir: str, out: str, sharding: str = "none", extra=()) -> list[dict]:
+    import torch
+
+    import objectives
+    import qwen_image as qi
+    import trainer_utils as tu
+    from policy import Policy
+
+    config = config_for(objective_name, tiny_dir, sharding, extra)
+    accelerator = tu.make_accelerator(config)
+    torch.manual_seed(config.seed)  # LoRA init
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32, device=accelerator.device)
+    cache = qi.PromptCache(pipe, config.max_sequence_length)
+    cache.warm(PROMPTS)
+    objective = objectives.build(config)
+    policy = Policy(config, pipe, accelerator, old_adapter=objective.uses_old_adapter)
+    logged = []
+    for step in range(STEPS):
+        batch = rollouts_for(step, accelerator.process_index, accelerator.num_processes)
+        metrics, _ = objective.update(policy, batch, cache, step)
+        logged.append(metrics)
+    policy.save_final(os.path.join(out, objective_name))
+    if accelerator.is_main_process:
+        with open(os.path.join(out, objective_name, "metrics.json"), "w") as f:
+            json.dump(logged, f)
+    accelerator.wait_for_everyone()
+    return logged
+
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(1)
+    tiny_dir, out, sharding, *names = sys.argv[1:]
+    for name in names:
+        run(name, tiny_dir, out, sharding)

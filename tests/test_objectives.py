@@ -1,0 +1,119 @@
+"""The group objectives (dgpo, nft, awm) in the online trainer: their update on fixed rollouts (1
+process, 2-process DDP and FSDP2 agree), the old adapter (checkpointed, restored, never exported),
+the non-finite guard, exact resume, config rules, and learning on the tiny model (two-sided)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import objective_worker
+import train_online_dpo
+from conftest import ROOT
+
+GROUP_OBJECTIVES = ["dgpo", "nft", "awm"]
+WORKER = os.path.join(ROOT, "tests", "objective_worker.py")
+
+
+def lora(output_dir):
+    return load_file(os.path.join(output_dir, "lora", "pytorch_lora_weights.safetensors"))
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_dir, tmp_path_factory):
+    """Each objective's 2 steps on the fixed rollouts, in this process."""
+    out = str(tmp_path_factory.mktemp("objectives-1proc"))
+    return out, {name: objective_worker.run(name, tiny_dir, out) for name in GROUP_OBJECTIVES}
+
+
+@pytest.mark.parametrize("name", GROUP_OBJECTIVES)
+def test_update_logs_its_diagnostics_and_exports_only_the_trained_adapter(one_process, name):
+    out, logged = one_process[0], one_process[1][name]
+    for metrics in logged:
+        # group 1 of 4 ties: dropped and counted; 3 x K = 12 samples train
+        assert metrics["adv/groups"] == 4 and metrics["adv/zero_variance_groups_dropped"] == 1
+        assert metrics["adv/samples_kept"] == 12 and 0 < metrics["adv/abs_mean"] <= 1  # group std 1
+        assert metrics["update/grad_norm"] > 0 and torch.isfinite(torch.tensor(metrics[f"{name}/loss"]))
+    expected = {"dgpo": ["implicit_acc", "z_mean", "reward_pos", "reward_neg", "clip_frac", "kl"],
+                "nft": ["r_mean", "loss_pos", "loss_neg", "old_deviation", "kl"],
+                "awm": ["ratio_mean", "clip_frac", "logp_mean", "kl", "old_kl"]}[name]
+    assert all(f"{name}/{key}" in logged[-1] for key in expected), sorted(logged[-1])
+    assert logged[-1]["old/ema_decay"] == 0.5
+    weights = lora(os.path.join(out, name))
+    assert weights and not any(".old." in k or "default" in k for k in weights)
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
+def test_two_processes_equal_one_process(one_process, tiny_dir, tmp_path, sharding):
+    """Each rank holds half the groups; noise and sigma are drawn per group, so 2-process DDP and
+    FSDP2 train exactly what 1 process trains on the same rollouts (up to summation order)."""
+    single, logged_by_name = one_process
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
+           tiny_dir, str(tmp_path), sharding, *GROUP_OBJECTIVES]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in GROUP_OBJECTIVES:
+        a, b = lora(os.path.join(single, name)), lora(os.path.join(tmp_path, name))
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2e-6, name
+        two = json.load(open(os.path.join(tmp_path, name, "metrics.json")))
+        for key in ("adv/samples_kept", "adv/zero_variance_groups_dropped", f"{name}/loss"):
+            assert two[-1][key] == pytest.approx(logged_by_name[name][-1][key], rel=1e-4, abs=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("name,loss", [("dgpo", "dgpo_loss"), ("nft", "nft_loss"), ("awm", "awm_loss")])
+def test_nonfinite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch, name, loss):
+    import group_losses
+
+    real = getattr(group_losses, loss)
+    calls = {"n": 0}
+
+    def nan_in_the_first_update(*args, **kwargs):  # 3 kept groups, 1 per micro-batch: 3 calls an update
+        calls["n"] += 1
+        value, metrics = real(*args, **kwargs)
+        if calls["n"] > 3:
+            return value, metrics
+        return value * float("nan"), {**metrics, "loss": float("nan")}
+
+    monkeypatch.setattr(group_losses, loss, nan_in_the_first_update)
+    logged = objective_worker.run(name, tiny_dir, str(tmp_path))
+    assert logged[0]["update/nonfinite_skipped"] == 1 and "update/nonfinite_skipped" not in logged[1]
+    assert f"{name}/loss" in logged[0]  # the step's second update went through
+    weights = lora(os.path.join(tmp_path, name))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+TINY_RUN = ["--preset", "cpu_tiny", "--prompts_per_step", "2", "--samples_per_prompt", "4", "--micro_batch_groups", "1",
+            "--eval_every", "0", "--sample_grid_every", "0", "--checkpoint_every", "1",
+            "--nft_old_ema", "0,0.5,0.5", "--awm_old_ema", "0,0.5,0.5", "--dgpo_old_ema", "0,0.5,0.5",
+            "--dgpo_clip_range", "0.05"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GROUP_OBJECTIVES)
+def test_resume_continues_exactly_with_the_old_adapter(tmp_path, name):
+    """2 steps straight == 1 step, resume, 1 step. The old adapter (an EMA that moves at once
+    here) is in the checkpoint: were it not restored, the second step's loss would differ."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    common = TINY_RUN + ["--objective", name]
+    train_online_dpo.main(common + ["--output_dir", straight, "--max_steps", "2"])
+    train_online_dpo.main(common + ["--output_dir", split, "--max_steps", "1"])
+    saved = load_file(os.path.join(split, "checkpoint-1", "trainable.safetensors"))
+    assert any(".old." in k for k in saved)
+    train_online_dpo.main(common + ["--output_dir", split, "--max_steps", "2", "--resume_from_checkpoint", "latest"])
+    a, b = lora(straight), lora(split)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    losses = lambda d: [r[f"{name}/loss"] for r in read_metrics(d) if f"{name}/loss" in r]
+    assert len(losses(straight)) == 2 and losses(split) == pytest.approx(losses(straight), abs=1e-6)
