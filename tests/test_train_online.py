@@ -73,7 +73,7 @@ def lora(output_dir):
     ("eval_data", "/nonexistent/test.txt", "eval_data"),
     ("preset", "gpu_huge", "preset"),
     ("learning_rate", "inf", "learning_rate"),
-    ("weight_decay", "-0.1", "weight_decay"),
+    ("weight_decay", "inf", "weight_decay"),  # torch accepts inf (and rejects -0.1 only after the model loads)
     ("adam_beta1", "1", "adam_beta1"),
     ("adam_beta2", "-0.5", "adam_beta2"),
     ("adam_epsilon", "0", "adam_epsilon"),
