@@ -253,6 +253,9 @@ class ServerOcrReward:
                     break  # a client error does not get better by retrying
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+        if time.monotonic() >= give_up_at:
+            raise TimeoutError(f"OCR server {self.url}: no answer by the deadline of {self.deadline:g} s (reward kwarg "
+                               f"`deadline`; last error: {last_error})")
         raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s): {last_error}")
 
     def transcribe(self, images: list[Image.Image]) -> list[str]:

@@ -869,7 +869,8 @@ class DPOPolicy:
             # finite gradients can still give non-finite weights (e.g. Adam dividing 0 by 0): stop
             # before they make NaN images, tied rewards and a NaN LoRA
             local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
-            if all_sum(accelerator, float(not all(torch.isfinite(p).all() for p in local)))[0] > 0:
+            finite = bool(torch.stack([torch.isfinite(p).all() for p in local]).all())  # one device sync
+            if all_sum(accelerator, float(not finite))[0] > 0:
                 raise FloatingPointError(f"step {step}: trainable weights are non-finite after optimizer update "
                                          f"{update} (check learning_rate, adam_epsilon, adam_beta*); stopping, "
                                          "nothing saved")

@@ -280,7 +280,7 @@ def test_server_reward_that_never_answers_fails_at_the_deadline(capsys):
         reward = build_reward("ocr_server", base_url=server.url, timeout=2, max_retries=3, backoff=0.05,
                               concurrency=2, deadline=1.5, progress_every=0.5)
         start = time.perf_counter()
-        with pytest.raises(TimeoutError, match=f"127.0.0.1:.*/v1/chat/completions: 4 of 4 .*deadline of 1.5 s"):
+        with pytest.raises(TimeoutError, match="127.0.0.1:.*/v1/chat/completions: .*deadline of 1.5 s"):
             reward([render("Hi")] * 4, [prompt_for("Hi")] * 4)
         assert time.perf_counter() - start < 3
     assert "waiting for OCR server http://127.0.0.1:" in capsys.readouterr().out
