@@ -230,6 +230,8 @@ def test_offline_resume_is_exact(tiny_pairs, tmp_path, capsys):
               "--checkpoint_every", "3"]
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "a")])
     assert "64 pairs (0 VAE-encoded, 64 from stored latents) and 16 prompts prepared" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="already holds a run .*checkpoint-6"):  # a fresh run into it
+        train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "a")])
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--max_steps", "3"])
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
     a = load_file(str(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors"))
