@@ -53,6 +53,7 @@ class DPO:
     """Pairs per group (`pair_strategy`, ties dropped and counted), the Diffusion-DPO update."""
 
     name = "dpo"
+    knobs = ("beta", "pair_strategy", "min_reward_margin")  # compared on resume (trainer_utils.config_changes)
     uses_old_adapter = False
     samples_with_old = False
 
@@ -91,6 +92,7 @@ class GroupObjective:
     """The update shared by the group-wise objectives; a subclass defines `loss` (and its knobs)."""
 
     name = ""
+    knobs: tuple[str, ...] = ()  # the config fields of this objective, compared on resume
     units = "samples"  # what the loss averages over: "samples" or "groups"
     uses_old_adapter = True
     samples_with_old = False
@@ -126,7 +128,7 @@ class GroupObjective:
         from pairing import sample_sigmas, select_pairs
 
         config, accelerator = self.config, policy.accelerator
-        world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+        world, device = accelerator.num_processes, accelerator.device
         advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
         # kept groups, each a list of row indices; zero-variance groups are dropped here
         groups: dict[int, list[int]] = {}
@@ -176,7 +178,7 @@ class GroupObjective:
                     first, last, weight = 0, 1, 0.0
                 rows = slice(bounds[first], bounds[last])
                 units = (last - first) if self.units == "groups" else (bounds[last] - bounds[first])
-                embeds, mask = prompt_cache(prompts[rows], device=device, dtype=policy.dtype)
+                embeds, mask = policy.conditioning(prompt_cache, prompts[rows], device)
                 args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
                 ref_pred = policy.reference_velocity(*args) if self.needs_reference else None
                 old_pred = policy.old_velocity(*args) if self.uses_old_adapter else None
@@ -217,6 +219,7 @@ class DGPO(GroupObjective):
     schedule dgpo_old_ema, and the official PPO-style clip on each sample's error)."""
 
     name, units = "dgpo", "groups"
+    knobs = ("advantage_std", "dgpo_beta", "dgpo_kl_weight", "dgpo_clip_range", "dgpo_old_ema")
 
     def __init__(self, config):
         super().__init__(config)
@@ -237,6 +240,7 @@ class NFT(GroupObjective):
     (the paper's behaviour policy). Knobs: nft_beta, nft_adv_clip, nft_kl_weight, nft_old_ema."""
 
     name = "nft"
+    knobs = ("advantage_std", "nft_beta", "nft_adv_clip", "nft_kl_weight", "nft_old_ema")
     samples_with_old = True
 
     def __init__(self, config):
@@ -258,6 +262,8 @@ class AWM(GroupObjective):
     awm_adv_clip, awm_weighting, awm_kl_weight, awm_old_kl_weight, awm_old_ema."""
 
     name = "awm"
+    knobs = ("advantage_std", "awm_clip_range", "awm_adv_clip", "awm_weighting", "awm_kl_weight", "awm_old_kl_weight",
+             "awm_old_ema")
 
     def __init__(self, config):
         super().__init__(config)

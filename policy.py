@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from trainer_utils import _options, all_max, all_sum, derived_seed, gather_object, load_checkpoint, save_checkpoint
+from trainer_utils import (_options, all_max, all_sum, assert_finite, config_dict, derived_seed, gather_object,
+                           load_checkpoint, save_checkpoint)
 
 OLD_ADAPTER = "old"  # the name of the "old" / EMA policy's LoRA adapter; the trained one is peft's "default"
 
@@ -89,6 +90,10 @@ class Policy:
         return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
                                    self.config.height, self.config.width)
 
+    def conditioning(self, prompt_cache, prompts: list[str], device):
+        """(embeds [B, L, D], mask [B, L]) of the prompts, for the predictions below."""
+        return prompt_cache(prompts, device=device, dtype=self.dtype)
+
     def velocity(self, *args):
         """The trained policy, with gradient (through the DDP / FSDP module)."""
         return self._velocity(self.model, *args)
@@ -150,6 +155,13 @@ class Policy:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # finite gradients can still give non-finite weights (e.g. Adam dividing 0 by 0): stop
+        # before they make NaN images, tied rewards and a NaN LoRA
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in local]).all())  # one device sync
+        if all_sum(accelerator, float(not finite))[0] > 0:
+            raise FloatingPointError(f"step {step}: trainable weights are non-finite after an optimizer update "
+                                     "(check learning_rate, adam_epsilon, adam_beta*); stopping, nothing saved")
         metrics["update/grad_norm"] = float(grad_norm)
         return True
 
@@ -159,14 +171,17 @@ class Policy:
         for trained, old in self.old_pairs:
             old.mul_(decay).add_(trained.detach(), alpha=1.0 - decay)
 
-    # -- state
+    # -- state: the trained weights, and the old adapter when there is one
+    def _also_frozen(self) -> tuple[str, ...]:
+        return (f".{OLD_ADAPTER}.",) if self.has_old else ()
+
     def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
         return save_checkpoint(output_dir, step, self.model, self.optimizer, self.lr_scheduler,
                                {"nonfinite_in_a_row": self.nonfinite_in_a_row}, self.accelerator.is_main_process, limit,
-                               also_frozen=[f".{OLD_ADAPTER}."] if self.has_old else None)
+                               run_config=config_dict(self.config), also_frozen=self._also_frozen())
 
     def load_checkpoint(self, path: str) -> int:
-        state = load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
+        state = load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler, also_frozen=self._also_frozen())
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         return state["step"]
 
@@ -187,6 +202,7 @@ class Policy:
         full_state = get_model_state_dict(self.model, options=_options())  # collective under FSDP
         if not self.accelerator.is_main_process:
             return None
+        assert_finite(full_state, "final weights")
         if self.config.train_mode == "lora":
             out = os.path.join(output_dir, "lora")
             qi.save_lora(self.transformer, out, state_dict=full_state)
@@ -259,7 +275,7 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
             if hi <= lo:  # padding micro-batch: same shapes, no contribution
                 lo, hi, weight = 0, 1, 0.0
             rows = slice(2 * lo, 2 * hi)
-            embeds, mask = prompt_cache(pair_prompts[rows], device=x0.device, dtype=policy.dtype)
+            embeds, mask = policy.conditioning(prompt_cache, pair_prompts[rows], x0.device)
             args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
             ref_pred = policy.reference_velocity(*args)
             with policy.no_sync(micro == n_micro - 1):

@@ -134,6 +134,7 @@ def train(config: Config):
     from tqdm.auto import tqdm
 
     from data_process.pairs_format import read_pairs
+    from policy import Policy, dpo_update
     from rewards import OCR_REWARDS, build_reward
 
     accelerator, stop = tu.launch(config, validate)
@@ -155,7 +156,7 @@ def train(config: Config):
     n_prompts = len({p["prompt"] for p in pairs} | {r["prompt"] for r in eval_rows})  # the negative prompt is not one
     accelerator.print(f"{len(pairs)} pairs ({encoded} VAE-encoded, {len(pairs) - encoded} from stored latents) "
                       f"and {n_prompts} prompts prepared in {time.perf_counter() - t0:.1f} s")
-    policy = tu.DPOPolicy(config, pipe, accelerator)
+    policy = Policy(config, pipe, accelerator)
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
     run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
@@ -173,7 +174,7 @@ def train(config: Config):
             chosen_rejected_latents = chosen_rejected_latents.view(len(batch), 2, *chosen_rejected_latents.shape[1:])
             chosen_rejected_latents = chosen_rejected_latents.flip(1).flatten(0, 1)
         pair_prompts = [p["prompt"] for p in batch for _ in range(2)]
-        metrics = policy.update(chosen_rejected_latents, pair_prompts, len(batch), prompt_cache, step)
+        metrics = dpo_update(policy, chosen_rejected_latents, pair_prompts, len(batch), prompt_cache, step)
         score_gap = sum(p["chosen_score"] - p["rejected_score"] for p in batch)
         metrics.update({"pairs/score_gap": tu.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
                         "time/update_s": time.perf_counter() - t0, "lr": policy.lr_scheduler.get_last_lr()[0],

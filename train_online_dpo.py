@@ -1,8 +1,10 @@
-"""Online Diffusion-DPO for Qwen-Image.
+"""Online Diffusion-DPO (and group-wise objectives) for Qwen-Image.
 
 Each step, on every rank: take this rank's prompts -> roll out K images per prompt with the current
-policy -> score them -> pair best/worst per prompt group -> shared noise and sigma per pair ->
-reference and policy velocity predictions -> Diffusion-DPO loss -> update.
+policy -> score them -> the objective's update (objectives.py). `dpo` (the default): pair best/worst
+per prompt group -> shared noise and sigma per pair -> reference and policy velocity predictions ->
+Diffusion-DPO loss -> update. `dgpo`, `nft`, `awm`: every sample, weighted by its reward advantage
+within its group.
 
     python train_online_dpo.py --preset cpu_tiny --output_dir outputs/demo          # CPU, minutes
     accelerate launch --config_file configs/multi_gpu.yaml train_online_dpo.py \\
@@ -13,7 +15,9 @@ Every field of Config is a command-line flag; `--preset NAME` applies a group of
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -52,6 +56,8 @@ class Config:
     # reward
     reward: str = "ocr"
     reward_kwargs: str = "{}"  # JSON, passed to rewards.build_reward
+    # objective: "dpo" (Diffusion-DPO on pairs), "dgpo", "nft" (DiffusionNFT) or "awm" (objectives.py)
+    objective: str = "dpo"
     # DPO
     beta: float = 100.0
     pair_strategy: str = "best_worst"  # or "top_bottom": floor(K/2) pairs per group
@@ -62,6 +68,23 @@ class Config:
     logit_std: float = 1.0
     updates_per_rollout: int = 1  # optimizer steps per rollout batch, fresh noise and sigma each
     micro_batch_pairs: int = 1  # pairs per forward/backward; gradients accumulate over micro-batches
+    # group objectives (dgpo, nft, awm; group_losses.py states each formula and where each default comes from)
+    advantage_std: str = "group"  # "group": (r - group mean) / group std; "batch": / std of all the step's rewards
+    micro_batch_groups: int = 1  # whole prompt groups (K samples each) per forward/backward
+    dgpo_beta: float = 100.0  # DGPO's DPO beta (official OCR recipe: 100)
+    dgpo_kl_weight: float = 0.0  # weight of mean (v - v_ref)^2 (official README mode 1: 1e-3)
+    dgpo_clip_range: float = 0.0  # > 0: PPO-style clip against an EMA old adapter (official OCR: 1e-2)
+    dgpo_old_ema: str = "0,0.001,0.3"  # old adapter EMA "start,rate,max": decay = min(max, rate*(step-start))
+    nft_beta: float = 0.1  # DiffusionNFT's beta: v+ = beta v + (1-beta) v_old (official OCR: 0.1)
+    nft_adv_clip: float = 5.0  # advantages clipped to +-c; r = A/(2c) + 1/2 (official: 5)
+    nft_kl_weight: float = 1e-4  # weight of mean (v - v_ref)^2 (official: 1e-4)
+    nft_old_ema: str = "75,0.0075,0.999"  # old adapter EMA schedule (official OCR: decay_type 2)
+    awm_clip_range: float = 1.0  # PPO clip range of the likelihood ratio (official OCR: 1)
+    awm_adv_clip: float = 5.0  # advantages clipped to +-c, then divided by c (official: 5)
+    awm_weighting: str = "uniform"  # likelihood weighting: uniform, t or ghuber (official OCR: ghuber)
+    awm_kl_weight: float = 0.003  # weight of mean (v - v_ref)^2 (official: 0.003)
+    awm_old_kl_weight: float = 1.0  # weight of mean (v - v_old)^2 (official ema_beta: 1)
+    awm_old_ema: str = "0,0.001,0.3"  # old adapter EMA schedule (official: linear up to 0.3)
     # optimisation
     learning_rate: float = 3e-4
     weight_decay: float = 1e-4
@@ -94,7 +117,7 @@ PRESETS = {
     # x 8 samples, 4 sampling steps, two updates per rollout batch.
     "cpu_tiny": dict(
         tu.CPU_TINY_OVERRIDES, train_data=tu.TINY_PROMPTS, prompts_per_step=8, samples_per_prompt=8,
-        num_inference_steps=4, updates_per_rollout=2, micro_batch_pairs=8, max_steps=20, eval_every=10,
+        num_inference_steps=4, updates_per_rollout=2, micro_batch_pairs=8, micro_batch_groups=2, max_steps=20, eval_every=10,
         checkpoint_every=10, sample_grid_every=10,
     ),
 }
@@ -113,7 +136,36 @@ def validate(config: Config, world_size: int = 1):
     require(config.rollout_chunk_size >= 1, "rollout_chunk_size", "must be >= 1")
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
+    validate_objective(config)
     require(os.path.exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
+
+
+def validate_objective(config: Config):
+    """The objective and every objective's knobs (all checked, so a typo never waits for a switch)."""
+    from group_losses import AWM_WEIGHTINGS
+    from objectives import OBJECTIVES, build, parse_ema
+    from trainer_utils import require
+
+    require(config.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
+    require(config.advantage_std in ("group", "batch"), "advantage_std", "must be 'group' or 'batch'")
+    require(config.micro_batch_groups >= 1, "micro_batch_groups", "must be >= 1: a micro-batch holds whole groups")
+    for field in ("dgpo_beta", "nft_beta", "nft_adv_clip", "awm_clip_range", "awm_adv_clip"):
+        value = getattr(config, field)
+        require(math.isfinite(value) and value > 0, field, "must be a finite number > 0")
+    for field in ("dgpo_kl_weight", "dgpo_clip_range", "nft_kl_weight", "awm_kl_weight", "awm_old_kl_weight"):
+        value = getattr(config, field)
+        require(math.isfinite(value) and value >= 0, field, "must be a finite number >= 0")
+    require(config.awm_weighting in AWM_WEIGHTINGS, "awm_weighting", f"must be one of {', '.join(AWM_WEIGHTINGS)}")
+    for field in ("dgpo_old_ema", "nft_old_ema", "awm_old_ema"):
+        try:
+            start, rate, top = parse_ema(getattr(config, field))
+            ok = all(math.isfinite(x) for x in (start, rate, top)) and start >= 0 and rate >= 0 and 0 <= top < 1
+        except ValueError:
+            ok = False
+        require(ok, field, "must be 'start,rate,max' with start >= 0, rate >= 0 and 0 <= max < 1")
+    if config.objective in OBJECTIVES:
+        require(not build(config).uses_old_adapter or config.train_mode == "lora", "train_mode",
+                f"must be 'lora' with objective {config.objective!r}: its old policy is a second LoRA adapter")
 
 
 def main(argv=None):
@@ -129,7 +181,8 @@ def train(config: Config):
     # Imports after validation: a bad flag fails in a second, not after ~10 s of imports.
     from tqdm.auto import tqdm
 
-    from pairing import interleave, pair_stats, select_pairs
+    import objectives
+    from policy import Policy
     from rewards import OCR_REWARDS, build_reward
 
     accelerator, stop = tu.launch(config, validate)
@@ -145,7 +198,9 @@ def train(config: Config):
     # every prompt this run will see is encoded once; then the text encoder leaves the accelerator
     prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt])
     prompt_cache.offload_text_encoder("cpu")
-    policy = tu.DPOPolicy(config, pipe, accelerator)  # LoRA (or full) + reference + optimizer
+    objective = objectives.build(config)  # what an update does with the rollouts
+    # LoRA (or full) + reference (+ the old adapter when the objective has one) + optimizer
+    policy = Policy(config, pipe, accelerator, old_adapter=objective.uses_old_adapter)
     transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
@@ -156,7 +211,7 @@ def train(config: Config):
     if start_step == 0 and config.eval_every:
         run_eval(0)
     progress = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
-                    disable=not accelerator.is_local_main_process, desc="online DPO")
+                    disable=not accelerator.is_local_main_process, desc=f"online {config.objective}")
     K = config.samples_per_prompt
     for step in range(start_step, config.max_steps):
         # 1-3. this rank's prompts; K rollouts each with the current policy, seeds = f(seed, step, rank, j)
@@ -164,10 +219,12 @@ def train(config: Config):
         rows = tu.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
         flat_rows = [row for row in rows for _ in range(K)]
         prompts = [row["prompt"] for row in flat_rows]
-        group_ids = [f"{i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
+        # a group's id: its position in the step's global prompt list (unique over ranks) and its row
+        group_ids = [f"{rank * len(rows) + i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
         seeds = [tu.derived_seed(config.seed, step, rank, j) % 2**31 for j in range(len(prompts))]
         transformer.eval()
-        latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
+        with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
+            latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
         transformer.train()
         t1 = time.perf_counter()
 
@@ -175,46 +232,30 @@ def train(config: Config):
         rewards = torch.tensor(tu.score_rows(reward_fn, images, flat_rows), dtype=torch.float64)
         t2 = time.perf_counter()
 
-        # 5. pairs per prompt group (ties give none), interleaved [c0, r0, c1, r1, ...]
-        pairs = select_pairs(group_ids, rewards, config.pair_strategy, config.min_reward_margin)  # [P, 2]
-        stats = pair_stats(group_ids, rewards, pairs)
-        if config.reverse_preference:
-            pairs = pairs.flip(1)
-        n_pairs = pairs.shape[0]
-        if n_pairs:
-            chosen_rejected_latents = interleave(pairs, latents).to(device)  # [2P, S, 64]
-            pair_prompts = interleave(pairs, prompts)
-        else:  # no pair on this rank: placeholder rows, zero weight, so it still joins every collective
-            chosen_rejected_latents, pair_prompts = latents[:2].to(device), prompts[:2]
-
-        # 6-7. shared noise and sigma per pair, reference and policy predictions, DPO loss, updates
-        metrics = policy.update(chosen_rejected_latents, pair_prompts, n_pairs, prompt_cache, step,
-                                updates=config.updates_per_rollout)
-        if "update/skipped_no_pairs" in metrics:
-            accelerator.print(f"step {step}: no pairs (every group tied or below min_reward_margin); update skipped")
+        # 5-7. the objective's update: pairs (dpo) or group advantages (dgpo, nft, awm), noise and sigma,
+        # reference / old / policy predictions, loss, backward, optimizer step(s)
+        batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts)
+        metrics, shown_pairs = objective.update(policy, batch, prompt_cache, step)
         t3 = time.perf_counter()
 
         # 8. metrics, samples, evaluation, checkpoints
         all_rewards = accelerator.gather(rewards.to(device)).cpu() if world > 1 else rewards
-        pairs_total, tie_groups, no_pair_groups, gap_sum = tu.all_sum(
-            accelerator, n_pairs, stats["tie_groups"], stats["groups_without_pair"], stats["reward_gap_mean"] * n_pairs)
         metrics.update({
             "data/prompt_uids": [u for uids in tu.gather_object(accelerator, [r["uid"] for r in rows]) for u in uids],
             "reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(unbiased=False).item(),
             "reward/max": all_rewards.max().item(), "reward/min": all_rewards.min().item(),
-            "pairs/kept": pairs_total, "pairs/tie_groups_dropped": tie_groups,
-            "pairs/groups_without_pair": no_pair_groups, "pairs/reward_gap": gap_sum / max(pairs_total, 1),
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
-        if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and n_pairs:
-            shown = pairs[:8]
+        if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and len(shown_pairs):
+            shown = shown_pairs[:8]  # dpo: its pairs; group objectives: best over worst of each group
             tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
                          rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist()).save(
                 os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
         metrics_log.log(metrics, step + 1)
         progress.update(1)
-        progress.set_postfix(loss=f"{metrics['dpo/loss']:.4f}" if "dpo/loss" in metrics else "skip",
+        loss_key = f"{objective.name}/loss"
+        progress.set_postfix(loss=f"{metrics[loss_key]:.4f}" if loss_key in metrics else "skip",
                              reward=f"{metrics['reward/mean']:.4f}")
         if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}

@@ -1,7 +1,7 @@
 """What both training scripts (and evaluate.py) share: config parsing with presets, prompt data, the
-per-step data stream, the accelerator, the policy and its DPO update (`DPOPolicy`), atomic
-checkpoints, metric logging, sample grids, evaluation, and a clean stop on SIGTERM.
-The scripts keep what differs: where the (chosen, rejected) latents come from.
+per-step data stream, the accelerator, atomic checkpoints, metric logging, sample grids, evaluation,
+and a clean stop on SIGTERM. The policy and its updates live in policy.py and objectives.py; the
+scripts keep what differs: where the training latents come from.
 """
 
 from __future__ import annotations
@@ -223,14 +223,22 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def trainable_state(model, optimizer):
+def trainable_state(model, optimizer, also_frozen: tuple[str, ...] = ()):
     """(model state of trainable parameters, optimizer state), full tensors on CPU. Collective:
-    every rank calls it."""
+    every rank calls it. also_frozen: name fragments of frozen parameters saved too (the old-policy
+    LoRA adapter, ".old.")."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    trainable = {name for name, p in _named_params(model) if p.requires_grad}
-    return {k: v for k, v in model_state.items() if k in trainable}, optim_state
+    kept = {name for name, _ in _saved_params(model, also_frozen)}
+    return {k: v for k, v in model_state.items() if k in kept}, optim_state
+
+
+def _saved_params(model, also_frozen: tuple[str, ...] = ()):
+    """(name, parameter) of what a checkpoint holds: the trainable parameters and the frozen ones
+    whose names contain a fragment of also_frozen."""
+    return [(name, p) for name, p in _named_params(model)
+            if p.requires_grad or any(fragment in name for fragment in also_frozen)]
 
 
 def _named_params(model):
@@ -243,7 +251,10 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "train_state.json")
 # train (or load into) something else, so it is refused. Every other field (learning rate, max_steps,
 # evaluation, logging, ...) may change on resume. Extend this tuple when a field changes what the
 # weights mean (a field missing from an older checkpoint's config counts as its default).
-WEIGHT_DEFINING_FIELDS = ("pretrained", "train_mode", "lora_rank", "lora_alpha", "lora_targets", "lora_init")
+WEIGHT_DEFINING_FIELDS = ("pretrained", "train_mode", "lora_rank", "lora_alpha", "lora_targets", "lora_init",
+                          "objective")
+# ... and the online objective's own knobs (objectives.OBJECTIVES[name].knobs): they decide what the
+# checkpoint holds (an old adapter or not, and how it moves) and what the update optimises.
 LORA_ONLY_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init")
 
 
@@ -254,12 +265,13 @@ def assert_finite(state: dict, what: str):
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, lr_scheduler, train_state: dict,
-                    is_main: bool, limit: int | None = None, extra_writer=None, run_config: dict | None = None) -> str | None:
+                    is_main: bool, limit: int | None = None, extra_writer=None, run_config: dict | None = None,
+                    also_frozen: tuple[str, ...] = ()) -> str | None:
     """Writes output_dir/checkpoint-STEP atomically (all ranks call it; rank 0 writes): the files
     go to a temporary .checkpoint-STEP-* folder, renamed into place when all are written, so a
     checkpoint-STEP folder is complete by construction. `run_config` goes to its config.json (what
-    a resume compares against)."""
-    model_state, optim_state = trainable_state(model, optimizer)
+    a resume compares against). also_frozen: see trainable_state."""
+    model_state, optim_state = trainable_state(model, optimizer, also_frozen)
     if not is_main:
         return None
     assert_finite(model_state, f"checkpoint at step {step}")
@@ -344,7 +356,7 @@ def config_changes(saved: dict, config) -> list[str]:
     saved config and this run's (LoRA fields only when both train LoRA)."""
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     changes = []
-    for name in WEIGHT_DEFINING_FIELDS:
+    for name in WEIGHT_DEFINING_FIELDS + objective_knobs(config):
         if name not in defaults:
             continue
         if name in LORA_ONLY_FIELDS and "lora" not in (saved.get("train_mode", "lora"), config.train_mode):
@@ -357,6 +369,16 @@ def config_changes(saved: dict, config) -> list[str]:
         if not same:
             changes.append(f"{name}: {old!r} -> {new!r}")
     return changes
+
+
+def objective_knobs(config) -> tuple[str, ...]:
+    """The knobs of the online trainer's objective (none for a config without `objective`)."""
+    if not hasattr(config, "objective"):
+        return ()
+    from objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(config.objective)
+    return objective.knobs if objective else ()
 
 
 def check_resume_config(checkpoint: str, config):
@@ -373,9 +395,10 @@ def check_resume_config(checkpoint: str, config):
                          "another output_dir")
 
 
-def load_checkpoint(path: str, model, optimizer, lr_scheduler) -> dict:
-    """Restores trainable weights, optimizer and scheduler; returns train_state (with `step`). The
-    saved weights must match the trainable parameters exactly (names and shapes)."""
+def load_checkpoint(path: str, model, optimizer, lr_scheduler, also_frozen: tuple[str, ...] = ()) -> dict:
+    """Restores trainable weights (and the frozen ones named by also_frozen), optimizer and
+    scheduler; returns train_state (with `step`). The saved weights must match those parameters
+    exactly (names and shapes)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -389,7 +412,7 @@ def load_checkpoint(path: str, model, optimizer, lr_scheduler) -> dict:
             train_state = json.load(f)
     except Exception as error:
         raise ValueError(f"resume_from_checkpoint: cannot read {file} ({type(error).__name__}: {error})") from None
-    expected = {name: tuple(p.shape) for name, p in _named_params(model) if p.requires_grad}
+    expected = {name: tuple(p.shape) for name, p in _saved_params(model, also_frozen)}
     found = {name: tuple(t.shape) for name, t in model_state.items()}
     problems = [f"missing {n}" for n in sorted(expected.keys() - found.keys())]
     problems += [f"unexpected {n}" for n in sorted(found.keys() - expected.keys())]
@@ -398,7 +421,7 @@ def load_checkpoint(path: str, model, optimizer, lr_scheduler) -> dict:
     if problems:
         raise ValueError(f"resume_from_checkpoint: {os.path.join(path, 'trainable.safetensors')} does not fit the "
                          f"trainable parameters ({len(problems)} problem(s), e.g. {'; '.join(problems[:3])})")
-    # strict=False only because the saved state holds the trainable parameters alone (checked above)
+    # strict=False only because the saved state holds the trainable (and also_frozen) parameters alone (checked above)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=saved["optimizer"],
                    options=_options(strict=False))
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
@@ -718,208 +741,3 @@ def gather_object(accelerator, obj) -> list:
     out = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The policy and its DPO update, shared by the online and offline trainers
-
-
-class DPOPolicy:
-    """The trainable transformer (LoRA or full), its reference, optimizer and LR schedule, and the
-    Diffusion-DPO update on interleaved [c0, r0, c1, r1, ...] latents.
-
-    Reads these config fields: dtype, train_mode, lora_rank, lora_alpha, lora_targets, lora_init,
-    gradient_checkpointing, sharding, learning_rate, adam_beta1, adam_beta2, weight_decay,
-    adam_epsilon, lr_warmup_steps, max_grad_norm, beta, sigma_scheme, logit_mean, logit_std,
-    micro_batch_pairs, max_nonfinite_in_a_row, height, width, seed.
-    """
-
-    def __init__(self, config, pipe, accelerator):
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import cast_training_params
-
-        import qwen_image as qi
-
-        self.config, self.accelerator = config, accelerator
-        self.dtype = getattr(torch, config.dtype)
-        self.transformer = transformer = pipe.transformer
-        self.reference = None
-        if config.train_mode == "lora":
-            qi.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_targets.split(","),
-                        config.lora_init)
-        else:
-            self.reference = qi.make_frozen_reference(transformer)
-            transformer.requires_grad_(True)
-            for name in qi.dead_text_stream_modules(transformer):  # never reach the output: freeze
-                transformer.get_submodule(name).requires_grad_(False)
-        cast_training_params(transformer, dtype=torch.float32)  # fp32 trainable weights and AdamW state
-        qi.set_gradient_checkpointing(transformer, config.gradient_checkpointing)
-        if config.sharding == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-
-            for block in transformer.transformer_blocks:
-                fully_shard(block)
-            fully_shard(transformer)
-        self.params = [p for p in transformer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                      weight_decay=config.weight_decay, eps=config.adam_epsilon)
-        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
-        if config.sharding == "fsdp2":  # FSDP2 reduces gradients itself
-            self.model = transformer
-            self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-        else:
-            self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-        transformer.train()
-        self.nonfinite_in_a_row = 0
-
-    # -- predictions
-    def _velocity(self, module, x0, noise, sigmas, embeds, mask):
-        import qwen_image as qi
-        from dpo_loss import noisy_latents
-
-        return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
-                                   self.config.height, self.config.width)
-
-    def reference_velocity(self, *args):
-        import qwen_image as qi
-
-        with torch.no_grad():
-            if self.reference is not None:
-                return self._velocity(self.reference, *args)
-            with qi.lora_disabled(self.transformer):
-                return self._velocity(self.transformer, *args)
-
-    def _no_sync(self, sync: bool):
-        """Gradient accumulation: reduce across ranks only on the last micro-batch."""
-        import contextlib
-
-        if self.accelerator.num_processes == 1 or sync:
-            return contextlib.nullcontext()
-        if self.config.sharding == "fsdp2":
-            @contextlib.contextmanager
-            def fsdp_no_sync():
-                self.model.set_requires_gradient_sync(False)
-                try:
-                    yield
-                finally:
-                    self.model.set_requires_gradient_sync(True)
-            return fsdp_no_sync()
-        return self.accelerator.no_sync(self.model)
-
-    # -- the update
-    def update(self, x0: torch.Tensor, pair_prompts: list[str], n_pairs: int, prompt_cache, step: int,
-               updates: int = 1, stream: int = 0) -> dict:
-        """`updates` optimizer steps on this rank's pairs: x0 [2P, S, 64] interleaved, n_pairs = P
-        (0 allowed: x0 then holds 2 placeholder rows and this rank joins with zero weight). The loss
-        is the mean over every pair of every rank. Noise and sigma: fresh per update, drawn from
-        (seed, step, rank, stream, update), so a resumed run draws the same."""
-        import dpo_loss
-        from dpo_loss import velocity_target
-        from pairing import sample_pair_noise_and_sigmas
-
-        config, accelerator = self.config, self.accelerator
-        world, rank = accelerator.num_processes, accelerator.process_index
-        pairs_total = all_sum(accelerator, n_pairs)[0]
-        metrics = {}
-        if pairs_total == 0:
-            return {"update/skipped_no_pairs": 1.0}
-        # every rank runs the same number of micro-batches (the most any rank needs)
-        n_micro = int(all_max(accelerator, max(1, math.ceil(n_pairs / config.micro_batch_pairs))))
-        totals, good_updates = [0.0, 0.0, 0.0], 0
-        for update in range(updates):
-            generator = torch.Generator().manual_seed(derived_seed(config.seed, step, rank, stream, update) % 2**62)
-            noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
-                                                         logit_mean=config.logit_mean, logit_std=config.logit_std)
-            target = velocity_target(x0, noise)
-            sums = [0.0, 0.0, 0.0]  # loss, implicit accuracy, implicit reward margin, summed over pairs
-            for micro in range(n_micro):
-                lo = micro * config.micro_batch_pairs
-                hi, weight = min(lo + config.micro_batch_pairs, n_pairs), 1.0
-                if hi <= lo:  # padding micro-batch: same shapes, no contribution
-                    lo, hi, weight = 0, 1, 0.0
-                rows = slice(2 * lo, 2 * hi)
-                embeds, mask = prompt_cache(pair_prompts[rows], device=x0.device, dtype=self.dtype)
-                args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
-                ref_pred = self.reference_velocity(*args)
-                with self._no_sync(micro == n_micro - 1):
-                    model_pred = self._velocity(self.model, *args)
-                    loss, m = dpo_loss.diffusion_dpo_loss(model_pred, ref_pred, target[rows], config.beta)
-                    # DDP / FSDP average gradients over ranks: scale to the global mean over pairs
-                    accelerator.backward(loss * (weight * (hi - lo) * world / pairs_total))
-                for i, value in enumerate((loss.item(), m["implicit_acc"], m["reward_margin"])):
-                    sums[i] += weight * value * (hi - lo)
-            # one optimizer step per update; skipped (and counted) when anything is non-finite
-            local_bad = float(not math.isfinite(sums[0]) or any(
-                p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params))
-            if all_sum(accelerator, local_bad)[0] > 0:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_in_a_row += 1
-                metrics["update/nonfinite_skipped"] = metrics.get("update/nonfinite_skipped", 0) + 1
-                accelerator.print(f"step {step}: non-finite loss or gradient, update skipped "
-                                  f"({self.nonfinite_in_a_row} in a row)")
-                if self.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
-                    raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite updates in a row "
-                                             "(max_nonfinite_in_a_row); stopping")
-                continue
-            self.nonfinite_in_a_row = 0
-            grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            # finite gradients can still give non-finite weights (e.g. Adam dividing 0 by 0): stop
-            # before they make NaN images, tied rewards and a NaN LoRA
-            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
-            finite = bool(torch.stack([torch.isfinite(p).all() for p in local]).all())  # one device sync
-            if all_sum(accelerator, float(not finite))[0] > 0:
-                raise FloatingPointError(f"step {step}: trainable weights are non-finite after optimizer update "
-                                         f"{update} (check learning_rate, adam_epsilon, adam_beta*); stopping, "
-                                         "nothing saved")
-            metrics["update/grad_norm"] = float(grad_norm)
-            good_updates += 1
-            totals = [a + b for a, b in zip(totals, sums)]
-        if good_updates:
-            loss_total, acc_total, margin_total = all_sum(accelerator, *totals)
-            denominator = pairs_total * good_updates
-            metrics.update({"dpo/loss": loss_total / denominator, "dpo/implicit_acc": acc_total / denominator,
-                            "dpo/implicit_reward_margin": margin_total / denominator})
-        return metrics
-
-    # -- state
-    def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
-        return save_checkpoint(output_dir, step, self.model, self.optimizer, self.lr_scheduler,
-                               {"nonfinite_in_a_row": self.nonfinite_in_a_row}, self.accelerator.is_main_process, limit,
-                               run_config=config_dict(self.config))
-
-    def load_checkpoint(self, path: str) -> int:
-        state = load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
-        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        return state["step"]
-
-    def checksums(self) -> list[float]:
-        """Sum of |trainable weights| on every rank: equal when the replicas agree."""
-        def full(p):
-            p = p.detach()
-            return p.full_tensor() if hasattr(p, "full_tensor") else p
-        return gather_object(self.accelerator, sum(float(full(p).double().abs().sum()) for p in self.params))
-
-    def save_final(self, output_dir: str) -> str | None:
-        """LoRA: output_dir/lora/pytorch_lora_weights.safetensors (diffusers format); full:
-        output_dir/transformer/ (QwenImageTransformer2DModel.from_pretrained reads it)."""
-        import qwen_image as qi
-        from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        full_state = get_model_state_dict(self.model, options=_options())  # collective under FSDP
-        if not self.accelerator.is_main_process:
-            return None
-        assert_finite(full_state, "final weights")
-        if self.config.train_mode == "lora":
-            out = os.path.join(output_dir, "lora")
-            qi.save_lora(self.transformer, out, state_dict=full_state)
-        else:
-            out = os.path.join(output_dir, "transformer")
-            os.makedirs(out, exist_ok=True)
-            self.transformer.save_config(out)
-            save_file({k: v.contiguous() for k, v in full_state.items()},
-                      os.path.join(out, "diffusion_pytorch_model.safetensors"))
-        return out

@@ -3,7 +3,7 @@
     python benchmarks/bench_dpo_step.py [--model tiny-bench] [--size 256] [--pairs 2] [--repeats 7]
 
 DPO = policy forward + backward on 2P samples + the reference forward without grad (LoRA disabled);
-SFT = policy forward + backward on the same 2P samples. Both through trainer_utils.DPOPolicy's own
+SFT = policy forward + backward on the same 2P samples. Both through policy.Policy's own
 code (predict_velocity, lora_disabled, the loss), variants interleaved, medians reported.
 Peak memory: CUDA's allocator peak on a GPU; on a CPU, the peak resident-set growth (sampled) of a
 fresh process running one update (each variant in its own processes, median over repeats).

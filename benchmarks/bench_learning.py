@@ -1,57 +1,135 @@
-"""Learning per rollout image on the cpu_tiny task: `best_worst` (one pair per prompt group) against
-`top_bottom` (floor(K/2) pairs per group) at the same rollout budget (steps x prompts x K images).
+"""Learning per rollout image and per second: every online objective at the same rollout budget
+(steps x prompts x K images), each tuned by a small sweep of its main knob, over several seeds.
 
-    python benchmarks/bench_learning.py [--steps 20] [--seeds 0 1]
+    python benchmarks/bench_learning.py [--preset cpu_tiny] [--steps 20] [--seeds 0 1 2]
+                                        [--variants best_worst top_bottom dgpo nft awm] [--no_sweep]
 
-Each (strategy, seed) is a full cpu_tiny run of train_online_dpo.py; the seed changes the data
-order, rollout seeds and noise (the tiny model stays the same). Gain = final minus initial eval
-reward (64 fixed-seed images). Last line: a JSON object with both gains per rollout image and ratio.
+Variants: `best_worst` and `top_bottom` (Diffusion-DPO, one pair per group / floor(K/2) pairs per
+group), `dgpo`, `nft`, `awm`. Sweep (the same budget for every variant with a knob): each value of
+the variant's main knob (KNOBS) on the first seed; the value with the largest eval gain is then run
+on the other seeds (the first seed's run is reused). Each run is a full train_online_dpo.py run; the
+seed changes the data order, rollout seeds and noise (the model stays the same). Gain = final minus
+initial eval (fixed eval seeds): reward mean, and OCR exact match when the reward is an OCR one.
+Reported per variant: mean and standard error over seeds of the gain, the gain per rollout image and
+per second of wall time (whole run: rollouts, rewards, updates, not the evals). Last line: a JSON
+object with everything and the ratios of each variant's gain per image / per second to best_worst's.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+VARIANTS = {
+    "best_worst": ["--objective", "dpo", "--pair_strategy", "best_worst"],
+    "top_bottom": ["--objective", "dpo", "--pair_strategy", "top_bottom"],
+    "dgpo": ["--objective", "dgpo"],
+    "nft": ["--objective", "nft"],
+    "awm": ["--objective", "awm"],
+}
+# each variant's main knob and the values swept (3 each: the same budget for every method)
+KNOBS = {
+    "best_worst": ("beta", [30.0, 100.0, 300.0]),
+    "dgpo": ("dgpo_beta", [10.0, 30.0, 100.0]),
+    "nft": ("nft_beta", [0.1, 0.3, 1.0]),
+    "awm": ("awm_old_kl_weight", [0.01, 0.1, 1.0]),
+}
 
-def run(strategy, seed, steps, workdir):
+
+def run(variant, seed, steps, preset, workdir, knob=None, extra=()):
     import train_online_dpo
 
-    out = os.path.join(workdir, f"{strategy}-{seed}")
-    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--pair_strategy", strategy,
-                           "--seed", str(seed), "--max_steps", str(steps), "--eval_every", str(steps),
-                           "--checkpoint_every", "0", "--sample_grid_every", "0"])
+    args = list(VARIANTS[variant])
+    if knob is not None:
+        args += [f"--{knob[0]}", str(knob[1])]
+    name = f"{variant}-{seed}" + (f"-{knob[0]}{knob[1]}" if knob else "")
+    out = os.path.join(workdir, name)
+    start = time.perf_counter()
+    train_online_dpo.main(["--preset", preset, "--output_dir", out, "--seed", str(seed), "--max_steps", str(steps),
+                           "--eval_every", str(steps), "--checkpoint_every", "0", "--sample_grid_every", "0",
+                           *args, *extra])
+    wall = time.perf_counter() - start
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    evals = [r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r]
-    pairs = sum(r.get("pairs/kept", 0) for r in rows)
-    config = train_online_dpo.PRESETS["cpu_tiny"]
+    evals = [r for r in rows if "eval/reward_mean" in r]
+    train_seconds = sum(r.get("time/rollout_s", 0) + r.get("time/reward_s", 0) + r.get("time/update_s", 0) for r in rows)
+    config = json.load(open(os.path.join(out, "config.json")))
     images = steps * config["prompts_per_step"] * config["samples_per_prompt"]
-    return {"gain": evals[-1] - evals[0], "images": images, "pairs": pairs}
+    result = {"variant": variant, "seed": seed, "knob": list(knob) if knob else None,
+              "reward_gain": evals[-1]["eval/reward_mean"] - evals[0]["eval/reward_mean"],
+              "final_reward": evals[-1]["eval/reward_mean"], "images": images, "train_seconds": train_seconds,
+              "wall_seconds": wall}
+    if "eval/exact_match" in evals[0]:
+        result["exact_match_gain"] = evals[-1]["eval/exact_match"] - evals[0]["eval/exact_match"]
+        result["final_exact_match"] = evals[-1]["eval/exact_match"]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def mean_se(values):
+    values = list(values)
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return mean, se
+
+
+def score(result):
+    """What the sweep maximises: exact-match gain when measured, else reward gain."""
+    return result.get("exact_match_gain", result["reward_gain"])
 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="cpu_tiny")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--no_sweep", action="store_true", help="every variant at its defaults")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     args = parser.parse_args()
-    results = {"best_worst": [], "top_bottom": []}
+    sweep, chosen, runs = {}, {}, {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory() as workdir:
-        for seed in args.seeds:  # interleaved
-            for strategy in results:
-                results[strategy].append(run(strategy, seed, args.steps, workdir))
-    summary = {}
-    for strategy, runs in results.items():
-        summary[f"{strategy}_gain"] = round(statistics.median(r["gain"] for r in runs), 5)
-        summary[f"{strategy}_gain_per_rollout_image"] = statistics.median(r["gain"] / r["images"] for r in runs)
-        summary[f"{strategy}_pairs_per_run"] = statistics.median(r["pairs"] for r in runs)
-    summary["rollout_images_per_run"] = results["best_worst"][0]["images"]
-    summary["top_bottom_over_best_worst"] = round(
-        summary["top_bottom_gain_per_rollout_image"] / summary["best_worst_gain_per_rollout_image"], 3)
+        for variant in args.variants:  # the sweep, on the first seed
+            if args.no_sweep or variant not in KNOBS:
+                chosen[variant] = None
+                continue
+            field, values = KNOBS[variant]
+            sweep[variant] = [run(variant, args.seeds[0], args.steps, args.preset, workdir, (field, v), args.extra)
+                              for v in values]
+            best = max(sweep[variant], key=score)
+            chosen[variant] = (field, best["knob"][1])
+            runs[variant].append(best)
+        for seed in args.seeds:  # the chosen setting on every seed, variants interleaved
+            for variant in args.variants:
+                if any(r["seed"] == seed for r in runs[variant]):
+                    continue
+                runs[variant].append(run(variant, seed, args.steps, args.preset, workdir, chosen[variant], args.extra))
+    summary = {"preset": args.preset, "steps": args.steps, "seeds": args.seeds,
+               "rollout_images_per_run": runs[args.variants[0]][0]["images"],
+               "knobs": {v: list(k) if k else None for v, k in chosen.items()},
+               "sweep": {v: [{"value": r["knob"][1], "reward_gain": round(r["reward_gain"], 5),
+                              **({"exact_match_gain": round(r["exact_match_gain"], 4)} if "exact_match_gain" in r else {})}
+                             for r in results] for v, results in sweep.items()}}
+    for variant, results in runs.items():
+        for key in ("reward_gain", "exact_match_gain", "final_exact_match"):
+            if key in results[0]:
+                mean, se = mean_se(r[key] for r in results)
+                summary[f"{variant}/{key}"], summary[f"{variant}/{key}_se"] = round(mean, 5), round(se, 5)
+        main_gain = "exact_match_gain" if "exact_match_gain" in results[0] else "reward_gain"
+        summary[f"{variant}/gain_per_rollout_image"] = statistics.fmean(r[main_gain] / r["images"] for r in results)
+        summary[f"{variant}/gain_per_train_second"] = statistics.fmean(r[main_gain] / r["train_seconds"] for r in results)
+        summary[f"{variant}/train_seconds"] = round(statistics.fmean(r["train_seconds"] for r in results), 1)
+    if "best_worst" in runs:
+        for variant in runs:
+            for per in ("gain_per_rollout_image", "gain_per_train_second"):
+                base = summary[f"best_worst/{per}"]
+                summary[f"{variant}/{per}_over_best_worst"] = round(summary[f"{variant}/{per}"] / base, 3) if base else None
     print(json.dumps(summary))
 
 

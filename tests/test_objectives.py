@@ -117,3 +117,32 @@ def test_resume_continues_exactly_with_the_old_adapter(tmp_path, name):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     losses = lambda d: [r[f"{name}/loss"] for r in read_metrics(d) if f"{name}/loss" in r]
     assert len(losses(straight)) == 2 and losses(split) == pytest.approx(losses(straight), abs=1e-6)
+
+
+def test_objective_rules_before_any_model_loads_and_on_resume():
+    import time
+
+    import trainer_utils as tu
+    from trainer_utils import parse_config
+
+    start = time.perf_counter()
+    for objective in ("nft", "awm"):  # the old policy is a LoRA adapter
+        with pytest.raises(ValueError, match=r"config field `train_mode`: must be 'lora' with objective"):
+            train_online_dpo.main(["--preset", "cpu_tiny", "--objective", objective, "--train_mode", "full"])
+    with pytest.raises(ValueError, match="train_mode"):
+        train_online_dpo.main(["--preset", "cpu_tiny", "--objective", "dgpo", "--dgpo_clip_range", "0.01",
+                               "--train_mode", "full"])
+    assert time.perf_counter() - start < 5
+    # DGPO without its clip needs no old adapter, so full mode is fine
+    train_online_dpo.validate(parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, [
+        "--preset", "cpu_tiny", "--objective", "dgpo", "--train_mode", "full"]))
+
+    # on resume: the objective and its own knobs must match the checkpoint's; other objectives' knobs may change
+    config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny", "--objective", "nft"])
+    saved = {**tu.config_dict(config), "nft_beta": 0.3, "dgpo_beta": 5.0, "learning_rate": 1.0}
+    assert tu.config_changes(saved, config) == ["nft_beta: 0.3 -> 0.1"]
+    assert tu.config_changes({**saved, "objective": "dpo"}, config)[0] == "objective: 'dpo' -> 'nft'"
+    dpo = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny"])
+    assert tu.config_changes({**tu.config_dict(dpo), "beta": 50.0, "nft_beta": 0.5}, dpo) == ["beta: 50.0 -> 100.0"]
+    older = {k: v for k, v in tu.config_dict(dpo).items() if k != "objective"}  # saved before objectives existed
+    assert tu.config_changes(older, dpo) == []  # a missing field counts as its default: dpo

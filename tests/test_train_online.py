@@ -79,6 +79,23 @@ def lora(output_dir):
     ("adam_epsilon", "0", "adam_epsilon"),
     ("resume_from_checkpoint", "/nonexistent/checkpoint-5", "resume_from_checkpoint"),
     ("output_dir", "/dev/null/run", "output_dir"),  # a folder below a file: not writable, even for root
+    ("objective", "grpo", "objective"),
+    ("advantage_std", "global", "advantage_std"),
+    ("micro_batch_groups", "0", "micro_batch_groups"),
+    ("dgpo_beta", "0", "dgpo_beta"),
+    ("dgpo_kl_weight", "-1", "dgpo_kl_weight"),
+    ("dgpo_clip_range", "nan", "dgpo_clip_range"),
+    ("nft_beta", "-0.1", "nft_beta"),
+    ("nft_adv_clip", "0", "nft_adv_clip"),
+    ("nft_kl_weight", "inf", "nft_kl_weight"),
+    ("nft_old_ema", "75,0.0075", "nft_old_ema"),
+    ("awm_old_ema", "0,0.001,1.0", "awm_old_ema"),  # max decay 1 would freeze the old policy
+    ("dgpo_old_ema", "a,b,c", "dgpo_old_ema"),
+    ("awm_clip_range", "0", "awm_clip_range"),
+    ("awm_adv_clip", "-5", "awm_adv_clip"),
+    ("awm_weighting", "huber", "awm_weighting"),
+    ("awm_kl_weight", "-0.1", "awm_kl_weight"),
+    ("awm_old_kl_weight", "nan", "awm_old_kl_weight"),
 ])
 def test_invalid_config_fails_before_any_model_loads(flag, value, field):
     start = time.perf_counter()
