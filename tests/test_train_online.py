@@ -185,6 +185,10 @@ def test_nonfinite_loss_skips_the_update_and_stops_when_repeated(tmp_path, monke
                                "--eval_every", "0", "--max_nonfinite_in_a_row", "2"])
 
 
+# sum |w| and sum w of the LoRA after `cpu_tiny --max_steps 4 --eval_every 0`, from the pre-refactor trainer
+DPO_FINGERPRINT = (1455.438775434537, -34.38773734509596)
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     common = ["--preset", "cpu_tiny", "--max_steps", "4", "--eval_every", "0", "--checkpoint_every", "2"]
@@ -195,6 +199,11 @@ def test_resume_continues_exactly(tmp_path):
     a, b = lora(straight), lora(split)
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    # `--objective dpo` (the default) trains what the trainer trained before the objectives were
+    # split out of it (policy.py / objectives.py): fingerprint of these 4 steps from the code before
+    # that refactor (the weights were bit-identical there and after it on this machine)
+    assert sum(float(v.double().abs().sum()) for v in a.values()) == pytest.approx(DPO_FINGERPRINT[0], rel=1e-6)
+    assert sum(float(v.double().sum()) for v in a.values()) == pytest.approx(DPO_FINGERPRINT[1], rel=1e-5)
     losses = lambda d: [r["dpo/loss"] for r in read_metrics(d) if "dpo/loss" in r]
     assert losses(split) == pytest.approx(losses(straight), abs=1e-6)
 
