@@ -79,6 +79,7 @@ class Config:
     tracker_project: str = "qwen-image-offline-dpo"
     output_dir: str = "outputs/offline_dpo"
     resume_from_checkpoint: str = ""
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
 
@@ -152,8 +153,9 @@ def train(config: Config):
     prompt_cache.warm([p["prompt"] for p in pairs] + [r["prompt"] for r in eval_rows] + [config.negative_prompt],
                       rank=rank, world_size=world)  # each rank encodes its share, then they share
     prompt_cache.offload_text_encoder("cpu")
+    n_prompts = len({p["prompt"] for p in pairs} | {r["prompt"] for r in eval_rows})  # the negative prompt is not one
     accelerator.print(f"{len(pairs)} pairs ({encoded} VAE-encoded, {len(pairs) - encoded} from stored latents) "
-                      f"and {len(prompt_cache.embeds)} prompts prepared in {time.perf_counter() - t0:.1f} s")
+                      f"and {n_prompts} prompts prepared in {time.perf_counter() - t0:.1f} s")
     policy = tu.DPOPolicy(config, pipe, accelerator)
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
