@@ -165,7 +165,7 @@ class GroupObjective:
         group_keys = [zlib.crc32(rollouts.group_ids[g[0]].encode()) for g in groups_list]
         totals, good_updates = {}, 0
         for update in range(config.updates_per_rollout):
-            generators = [torch.Generator().manual_seed(derived_seed(config.seed, step, update, key) % 2**62)
+            generators = [torch.Generator().manual_seed(derived_seed("group_noise", config.seed, step, update, key))
                           for key in group_keys]
             noise, sigmas = sample_group_noise_and_sigmas(dense_group, x0.shape[1:], generators, sigma_sampler)
             noise, sigmas = noise.to(device, x0.dtype), sigmas.to(device)
@@ -178,8 +178,7 @@ class GroupObjective:
                     first, last, weight = 0, 1, 0.0
                 rows = slice(bounds[first], bounds[last])
                 units = (last - first) if self.units == "groups" else (bounds[last] - bounds[first])
-                embeds, mask = policy.conditioning(prompt_cache, prompts[rows], device)
-                args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
+                args = (x0[rows], noise[rows], sigmas[rows], *policy.conditioning(prompt_cache, prompts[rows], device))
                 ref_pred = policy.reference_velocity(*args) if self.needs_reference else None
                 old_pred = policy.old_velocity(*args) if self.uses_old_adapter else None
                 with policy.no_sync(micro == n_micro - 1):

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from trainer_utils import (_options, all_max, all_sum, assert_finite, config_dict, derived_seed, gather_object,
+from trainer_utils import (_options, all_max, all_sum, assert_finite, config_dict, dpo_noise_seed, gather_object,
                            load_checkpoint, save_checkpoint)
 
 OLD_ADAPTER = "old"  # the name of the "old" / EMA policy's LoRA adapter; the trained one is peft's "default"
@@ -54,6 +54,10 @@ class Policy:
         else:
             if old_adapter:
                 raise ValueError("an old-policy adapter needs train_mode 'lora'")
+            # Policy and reference must compute in the same precision, or the DPO margin is not 0 at
+            # step 0: both are fp32 copies of the same weights (a bf16 frozen copy next to an fp32
+            # policy would not be). --dtype then applies to the text encoder and VAE only.
+            transformer.to(torch.float32)
             self.reference = qi.make_frozen_reference(transformer)
             transformer.requires_grad_(True)
             for name in qi.dead_text_stream_modules(transformer):  # never reach the output: freeze
@@ -73,26 +77,40 @@ class Policy:
                           if f".{OLD_ADAPTER}." in n] if old_adapter else []
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.weight_decay, eps=config.adam_epsilon)
-        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
+        # Not prepared: accelerate's scheduler wrapper steps once per process per optimizer step, which
+        # would run the warm-up num_processes times too fast. One step per optimizer step here.
+        self.lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
         if config.sharding == "fsdp2":  # FSDP2 reduces gradients itself
             self.model = transformer
-            self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+            self.optimizer = accelerator.prepare(optimizer)
         else:
-            self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+            self.model, self.optimizer = accelerator.prepare(transformer, optimizer)
         transformer.train()
         self.nonfinite_in_a_row = 0
 
-    # -- predictions: x0 [B, S, 64] clean latents, noise like x0, sigmas [B], embeds [B, L, D], mask [B, L]
-    def _velocity(self, module, x0, noise, sigmas, embeds, mask):
+    # -- predictions: x0 [B, S, 64] clean latents, noise like x0, sigmas [B], then `conditioning`'s
+    # (embeds [B, L, D], mask [B, L], negative)
+    def _velocity(self, module, x0, noise, sigmas, embeds, mask, negative=None):
+        """negative: (embeds, mask) of the negative prompt when true_cfg_scale > 1: the prediction is
+        then the sampler's norm-rescaled CFG combination, as in the rollout."""
         import qwen_image as qi
         from dpo_loss import noisy_latents
 
+        cfg = {}
+        if negative is not None:
+            cfg = dict(negative_prompt_embeds=negative[0], negative_prompt_mask=negative[1],
+                       true_cfg_scale=self.config.true_cfg_scale)
         return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
-                                   self.config.height, self.config.width)
+                                   self.config.height, self.config.width, **cfg)
 
-    def conditioning(self, prompt_cache, prompts: list[str], device):
-        """(embeds [B, L, D], mask [B, L]) of the prompts, for the predictions below."""
-        return prompt_cache(prompts, device=device, dtype=self.dtype)
+    def conditioning(self, prompt_cache, prompts: list[str], device) -> tuple:
+        """(embeds, mask, negative) of the prompts for the predictions below; negative is the negative
+        prompt's (embeds, mask) when true_cfg_scale > 1 (train on what the CFG sampler computes)."""
+        embeds, mask = prompt_cache(prompts, device=device, dtype=self.dtype)
+        negative = None
+        if self.config.true_cfg_scale > 1:
+            negative = prompt_cache([self.config.negative_prompt] * len(prompts), device=device, dtype=self.dtype)
+        return embeds, mask, negative
 
     def velocity(self, *args):
         """The trained policy, with gradient (through the DDP / FSDP module)."""
@@ -264,7 +282,7 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
     n_micro = int(all_max(accelerator, max(1, math.ceil(n_pairs / config.micro_batch_pairs))))
     totals, good_updates = [0.0, 0.0, 0.0], 0
     for update in range(updates):
-        generator = torch.Generator().manual_seed(derived_seed(config.seed, step, rank, stream, update) % 2**62)
+        generator = torch.Generator().manual_seed(dpo_noise_seed(config.seed, step, rank, stream, update))
         noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
                                                      logit_mean=config.logit_mean, logit_std=config.logit_std)
         target = velocity_target(x0, noise)
@@ -275,8 +293,7 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
             if hi <= lo:  # padding micro-batch: same shapes, no contribution
                 lo, hi, weight = 0, 1, 0.0
             rows = slice(2 * lo, 2 * hi)
-            embeds, mask = policy.conditioning(prompt_cache, pair_prompts[rows], x0.device)
-            args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
+            args = (x0[rows], noise[rows], sigmas[rows], *policy.conditioning(prompt_cache, pair_prompts[rows], x0.device))
             ref_pred = policy.reference_velocity(*args)
             with policy.no_sync(micro == n_micro - 1):
                 model_pred = policy.velocity(*args)

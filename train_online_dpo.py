@@ -196,7 +196,8 @@ def train(config: Config):
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
     # every prompt this run will see is encoded once; then the text encoder leaves the accelerator
-    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt])
+    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt],
+                      rank=rank, world_size=world)  # each rank encodes its share, then they share
     prompt_cache.offload_text_encoder("cpu")
     objective = objectives.build(config)  # what an update does with the rollouts
     # LoRA (or full) + reference (+ the old adapter when the objective has one) + optimizer
@@ -221,7 +222,7 @@ def train(config: Config):
         prompts = [row["prompt"] for row in flat_rows]
         # a group's id: its position in the step's global prompt list (unique over ranks) and its row
         group_ids = [f"{rank * len(rows) + i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
-        seeds = [tu.derived_seed(config.seed, step, rank, j) % 2**31 for j in range(len(prompts))]
+        seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
         with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
             latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]

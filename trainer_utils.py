@@ -7,6 +7,7 @@ scripts keep what differs: where the training latents come from.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -88,6 +89,9 @@ def validate_policy_config(config, world_size: int = 1):
     require(1 <= config.max_sequence_length <= 1024, "max_sequence_length", "must be in [1, 1024]")
     require(config.true_cfg_scale >= 1.0, "true_cfg_scale", "must be >= 1 (1 disables CFG)")
     require(config.lora_rank >= 1 and config.lora_alpha > 0, "lora_rank", "rank must be >= 1 and alpha > 0")
+    require(config.lora_init in qwen_image.LORA_INITS, "lora_init",
+            f"must be one of {', '.join(sorted(qwen_image.LORA_INITS))}: inits that rewrite the base weights "
+            "(pissa, olora, ...) would make 'adapters disabled' differ from the base model, the reference")
     require(bool(config.lora_targets.strip()) or config.train_mode == "full", "lora_targets", "must name modules")
     require(math.isfinite(config.learning_rate) and config.learning_rate > 0, "learning_rate", "must be a finite number > 0")
     require(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
@@ -197,17 +201,28 @@ def prompts_for_step(rows: list[dict], step: int, prompts_per_step: int, rank: i
     out = []
     for position in range(start, start + per_rank):
         epoch, offset = divmod(position, len(rows))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(derived_seed("epoch_order", seed, epoch)))
         out.append(rows[int(order[offset])])
     return out
 
 
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (step, rank, ...): independent streams without stored RNG state."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**63 - 1)
-    return value
+def derived_seed(stream: str, *parts: int) -> int:
+    """A 63-bit seed for one named random stream at integer coordinates (seed, step, rank, ...):
+    independent streams without stored RNG state. blake2b over the stream name and the parts, so
+    neighbouring coordinates, different run seeds and different streams do not collide (beyond the
+    ~n^2 / 2^64 chance of any 63-bit hash)."""
+    key = ",".join([stream, *(str(int(part)) for part in parts)]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def rollout_seeds(seed: int, step: int, rank: int, n: int) -> list[int]:
+    """The online trainer's rollout seeds: sample j of this rank's step."""
+    return [derived_seed("rollout", seed, step, rank, j) for j in range(n)]
+
+
+def dpo_noise_seed(seed: int, step: int, rank: int, stream: int, update: int) -> int:
+    """The seed of the shared noise and sigma of one DPO update."""
+    return derived_seed("dpo_noise", seed, step, rank, stream, update)
 
 
 # ----------------------------------------------------------------------------------------------
