@@ -2,9 +2,10 @@
 K = 4 random latents with fixed rewards, 2 steps of 2 updates, on however many processes it is
 launched with; rank r takes its share of the groups. Writes OUT/<objective>/lora (the final LoRA)
 and OUT/<objective>/metrics.json (rank 0). tests/test_objectives.py compares 1 process (called in
-process), 2 processes with DDP and 2 with FSDP2.
+process) with 2 processes, DDP (`none`) and FSDP2 (`fsdp2`), in one launch:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/objective_worker.py TINY_DIR OUT SHARDING dgpo nft awm
+    python -m torch.distributed.run --nproc_per_node 2 tests/objective_worker.py TINY_DIR OUT none:dgpo fsdp2:nft
+writes OUT/none/dgpo/..., OUT/fsdp2/nft/...
 """
 
 import json
@@ -79,6 +80,7 @@ if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)
-    tiny_dir, out, sharding, *names = sys.argv[1:]
-    for name in names:
-        run(name, tiny_dir, out, sharding)
+    tiny_dir, out, *specs = sys.argv[1:]
+    for spec in specs:
+        sharding, name = spec.split(":")
+        run(name, tiny_dir, os.path.join(out, sharding), sharding)

@@ -54,23 +54,24 @@ def test_update_logs_its_diagnostics_and_exports_only_the_trained_adapter(one_pr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
-def test_two_processes_equal_one_process(one_process, tiny_dir, tmp_path, sharding):
-    """Each rank holds half the groups; noise and sigma are drawn per group, so 2-process DDP and
-    FSDP2 train exactly what 1 process trains on the same rollouts (up to summation order)."""
+def test_two_processes_equal_one_process(one_process, tiny_dir, tmp_path):
+    """Each rank holds half the groups; noise and sigma are drawn per group, so 2-process DDP (every
+    objective) and FSDP2 (nft: old adapter, reference and EMA on sharded weights) train exactly what
+    1 process trains on the same rollouts (up to summation order). One launch."""
     single, logged_by_name = one_process
+    runs = [("none", name) for name in GROUP_OBJECTIVES] + [("fsdp2", "nft")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-           tiny_dir, str(tmp_path), sharding, *GROUP_OBJECTIVES]
+           tiny_dir, str(tmp_path), *[f"{sharding}:{name}" for sharding, name in runs]]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in GROUP_OBJECTIVES:
-        a, b = lora(os.path.join(single, name)), lora(os.path.join(tmp_path, name))
+    for sharding, name in runs:
+        a, b = lora(os.path.join(single, name)), lora(os.path.join(tmp_path, sharding, name))
         assert a.keys() == b.keys()
-        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2e-6, name
-        two = json.load(open(os.path.join(tmp_path, name, "metrics.json")))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2e-6, (sharding, name)
+        two = json.load(open(os.path.join(tmp_path, sharding, name, "metrics.json")))
         for key in ("adv/samples_kept", "adv/zero_variance_groups_dropped", f"{name}/loss"):
-            assert two[-1][key] == pytest.approx(logged_by_name[name][-1][key], rel=1e-4, abs=1e-6), (name, key)
+            assert two[-1][key] == pytest.approx(logged_by_name[name][-1][key], rel=1e-4, abs=1e-6), (sharding, name, key)
 
 
 @pytest.mark.parametrize("name,loss", [("dgpo", "dgpo_loss"), ("nft", "nft_loss"), ("awm", "awm_loss")])
