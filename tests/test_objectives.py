@@ -158,10 +158,13 @@ LEARNING_RUN = ["--preset", "cpu_tiny", "--prompts_per_step", "4", "--max_steps"
 @pytest.mark.parametrize("name", GROUP_OBJECTIVES)
 def test_objective_learns_and_the_reversed_preference_unlearns(tmp_path, name):
     """The tiny random model with the brightness reward, 6 steps of 4 prompts x 8 samples; eval on 16
-    fixed-seed images. Reversed = advantages negated (the control). Measured: see MARGINS."""
+    fixed-seed images. Reversed = advantages negated (the control). Measured (eval 0.5049 at step 0):
+    dgpo -> 0.5169 / 0.4992, nft -> 0.5114 / 0.5011, awm -> 0.5165 / 0.4990."""
     forward, backward = str(tmp_path / "forward"), str(tmp_path / "reversed")
-    train_online_dpo.main(LEARNING_RUN + ["--objective", name, "--output_dir", forward])
-    train_online_dpo.main(LEARNING_RUN + ["--objective", name, "--output_dir", backward, "--reverse_preference", "true"])
+    # AWM: the swept old-KL weight (benchmarks/bench_learning.py); at the official 1.0 it moves ~10x slower here
+    run = LEARNING_RUN + ["--objective", name] + (["--awm_old_kl_weight", "0.01"] if name == "awm" else [])
+    train_online_dpo.main(run + ["--output_dir", forward])
+    train_online_dpo.main(run + ["--output_dir", backward, "--reverse_preference", "true"])
     rewards = lambda d: [r["eval/reward_mean"] for r in read_metrics(d) if "eval/reward_mean" in r]
     up, down = rewards(forward), rewards(backward)
     print(name, up, down)
