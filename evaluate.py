@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+import trainer_utils as tu
+
 
 @dataclass
 class EvalConfig:
@@ -105,4 +107,4 @@ def run(config: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)  # a config error: one line on stderr, exit status 2

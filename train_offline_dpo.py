@@ -187,4 +187,4 @@ def train(config: Config):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)  # a config error: one line on stderr, exit status 2

@@ -35,20 +35,111 @@ CPU_TINY_OVERRIDES = dict(
 )
 
 
-def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None):
-    """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `--preset NAME` applies
-    a named group of overrides first; flags given explicitly win over the preset."""
+class ConfigError(ValueError):
+    """An invalid flag or value: `cli` prints its one-line message and exits with status 2."""
+
+
+def field_comments(config_cls) -> dict[str, str]:
+    """{field name: its trailing `# comment`} read from the dataclass source: the comment is the help
+    text (fields keep plain `name: type = default` lines, no `field(metadata=...)`)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    comments, line_tokens = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            # a field line: NAME ':' ... with a comment somewhere on its (logical) line
+            names = [t for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL)]
+            if len(names) >= 2 and names[0].type == tokenize.NAME and names[1].string == ":":
+                texts = [t.string.lstrip("#").strip() for t in names if t.type == tokenize.COMMENT]
+                if texts:
+                    comments[names[0].string] = " ".join(texts)
+            line_tokens = []
+        elif token.type != tokenize.COMMENT or line_tokens:  # comment-only lines are section titles
+            line_tokens.append(token)
+    return comments
+
+
+def _describe_presets(presets: dict[str, dict]) -> str:
+    if not presets:
+        return ""
+    lines = ["presets (--preset NAME applies these overrides first; explicit flags win):"]
+    for name, overrides in presets.items():
+        lines.append(f"  {name}: " + " ".join(f"--{k} {v}" for k, v in overrides.items()))
+    return "\n".join(lines)
+
+
+def build_parser(config_cls, presets: dict[str, dict], description: str | None = None):
+    """HfArgumentParser with each field's source comment as its help, the defaults and the presets."""
+    import argparse
+
     from transformers import HfArgumentParser
 
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = HfArgumentParser(config_cls, description=description, epilog=_describe_presets(presets),
+                              formatter_class=Formatter)
+    comments = field_comments(config_cls)
+    types = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(config_cls)}
+    for action in parser._actions:
+        name = action.dest
+        if name in types and not action.help:
+            action.help = comments.get(name) or f"{types[name]}; see the knobs tables in README.md"
+            if name == "preset":
+                action.help = f"a named group of overrides, applied first: {', '.join(presets) or 'none'} (listed below)"
+    return parser
+
+
+def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None, defaults: dict | None = None,
+                 description: str | None = None):
+    """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `defaults` (e.g. read from
+    a run's config.json) apply first, then `--preset NAME`'s overrides; flags given explicitly win.
+    Unknown flags (with the closest field suggested) and unparsable values raise ConfigError."""
+    import difflib
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(config_cls)
+    if description is None:  # the script's docstring heads its --help
+        description = getattr(sys.modules.get(config_cls.__module__), "__doc__", None)
+    parser = build_parser(config_cls, presets, description)
+
+    def error(message):  # argparse would print the usage and exit: one line instead
+        match = re.match(r"argument --([\w-]+)(?:/--[\w-]+)?: (.*)", message)
+        raise ConfigError(f"config field `{match.group(1)}`: {match.group(2)}" if match else message)
+    parser.error = error
+
+    known = {option for option in parser._option_string_actions if option.startswith("--")}
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            fields = sorted(option for option in known if "-" not in option[2:])
+            close = difflib.get_close_matches("--" + flag[2:].replace("-", "_"), fields, n=1, cutoff=0.6)
+            raise ConfigError(f"unknown flag `{flag}`" + (f"; did you mean `{close[0]}`?" if close else
+                                                          "; see --help for the fields"))
+    if defaults:
+        parser.set_defaults(**defaults)
     preset = _flag_value(argv, "preset")
     if preset:
         if preset not in presets:
-            raise ValueError(f"preset: unknown preset {preset!r}; known: {', '.join(presets) or 'none'}")
+            raise ConfigError(f"config field `preset`: unknown preset {preset!r}; known: {', '.join(presets) or 'none'}")
         parser.set_defaults(**presets[preset])
     (config,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return config
+
+
+def cli(main, argv=None):
+    """The scripts' entry point: a config error prints one line to stderr and exits with status 2
+    (no traceback)."""
+    try:
+        return main(argv)
+    except ConfigError as error:
+        print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _flag_value(argv, name):
@@ -61,20 +152,19 @@ def _flag_value(argv, name):
 
 
 def require(condition: bool, field: str, rule: str):
-    """Config validation: raise ValueError naming the field and the rule it breaks."""
+    """Config validation: raise ConfigError (a ValueError) naming the field and the rule it breaks."""
     if not condition:
-        raise ValueError(f"config field `{field}`: {rule}")
+        raise ConfigError(f"config field `{field}`: {rule}")
 
 
 def validate_policy_config(config, world_size: int = 1):
     """The rules both trainers share: model, LoRA, DPO, optimiser, evaluation, logging."""
     from pairing import PAIR_STRATEGIES, SIGMA_SCHEMES
-    from rewards import REWARDS
 
     require(config.micro_batch_pairs >= 1, "micro_batch_pairs",
             "must be >= 1: a micro-batch holds whole (chosen, rejected) pairs, never half of one")
     require(math.isfinite(config.beta) and config.beta > 0, "beta", "must be a finite number > 0")
-    require(config.reward in REWARDS, "reward", f"unknown reward {config.reward!r}; known: {', '.join(REWARDS)}")
+    validate_reward(config.reward, config.reward_kwargs)
     require(getattr(config, "pair_strategy", PAIR_STRATEGIES[0]) in PAIR_STRATEGIES, "pair_strategy",
             f"must be one of {PAIR_STRATEGIES}")
     require(config.sigma_scheme in SIGMA_SCHEMES, "sigma_scheme", f"must be one of {SIGMA_SCHEMES}")
@@ -97,11 +187,27 @@ def validate_policy_config(config, world_size: int = 1):
         require(getattr(config, field) >= 0, field, "must be >= 0 (0 disables)")
     require(config.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
     require(config.log_with in ("wandb", "tensorboard", "none"), "log_with", "must be wandb, tensorboard or none")
-    try:
-        json.loads(config.reward_kwargs)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"config field `reward_kwargs`: not valid JSON ({error})") from None
     require(os.path.exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+
+
+def validate_reward(spec: str, reward_kwargs: str):
+    """`reward`: a name or weighted components ("ocr:1.0,pickscore:0.2"); `reward_kwargs`: a JSON
+    object, keyed by component name when the spec has several components."""
+    from rewards import parse_reward_spec
+
+    try:
+        components = parse_reward_spec(spec)
+    except ValueError as error:
+        raise ConfigError(f"config field `reward`: {error}") from None
+    try:
+        kwargs = json.loads(reward_kwargs)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config field `reward_kwargs`: not valid JSON ({error})") from None
+    require(isinstance(kwargs, dict), "reward_kwargs", "must be a JSON object")
+    names = [name for name, _ in components]
+    if len(names) > 1:
+        require(set(kwargs) <= set(names), "reward_kwargs",
+                f"with several rewards, keys must be component names {names}, got {sorted(kwargs)}")
 
 
 def config_dict(config) -> dict:

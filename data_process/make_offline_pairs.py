@@ -123,4 +123,6 @@ def generate(config: PairsConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from trainer_utils import cli
+
+    cli(main)  # a config error: one line on stderr, exit status 2
