@@ -77,6 +77,10 @@ class Config:
     checkpoints_total_limit: int = 3
     log_with: str = "wandb"
     tracker_project: str = "qwen-image-offline-dpo"
+    # sharing: lora/README.md (model card) is always written; the upload needs a token and network
+    push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
+    hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
+    hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
     output_dir: str = "outputs/offline_dpo"
     resume_from_checkpoint: str = ""
     seed: int = 0
@@ -133,11 +137,11 @@ def train(config: Config):
     from tqdm.auto import tqdm
 
     from data_process.pairs_format import read_pairs
-    from rewards import OCR_REWARDS, build_reward
+    from rewards import build_reward, uses_ocr_target
 
     accelerator, stop = tu.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    is_ocr = config.reward in OCR_REWARDS
+    is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model; latents and prompt embeddings computed once
     pairs, counts = read_pairs(config.pairs_path, strict=config.strict)
@@ -145,7 +149,9 @@ def train(config: Config):
         accelerator.print(f"skipped {counts['corrupt_images_skipped']} pair(s) with undecodable images")
     eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
+    t0 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
+    accelerator.print(f"pipeline {config.pretrained} ({config.dtype}) on {device} loaded in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     encoded = load_pair_latents(pipe, pairs, config.height, config.width)
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
@@ -179,6 +185,7 @@ def train(config: Config):
         metrics_log.log(metrics, step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}",
+                             gap=f"{metrics['pairs/score_gap']:.3f}",
                              acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
         if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}

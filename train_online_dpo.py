@@ -82,6 +82,10 @@ class Config:
     sample_grid_every: int = 20
     log_with: str = "wandb"  # "wandb" (offline without API key), "tensorboard" or "none"
     tracker_project: str = "qwen-image-online-dpo"
+    # sharing: lora/README.md (model card) is always written; the upload needs a token and network
+    push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
+    hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
+    hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
     output_dir: str = "outputs/online_dpo"
     resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint directory
     seed: int = 0
@@ -129,21 +133,27 @@ def train(config: Config):
     from tqdm.auto import tqdm
 
     from pairing import interleave, pair_stats, select_pairs
-    from rewards import OCR_REWARDS, build_reward
+    from rewards import build_reward, uses_ocr_target
 
     accelerator, stop = tu.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    is_ocr = config.reward in OCR_REWARDS
+    is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model
+    t0 = time.perf_counter()
     train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr)
     eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
+    t1 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
+    t2 = time.perf_counter()
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
     # every prompt this run will see is encoded once; then the text encoder leaves the accelerator
     prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt])
     prompt_cache.offload_text_encoder("cpu")
+    accelerator.print(f"loaded {len(train_rows)} train / {len(eval_rows)} eval prompts and reward {config.reward} "
+                      f"in {t1 - t0:.1f} s; pipeline {config.pretrained} ({config.dtype}) on {device} in {t2 - t1:.1f} s; "
+                      f"{len(prompt_cache.embeds)} prompts encoded in {time.perf_counter() - t2:.1f} s")
     policy = tu.DPOPolicy(config, pipe, accelerator)  # LoRA (or full) + reference + optimizer
     transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
 
@@ -171,7 +181,8 @@ def train(config: Config):
         t1 = time.perf_counter()
 
         # 4. rewards
-        rewards = torch.tensor(tu.score_rows(reward_fn, images, flat_rows), dtype=torch.float64)
+        combined, reward_parts = tu.score_rows_with_components(reward_fn, images, flat_rows)  # parts: multi-reward
+        rewards = torch.tensor(combined, dtype=torch.float64)  # pairs are selected on the combined value
         t2 = time.perf_counter()
 
         # 5. pairs per prompt group (ties give none), interleaved [c0, r0, c1, r1, ...]
@@ -206,15 +217,18 @@ def train(config: Config):
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
+        metrics.update(tu.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
         if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and n_pairs:
             shown = pairs[:8]
-            tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
-                         rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist()).save(
-                os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
+            grid = tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
+                                rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
+            grid.save(os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
+            metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['dpo/loss']:.4f}" if "dpo/loss" in metrics else "skip",
-                             reward=f"{metrics['reward/mean']:.4f}")
+                             reward=f"{metrics['reward/mean']:.4f}",
+                             acc=f"{metrics['dpo/implicit_acc']:.2f}" if "dpo/implicit_acc" in metrics else "-")
         if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()

@@ -165,6 +165,8 @@ def validate_policy_config(config, world_size: int = 1):
             "must be >= 1: a micro-batch holds whole (chosen, rejected) pairs, never half of one")
     require(math.isfinite(config.beta) and config.beta > 0, "beta", "must be a finite number > 0")
     validate_reward(config.reward, config.reward_kwargs)
+    require(not getattr(config, "push_to_hub", False) or bool(getattr(config, "hub_model_id", "").strip()),
+            "hub_model_id", "push_to_hub needs a repository id (--hub_model_id user/name)")
     require(getattr(config, "pair_strategy", PAIR_STRATEGIES[0]) in PAIR_STRATEGIES, "pair_strategy",
             f"must be one of {PAIR_STRATEGIES}")
     require(config.sigma_scheme in SIGMA_SCHEMES, "sigma_scheme", f"must be one of {SIGMA_SCHEMES}")
@@ -211,7 +213,11 @@ def validate_reward(spec: str, reward_kwargs: str):
 
 
 def config_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as written to config.json, the trackers and the model card: never the hub token."""
+    values = dataclasses.asdict(config)
+    if values.get("hub_token"):
+        values["hub_token"] = "<redacted>"
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +399,37 @@ class MetricsLog:
         # trackers get the numbers; lists (prompt ids, per-rank checksums) stay in metrics.jsonl
         self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
+    def _tracker(self, name):
+        if not self.accelerator.is_main_process or name not in [t.name for t in self.accelerator.trackers]:
+            return None
+        return self.accelerator.get_tracker(name, unwrap=True)  # the wandb run / the SummaryWriter
+
+    def log_image(self, name: str, image: Image.Image, step: int, caption: str = ""):
+        """A sample grid to the trackers: wandb.Image (wandb) / add_image (tensorboard)."""
+        import numpy as np
+
+        if (run := self._tracker("wandb")) is not None:
+            import wandb
+
+            run.log({name: wandb.Image(image, caption=caption or None)}, step=step)
+        if (writer := self._tracker("tensorboard")) is not None:
+            writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int):
+        """Per-image results to the trackers: wandb.Table (PIL cells become images) / a markdown table
+        as tensorboard text."""
+        if (run := self._tracker("wandb")) is not None:
+            import wandb
+
+            data = [[wandb.Image(v) if isinstance(v, Image.Image) else v for v in row] for row in rows]
+            run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
+        if (writer := self._tracker("tensorboard")) is not None:
+            keep = [i for i, v in enumerate(rows[0]) if not isinstance(v, Image.Image)] if rows else []
+            lines = ["| " + " | ".join(columns[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+            lines += ["| " + " | ".join(f"{row[i]:.4f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
+                      for row in rows]
+            writer.add_text(name, "\n".join(lines), step)
+
 
 def setup_trackers(accelerator, log_with: str, project: str, config: dict, output_dir: str):
     """wandb runs offline when no API key is configured; tensorboard writes under output_dir."""
@@ -465,12 +502,55 @@ def after_step(steps_done: int, config, policy, accelerator, stop: "StopFlag", r
 
 
 def finish(config, policy, metrics_log, accelerator) -> dict:
-    """Final weights in the format diffusers loads; per-rank checksums show the replicas agree."""
+    """Final weights in the format diffusers loads; per-rank checksums show the replicas agree. LoRA:
+    a model card next to the weights, the upload with push_to_hub, and a summary on the terminal."""
     metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
     final_dir = policy.save_final(config.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.is_main_process:
+        evals = eval_history(config.output_dir)
+        if config.train_mode == "lora":
+            import model_card
+
+            grids = sorted(f for f in os.listdir(os.path.join(config.output_dir, "samples")) if f.startswith("eval-"))
+            model_card.write_model_card(final_dir, config_dict(config), evals,
+                                        os.path.join(config.output_dir, "samples", grids[-1]) if grids else None,
+                                        kind="offline" if hasattr(config, "pairs_path") else "online")
+            if getattr(config, "push_to_hub", False):
+                model_card.push_to_hub(final_dir, config.hub_model_id, config.hub_token or None)
+        print(run_summary(config, final_dir, evals))
     return {"final_dir": final_dir, "step": config.max_steps}
+
+
+def eval_history(output_dir: str) -> list[dict]:
+    """The eval rows of output_dir/metrics.jsonl (all of them, also those logged before a resume)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [row for row in map(json.loads, f) if "eval/reward_mean" in row]
+
+
+def run_summary(config, final_dir: str, evals: list[dict]) -> str:
+    """The end-of-run report: eval before -> after (± standard error), steps, wall time, where things are."""
+    import time
+
+    lines = [f"done: {config.max_steps} steps in {time.perf_counter() - _RUN_START:.0f} s wall"]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"eval reward: {first['eval/reward_mean']:.4f} ± {first.get('eval/reward_se', 0):.4f} (step {first['step']})"
+                     f" -> {last['eval/reward_mean']:.4f} ± {last.get('eval/reward_se', 0):.4f} (step {last['step']})")
+    lines += [f"weights:  {final_dir}" + ("  (model card: README.md)" if config.train_mode == "lora" else ""),
+              f"metrics:  {os.path.join(config.output_dir, 'metrics.jsonl')}",
+              f"samples:  {os.path.join(config.output_dir, 'samples')}"]
+    if config.train_mode == "lora":
+        load = (f"import qwen_image; pipe = qwen_image.load_pipeline(\"{config.pretrained}\")"
+                if config.pretrained in ("tiny", "tiny-bench") else
+                f"import torch; from diffusers import QwenImagePipeline; pipe = QwenImagePipeline.from_pretrained("
+                f"\"{config.pretrained}\", torch_dtype=torch.bfloat16)")
+        lines.append(f"load it:  python -c '{load}; pipe.load_lora_weights(\"{os.path.abspath(final_dir)}\")'")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,16 +558,35 @@ def finish(config, policy, metrics_log, accelerator) -> dict:
 
 
 def score_rows(reward_fn, images, rows) -> list[float]:
-    return [float(r) for r in reward_fn(images, [row["prompt"] for row in rows])]
+    return score_rows_with_components(reward_fn, images, rows)[0]
+
+
+def score_rows_with_components(reward_fn, images, rows) -> tuple[list[float], dict[str, list[float]]]:
+    """(combined reward per image, {component: scores} for a weighted multi-reward, else {})."""
+    from rewards import score_components
+
+    return score_components(reward_fn, images, [row["prompt"] for row in rows])
+
+
+def component_metrics(accelerator, parts: dict[str, list[float]], prefix: str = "reward") -> dict:
+    """{prefix}/{name}/mean|std|max|min of each reward component over every rank's images."""
+    out = {}
+    for name, scores in parts.items():
+        values = torch.tensor(scores, dtype=torch.float64, device=accelerator.device)
+        values = (accelerator.gather(values) if accelerator.num_processes > 1 else values).cpu()
+        out.update({f"{prefix}/{name}/mean": values.mean().item(), f"{prefix}/{name}/std": values.std(unbiased=False).item(),
+                    f"{prefix}/{name}/max": values.max().item(), f"{prefix}/{name}/min": values.min().item()})
+    return out
 
 
 @torch.no_grad()
 def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, samples_per_prompt: int,
-             accelerator, exact_match: bool) -> tuple[dict, list[Image.Image], list[float]]:
+             accelerator, exact_match: bool, components: dict | None = None) -> tuple[dict, list[Image.Image], list[float]]:
     """Fixed seeds (sample j of eval prompt i has seed i * 1000 + j) so every evaluation sees the same
     noise. Prompts are split across ranks (padded to equal length: every rank runs the same number
     of forwards, which sharded models require); rewards gathered. Returns (metrics, this rank's
-    images, this rank's rewards)."""
+    images, this rank's rewards); pass a dict as `components` to receive this rank's per-component
+    scores of a weighted reward."""
     import qwen_image
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -499,15 +598,36 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     prompts = [rows[i]["prompt"] for i, _ in mine]
     seeds = [i * 1000 + j for i, j in mine]
     _, images = qwen_image.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)
-    scores = score_rows(reward_fn, images[:n_real], [rows[i] for i, _ in mine[:n_real]]) if n_real else []
-    values = torch.tensor(scores + [float("nan")] * (per_rank - n_real), dtype=torch.float64, device=accelerator.device)
-    gathered = accelerator.gather(values).cpu()
-    gathered = gathered[~torch.isnan(gathered)]
-    metrics = {"eval/reward_mean": gathered.mean().item(), "eval/reward_std": gathered.std(unbiased=False).item(),
-               "eval/images": float(gathered.numel())}
+    scores, parts = score_rows_with_components(reward_fn, images[:n_real], [rows[i] for i, _ in mine[:n_real]]) \
+        if n_real else ([], {})
+    names = sorted(parts)
+    # [per_rank, 1 + components]: the combined reward, then each component; NaN rows are padding
+    table = torch.full((per_rank, 1 + len(names)), float("nan"), dtype=torch.float64)
+    if n_real:
+        table[:n_real] = torch.tensor([scores] + [parts[n] for n in names], dtype=torch.float64).T
+    gathered = accelerator.gather(table.to(accelerator.device)).cpu()
+    gathered = gathered[~torch.isnan(gathered[:, 0])]
+    values = gathered[:, 0]
+    metrics = {"eval/reward_mean": values.mean().item(), "eval/reward_std": values.std(unbiased=False).item(),
+               "eval/reward_se": (values.std(unbiased=True) / math.sqrt(len(values))).item() if len(values) > 1 else 0.0,
+               "eval/images": float(values.numel())}
+    for k, name in enumerate(names):
+        metrics[f"eval/{name}/reward_mean"] = gathered[:, 1 + k].mean().item()
     if exact_match:
-        metrics["eval/exact_match"] = (gathered >= 1.0 - 1e-9).double().mean().item()
+        metrics["eval/exact_match"] = (values >= 1.0 - 1e-9).double().mean().item()
+    if components is not None:
+        components.update(parts)
     return metrics, images[:n_real], scores
+
+
+def format_eval(metrics: dict) -> str:
+    """'reward 0.5049 ± 0.0002 (64 images)': the mean with its standard error."""
+    text = f"reward {metrics['eval/reward_mean']:.4f} ± {metrics.get('eval/reward_se', 0.0):.4f} " \
+           f"({int(metrics['eval/images'])} images)"
+    extra = [f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.endswith("/reward_mean") and k.count("/") == 2]
+    if "eval/exact_match" in metrics:
+        extra.append(f"exact match {metrics['eval/exact_match']:.3f}")
+    return text + (f" [{', '.join(extra)}]" if extra else "")
 
 
 def rollout_settings(config, num_inference_steps: int):
@@ -532,15 +652,30 @@ def make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, met
 
 def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt, accelerator,
                      exact_match: bool, metrics_log, step: int, output_dir: str) -> dict:
-    """The trainers' periodic evaluation: metrics to the log, a grid to samples/eval-STEP.png."""
+    """The trainers' periodic evaluation: metrics to the log and the terminal, a grid to
+    samples/eval-STEP.png and the trackers (with a table of this rank's images and rewards)."""
+    import time
+
+    start = time.perf_counter()
     pipe.transformer.eval()
+    parts = {}
     metrics, images, scores = evaluate(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt,
-                                       accelerator, exact_match)
+                                       accelerator, exact_match, components=parts)
     pipe.transformer.train()
-    if accelerator.is_main_process and images:
-        image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]]).save(
-            os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
     metrics_log.log(metrics, step)
+    if accelerator.is_main_process and images:
+        grid = image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]])
+        grid.save(os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
+        metrics_log.log_image("eval/grid", grid, step, caption=f"step {step}: {format_eval(metrics)}")
+        jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][:len(images)]
+        names = sorted(parts)
+        metrics_log.log_table("eval/samples", ["prompt", "seed", "reward", *names, "image"],
+                              [[rows[i]["prompt"], i * 1000 + j, scores[k], *[parts[n][k] for n in names], images[k]]
+                               for k, (i, j) in enumerate(jobs)], step)
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"eval @ step {step}: {format_eval(metrics)} in {time.perf_counter() - start:.1f} s")  # above the bar
     return metrics
 
 
@@ -550,7 +685,8 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
 
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) at step boundaries, writes a
-    checkpoint and exits cleanly."""
+    checkpoint and exits cleanly. A second SIGINT (Ctrl-C) forces the exit at once (status 130):
+    checkpoints are written atomically, so what is already on disk stays loadable."""
 
     def __init__(self):
         self.raised = False
@@ -558,11 +694,19 @@ class StopFlag:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if self.raised and signum == signal.SIGINT:
+            print("\nsecond interrupt: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(130)
         self.raised = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch
+
+
+_RUN_START = 0.0  # set by launch: the summary's wall time
 
 
 def launch(config, validate):
@@ -570,6 +714,10 @@ def launch(config, validate):
     for the real number of processes, seeds set, SIGTERM/SIGINT caught."""
     from accelerate.utils import set_seed
 
+    import time
+
+    global _RUN_START
+    _RUN_START = time.perf_counter()
     accelerator = make_accelerator(config)
     validate(config, accelerator.num_processes)
     set_seed(config.seed)

@@ -304,17 +304,61 @@ def test_full_parameter_mode_saves_a_diffusers_transformer(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
-def test_trackers_wandb_offline_without_key_and_tensorboard(tmp_path, monkeypatch):
+def test_trackers_get_images_and_tables_and_the_lora_folder_has_a_model_card(tmp_path, monkeypatch, tiny_dir):
+    """wandb (offline without a key) and tensorboard each get the eval grid, the chosen-vs-rejected
+    grid and the eval table; the tensorboard run also trains on a weighted two-component reward."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ["--preset", "cpu_tiny", "--max_steps", "1", "--eval_every", "1", "--max_eval_prompts", "2",
+              "--sample_grid_every", "1", "--hub_model_id", "someone/tiny-dpo", "--hub_token", "hf_secret123"]
     for tracker in ("wandb", "tensorboard"):
         out = tmp_path / tracker
-        train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", str(out), "--max_steps", "1", "--eval_every", "0",
-                               "--log_with", tracker])
+        extra = ["--reward", "brightness:1.0,jpeg_compressibility:0.5"] if tracker == "tensorboard" else []
+        train_online_dpo.main(common + ["--output_dir", str(out), "--log_with", tracker] + extra)
         files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
         if tracker == "wandb":
-            assert any("offline-run-" in f for f in files), files
             assert os.environ["WANDB_MODE"] == "offline"
+            run_dir = next(d for d, _, _ in os.walk(out) if os.path.basename(d).startswith("offline-run-"))
+            media = [os.path.relpath(f, run_dir) for f in files if f.startswith(run_dir) and "/media/" in f]
+            for expected in ("media/images/eval/grid_", "media/images/train/pairs_", "media/table/eval/samples_"):
+                assert any(m.startswith(os.path.join("files", expected)) for m in media), (expected, media)
+            assert any(m.endswith(".png") and "eval/grid" in m for m in media)
         else:
-            assert any("events.out.tfevents" in f for f in files), files
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            events = next(f for f in files if "events.out.tfevents" in f)
+            accumulator = EventAccumulator(events, size_guidance={"images": 0, "tensors": 0})
+            accumulator.Reload()
+            assert {"eval/grid", "train/pairs"} <= set(accumulator.Tags()["images"])
+            grid = accumulator.Images("eval/grid")[0]
+            assert grid.step == 1 and (grid.width, grid.height) == (8 * 128, 142)  # 8 tiles of one row
+            assert "eval/samples/text_summary" in accumulator.Tags()["tensors"]
+            row = [r for r in read_metrics(out) if "reward/mean" in r][0]
+            for name in ("brightness", "jpeg_compressibility"):
+                assert f"reward/{name}/mean" in row and f"eval/{name}/reward_mean" in read_metrics(out)[0]
+            assert row["reward/mean"] == pytest.approx(row["reward/brightness/mean"]
+                                                       + 0.5 * row["reward/jpeg_compressibility/mean"], abs=1e-9)
+    # the model card next to the LoRA; the token never lands on disk
+    lora_dir = tmp_path / "wandb" / "lora"
+    card = open(lora_dir / "README.md").read()
+    metadata = card.split("---")[1]
+    assert "library_name: diffusers" in metadata and "base_model: tiny" in metadata and "- diffusion-dpo" in metadata
+    assert "url: eval_grid.png" in metadata and (lora_dir / "eval_grid.png").exists()
+    evals = eval_rewards(read_metrics(tmp_path / "wandb"))
+    assert f"| before | 0 | {evals[0]:.4f}" in card and f"| after | 1 | {evals[-1]:.4f}" in card
+    assert '"learning_rate": 0.03' in card and 'pipe.load_lora_weights("someone/tiny-dpo")' in card
+    for d, _, fs in os.walk(tmp_path):
+        for f in fs:
+            if f.endswith((".json", ".md", ".jsonl", ".yaml")):
+                assert "hf_secret123" not in open(os.path.join(d, f), errors="ignore").read(), f
+    import qwen_image as qi
+
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    pipe.load_lora_weights(str(lora_dir))  # diffusers reads the folder with the card in it
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_push_to_hub_needs_a_repository_id():
+    with pytest.raises(ValueError, match="config field `hub_model_id`: push_to_hub needs"):
+        train_online_dpo.main(["--preset", "cpu_tiny", "--push_to_hub", "true"])
