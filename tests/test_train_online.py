@@ -199,6 +199,26 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_second_ctrl_c_forces_the_exit(tmp_path):
+    """First SIGINT: a clean stop is requested (message); a second one exits at once with 130."""
+    out = str(tmp_path / "int")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "500",
+                             "--eval_every", "0", "--checkpoint_every", "0"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: stopping after this step with a checkpoint" in err and "second interrupt: exiting now" in err
+    assert not [d for d in os.listdir(out) if d.startswith("checkpoint-")]  # forced: no checkpoint written
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["none", "fsdp2"])
 def test_two_process_launch(tmp_path, tiny_dir, sharding):
     """2 CPU processes (gloo): DDP through accelerate, or FSDP2 fully_shard."""
@@ -238,16 +258,23 @@ def test_evaluate_reproduces_the_trainers_eval_through_diffusers_lora_loading(tm
     out = str(tmp_path / "run")
     train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "3", "--eval_every", "3"])
     trainer_eval = eval_rewards(read_metrics(out))
-    results = evaluate.main(["--pretrained", "tiny", "--dtype", "float32", "--lora_dir", os.path.join(out, "lora"),
-                             "--prompts", os.path.join(ROOT, "data", "tiny_prompts.txt"), "--reward", "brightness",
-                             "--height", "64", "--width", "64", "--num_inference_steps", "4",
-                             "--samples_per_prompt", "4", "--max_sequence_length", "64",
-                             "--output_dir", str(tmp_path / "eval")])
+    # --run_dir alone: the run's config.json gives every eval setting, lora_dir and output_dir
+    results = evaluate.main(["--run_dir", out])
     assert results["base"]["reward_mean"] == pytest.approx(trainer_eval[0], abs=1e-6)
     assert results["lora"]["reward_mean"] == pytest.approx(trainer_eval[-1], abs=1e-6)
-    saved = json.load(open(tmp_path / "eval" / "eval.json"))
+    saved = json.load(open(os.path.join(out, "eval", "eval.json")))
     assert len(saved["per_prompt"]) == 64 and saved["reward_gain"] == pytest.approx(trainer_eval[-1] - trainer_eval[0], abs=1e-6)
-    assert os.path.exists(tmp_path / "eval" / "grid.png")
+    assert os.path.exists(os.path.join(out, "eval", "grid.png"))
+    # the trainer's preset reproduces the same numbers; explicit flags win over the run's config
+    from trainer_utils import parse_config
+
+    config = parse_config(evaluate.EvalConfig, evaluate.PRESETS, ["--preset", "cpu_tiny"])
+    assert (config.pretrained, config.num_inference_steps, config.samples_per_prompt, config.height) == ("tiny", 4, 4, 64)
+    flagged = parse_config(evaluate.EvalConfig, evaluate.PRESETS, ["--run_dir", out, "--max_prompts", "3"],
+                           defaults=evaluate.run_dir_defaults(out))
+    assert (flagged.max_prompts, flagged.lora_dir, flagged.reward) == (3, os.path.join(out, "lora"), "brightness")
+    with pytest.raises(ValueError, match="config field `run_dir`"):
+        evaluate.main(["--run_dir", str(tmp_path)])
 
 
 def test_readme_documents_every_knob_and_ci_runs_its_test_command():
