@@ -79,7 +79,7 @@ def main(argv=None):
 
     run_dir = _flag_value(list(sys.argv[1:] if argv is None else argv), "run_dir")
     config = parse_config(EvalConfig, PRESETS, argv, defaults=run_dir_defaults(run_dir) if run_dir else None)
-    require(os.path.exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
+    require(tu.data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
     require(not config.lora_dir or os.path.isfile(os.path.join(config.lora_dir, "pytorch_lora_weights.safetensors")),
             "lora_dir", f"{config.lora_dir!r} has no pytorch_lora_weights.safetensors")
     validate_reward(config.reward, config.reward_kwargs)
@@ -97,7 +97,7 @@ def run(config: EvalConfig) -> dict:
 
     accelerator = Accelerator()
     is_ocr = config.reward in OCR_REWARDS
-    rows = tu.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward))
+    rows = tu.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward), split="test")
     if config.max_prompts:
         rows = rows[: config.max_prompts]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))

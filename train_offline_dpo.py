@@ -39,7 +39,9 @@ class Config:
     gradient_checkpointing: bool = True
     sharding: str = "none"
     # data
-    pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet or a directory of them
+    pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet, a directory of them, or a Hub dataset id (pairs or Pick-a-Pic columns)
+    split: str = "train"  # split of a Hub dataset id in pairs_path (streamed)
+    max_pairs: int = 0  # read only the first N usable pairs (0 = all): Hub sets too big to hold
     strict: bool = False  # corrupt image bytes: error instead of skipping the row
     eval_data: str = "data/ocr/test.parquet"  # prompts for evaluation
     height: int = 512  # training resolution: images are resized / centre-cropped to it
@@ -100,7 +102,8 @@ def validate(config: Config, world_size: int = 1):
     from trainer_utils import require, validate_policy_config
 
     validate_policy_config(config, world_size)
-    require(os.path.exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(tu.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")
 
@@ -144,10 +147,13 @@ def train(config: Config):
     is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model; latents and prompt embeddings computed once
-    pairs, counts = read_pairs(config.pairs_path, strict=config.strict)
-    if counts["corrupt_images_skipped"]:
-        accelerator.print(f"skipped {counts['corrupt_images_skipped']} pair(s) with undecodable images")
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
+    t0 = time.perf_counter()
+    pairs, counts = read_pairs(config.pairs_path, strict=config.strict, split=config.split, max_pairs=config.max_pairs)
+    accelerator.print(f"read {len(pairs)} pairs from {config.pairs_path} in {time.perf_counter() - t0:.1f} s "
+                      f"(skipped: {counts['corrupt_images_skipped']} undecodable, {counts.get('ties_dropped', 0)} Pick-a-Pic "
+                      f"ties, {counts.get('bad_label_dropped', 0)} bad labels)")
+    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     t0 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)

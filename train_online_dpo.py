@@ -37,7 +37,8 @@ class Config:
     gradient_checkpointing: bool = True
     sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
     # data
-    train_data: str = "data/ocr/train.parquet"  # data_process parquet, a directory of them, or a .txt
+    train_data: str = "data/ocr/train.parquet"  # parquet / jsonl / txt, a directory of them, or a Hub dataset id
+    split: str = "train"  # split of a Hub dataset id in train_data (eval_data: `owner/name:split`, default test)
     eval_data: str = "data/ocr/test.parquet"
     prompts_per_step: int = 32  # global, over all ranks
     samples_per_prompt: int = 16  # K rollouts per prompt (all on one rank)
@@ -116,7 +117,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.rollout_chunk_size >= 1, "rollout_chunk_size", "must be >= 1")
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
-    require(os.path.exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
+    require(tu.data_source_exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
 
 
 def main(argv=None):
@@ -141,8 +142,9 @@ def train(config: Config):
 
     # ---- data, reward, model
     t0 = time.perf_counter()
-    train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr)
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
+    train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr, split=config.split)
+    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     t1 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)

@@ -189,7 +189,14 @@ def validate_policy_config(config, world_size: int = 1):
         require(getattr(config, field) >= 0, field, "must be >= 0 (0 disables)")
     require(config.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
     require(config.log_with in ("wandb", "tensorboard", "none"), "log_with", "must be wandb, tensorboard or none")
-    require(os.path.exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+    require(data_source_exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+
+
+def data_source_exists(spec: str) -> bool:
+    """A local path that exists, or a Hub dataset id (`owner/name`; read through `datasets`)."""
+    from data_process.records import source_exists
+
+    return source_exists(spec)
 
 
 def validate_reward(spec: str, reward_kwargs: str):
@@ -223,37 +230,42 @@ def config_dict(config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Prompt data
 
-def load_prompts(path: str, need_ocr_target: bool = False) -> list[dict]:
-    """Rows {prompt, ground_truth, uid} from a data_process/qwenimage_ocr.py parquet, a
-    directory of such parquet files, or a text file with one prompt per line (blank lines skipped).
-    With need_ocr_target, every prompt must carry a quoted OCR target (error names file and row)."""
+PROMPT_COLUMN_NAMES = ("prompt", "caption", "text")  # the first one a source has is the prompt
+
+
+def load_prompts(path: str, need_ocr_target: bool = False, split: str = "train", max_rows: int = 0) -> list[dict]:
+    """Rows {prompt, ground_truth, uid} through `datasets` (data_process/records.py): a
+    data_process/qwenimage_ocr.py parquet, a .jsonl, a .txt with one prompt per line (blank lines
+    skipped), a directory of such files, or a Hub dataset id (its `split`; column prompt, caption or
+    text). Errors name the file (or `id[split]`) and row; with need_ocr_target, every prompt must
+    carry a quoted OCR target. max_rows > 0 stops reading after that many prompts."""
+    from data_process.records import column_names, is_hub_id, open_parts
     from rewards import ocr_target
 
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not is_hub_id(path):
         raise FileNotFoundError(f"prompt data {path!r} does not exist")
     rows = []
-    if os.path.isdir(path) or path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet")) \
-            if os.path.isdir(path) else [path]
-        if not files:
-            raise FileNotFoundError(f"no .parquet files in {path!r}")
-        for file in files:
-            table = pq.read_table(file)
-            if "prompt" not in table.column_names:
-                raise ValueError(f"{file}: missing column 'prompt' (has {table.column_names})")
-            prompts = table.column("prompt").to_pylist()
-            truths = table.column("ground_truth").to_pylist() if "ground_truth" in table.column_names else [None] * len(prompts)
-            for i, (prompt, truth) in enumerate(zip(prompts, truths)):
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise ValueError(f"{file}: row {i}: empty or non-string prompt")
-                rows.append({"prompt": prompt, "ground_truth": truth, "uid": f"{os.path.basename(file)}:{i}"})
-    else:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append({"prompt": line.strip(), "ground_truth": None, "uid": f"{os.path.basename(path)}:{line_number}"})
+    for name, dataset in open_parts(path, split, extensions=(".parquet", ".jsonl", ".json", ".txt")):
+        label = os.path.basename(name) if os.path.exists(name) else name
+        if name.endswith(".txt"):  # one prompt per line; uid = file:line number
+            for line_number, row in enumerate(dataset, 1):
+                if row["text"].strip():
+                    rows.append({"prompt": row["text"].strip(), "ground_truth": None, "uid": f"{label}:{line_number}"})
+            continue
+        columns = column_names(dataset)
+        for i, row in enumerate(dataset):
+            columns = columns or list(row)
+            prompt_column = next((c for c in PROMPT_COLUMN_NAMES if c in columns), None)
+            if prompt_column is None:
+                raise ValueError(f"{name}: missing column 'prompt' (has {columns})")
+            prompt = row[prompt_column]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{name}: row {i}: empty or non-string prompt")
+            rows.append({"prompt": prompt, "ground_truth": row.get("ground_truth"), "uid": f"{label}:{i}"})
+            if max_rows and len(rows) >= max_rows:
+                break
+        if columns is not None and not any(c in columns for c in PROMPT_COLUMN_NAMES):
+            raise ValueError(f"{name}: missing column 'prompt' (has {columns})")
     if not rows:
         raise ValueError(f"{path}: no prompts")
     if need_ocr_target:
@@ -262,7 +274,7 @@ def load_prompts(path: str, need_ocr_target: bool = False) -> list[dict]:
             if target is None:
                 raise ValueError(f"{row['uid']}: prompt has no quoted text for the OCR reward: {row['prompt']!r}")
             row["ground_truth"] = row["ground_truth"] if row["ground_truth"] is not None else target
-    return rows
+    return rows[:max_rows or None]
 
 
 def prompts_for_step(rows: list[dict], step: int, prompts_per_step: int, rank: int, world_size: int,
