@@ -358,8 +358,9 @@ def test_trackers_get_images_and_tables_and_the_lora_folder_has_a_model_card(tmp
             accumulator = EventAccumulator(events, size_guidance={"images": 0, "tensors": 0})
             accumulator.Reload()
             assert {"eval/grid", "train/pairs"} <= set(accumulator.Tags()["images"])
-            grid = accumulator.Images("eval/grid")[0]
-            assert grid.step == 1 and (grid.width, grid.height) == (8 * 128, 142)  # 8 tiles of one row
+            grids = accumulator.Images("eval/grid")
+            assert [g.step for g in grids] == [0, 1]  # the step-0 eval and the one after step 1
+            assert (grids[-1].width, grids[-1].height) == (8 * 128, 142)  # 2 prompts x 4 samples: one row
             assert "eval/samples/text_summary" in accumulator.Tags()["tensors"]
             row = [r for r in read_metrics(out) if "reward/mean" in r][0]
             for name in ("brightness", "jpeg_compressibility"):
