@@ -33,8 +33,8 @@ class EvalConfig:
     lora_dir: str = ""  # a directory with pytorch_lora_weights.safetensors; "" evaluates the base only
     prompts: str = "data/ocr/test.parquet"  # parquet from data_process, a directory of them, or .txt
     max_prompts: int = 0  # 0 = all
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     samples_per_prompt: int = 1  # sample j of prompt i uses seed i * 1000 + j (as the trainers' eval)
     height: int = 512
     width: int = 512

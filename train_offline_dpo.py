@@ -66,8 +66,8 @@ class Config:
     max_steps: int = 2000
     max_nonfinite_in_a_row: int = 3
     # evaluation (rollouts of the eval prompts, scored by `reward`), logging, checkpoints
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     eval_every: int = 100
     eval_samples_per_prompt: int = 1
     eval_inference_steps: int = 50

@@ -51,8 +51,8 @@ class Config:
     max_sequence_length: int = 256
     rollout_chunk_size: int = 16  # images per pipeline call
     # reward
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"  # JSON, passed to rewards.build_reward
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     # DPO
     beta: float = 100.0
     pair_strategy: str = "best_worst"  # or "top_bottom": floor(K/2) pairs per group

@@ -37,8 +37,8 @@ class PairsConfig:
     negative_prompt: str = " "
     max_sequence_length: int = 256
     chunk_size: int = 16
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     pair_strategy: str = "best_worst"
     min_reward_margin: float = 0.0
     store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
