@@ -17,6 +17,10 @@ SECRET_FIELDS = ("hub_token",)
 
 def usage_snippet(base_model: str, lora: str) -> str:
     """The Python lines that load this LoRA into the base pipeline with diffusers."""
+    if base_model in ("tiny", "tiny-bench"):  # the random CPU test model is built in code, not downloaded
+        return (f'import qwen_image  # this repository\n\npipe = qwen_image.load_pipeline("{base_model}")\n'
+                f'pipe.load_lora_weights("{lora}")\nimage = pipe("a red square", height=64, width=64, '
+                f'num_inference_steps=4).images[0]')
     return (f'import torch\nfrom diffusers import QwenImagePipeline\n\n'
             f'pipe = QwenImagePipeline.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")\n'
             f'pipe.load_lora_weights("{lora}")\n'

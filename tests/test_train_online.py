@@ -387,6 +387,14 @@ def test_trackers_get_images_and_tables_and_the_lora_folder_has_a_model_card(tmp
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
 
 
-def test_push_to_hub_needs_a_repository_id():
+def test_push_to_hub_needs_a_repository_id_and_without_a_token_says_why_it_did_not_upload(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="config field `hub_model_id`: push_to_hub needs"):
         train_online_dpo.main(["--preset", "cpu_tiny", "--push_to_hub", "true"])
+    import model_card
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert model_card.push_to_hub(str(tmp_path), "someone/tiny-dpo") is None
+    assert "push_to_hub: no Hugging Face token" in capsys.readouterr().out
