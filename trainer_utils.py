@@ -436,7 +436,7 @@ class MetricsLog:
             data = [[wandb.Image(v) if isinstance(v, Image.Image) else v for v in row] for row in rows]
             run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
         if (writer := self._tracker("tensorboard")) is not None:
-            keep = [i for i, v in enumerate(rows[0]) if not isinstance(v, Image.Image)] if rows else []
+            keep = [i for i, v in enumerate(rows[0]) if not isinstance(v, Image.Image) and v is not None] if rows else []
             lines = ["| " + " | ".join(columns[i] for i in keep) + " |", "|" + "---|" * len(keep)]
             lines += ["| " + " | ".join(f"{row[i]:.4f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
                       for row in rows]
@@ -662,6 +662,9 @@ def make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, met
     return run_eval
 
 
+TABLE_IMAGES = 64  # eval table rows that carry their image (the rest: numbers only)
+
+
 def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt, accelerator,
                      exact_match: bool, metrics_log, step: int, output_dir: str) -> dict:
     """The trainers' periodic evaluation: metrics to the log and the terminal, a grid to
@@ -682,7 +685,8 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
         jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][:len(images)]
         names = sorted(parts)
         metrics_log.log_table("eval/samples", ["prompt", "seed", "reward", *names, "image"],
-                              [[rows[i]["prompt"], i * 1000 + j, scores[k], *[parts[n][k] for n in names], images[k]]
+                              [[rows[i]["prompt"], i * 1000 + j, scores[k], *[parts[n][k] for n in names],
+                                images[k] if k < TABLE_IMAGES else None]  # media stays small on big evals
                                for k, (i, j) in enumerate(jobs)], step)
     if accelerator.is_main_process:
         from tqdm.auto import tqdm
