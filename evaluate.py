@@ -75,7 +75,7 @@ def run_dir_defaults(run_dir: str) -> dict:
 
 
 def main(argv=None):
-    from trainer_utils import _flag_value, parse_config, require, validate_reward
+    from trainer_utils import _flag_value, parse_config, require, require_writable_dir, validate_reward
 
     run_dir = _flag_value(list(sys.argv[1:] if argv is None else argv), "run_dir")
     config = parse_config(EvalConfig, PRESETS, argv, defaults=run_dir_defaults(run_dir) if run_dir else None)
@@ -85,6 +85,7 @@ def main(argv=None):
     validate_reward(config.reward, config.reward_kwargs)
     require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
+    require_writable_dir(config.output_dir, "output_dir")  # fail now, not after all the sampling
     return run(config)
 
 

@@ -89,6 +89,7 @@ class Config:
     hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
     output_dir: str = "outputs/online_dpo"
     resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint directory
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
 
