@@ -152,7 +152,8 @@ def train(config: Config):
     t2 = time.perf_counter()
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
     # every prompt this run will see is encoded once; then the text encoder leaves the accelerator
-    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt])
+    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt],
+                      rank=rank, world_size=world)  # each rank encodes its share, then they share
     prompt_cache.offload_text_encoder("cpu")
     accelerator.print(f"loaded {len(train_rows)} train / {len(eval_rows)} eval prompts and reward {config.reward} "
                       f"in {t1 - t0:.1f} s; pipeline {config.pretrained} ({config.dtype}) on {device} in {t2 - t1:.1f} s; "
@@ -177,7 +178,7 @@ def train(config: Config):
         flat_rows = [row for row in rows for _ in range(K)]
         prompts = [row["prompt"] for row in flat_rows]
         group_ids = [f"{i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
-        seeds = [tu.derived_seed(config.seed, step, rank, j) % 2**31 for j in range(len(prompts))]
+        seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
         latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
         transformer.train()
