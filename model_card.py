@@ -33,7 +33,7 @@ def _eval_table(evals: list[dict]) -> str:
     first, last = evals[0], evals[-1]
     lines = ["| | step | reward mean | standard error | images |", "|---|---|---|---|---|"]
     for label, row in (("before", first), ("after", last)) if len(evals) > 1 else (("final", last),):
-        lines.append(f"| {label} | {row['step']} | {row['eval/reward_mean']:.4f} | {row.get('eval/reward_se', 0.0):.4f} "
+        lines.append(f"| {label} | {row['step']} | {row['eval/reward_mean']:.4f} | {row.get('eval/reward_se', 0.0):.2g} "
                      f"| {int(row['eval/images'])} |")
     extra = sorted(k for k in last if k.startswith("eval/") and k not in ("eval/reward_mean", "eval/reward_se",
                                                                             "eval/images", "eval/reward_std"))

@@ -734,8 +734,8 @@ def run_summary(config, final_dir: str, evals: list[dict]) -> str:
     lines = [f"done: {config.max_steps} steps in {time.perf_counter() - _RUN_START:.0f} s wall"]
     if evals:
         first, last = evals[0], evals[-1]
-        lines.append(f"eval reward: {first['eval/reward_mean']:.4f} ± {first.get('eval/reward_se', 0):.4f} (step {first['step']})"
-                     f" -> {last['eval/reward_mean']:.4f} ± {last.get('eval/reward_se', 0):.4f} (step {last['step']})")
+        lines.append(f"eval reward: {first['eval/reward_mean']:.4f} ± {first.get('eval/reward_se', 0):.2g} (step {first['step']})"
+                     f" -> {last['eval/reward_mean']:.4f} ± {last.get('eval/reward_se', 0):.2g} (step {last['step']})")
     lines += [f"weights:  {final_dir}" + ("  (model card: README.md)" if config.train_mode == "lora" else ""),
               f"metrics:  {os.path.join(config.output_dir, 'metrics.jsonl')}",
               f"samples:  {os.path.join(config.output_dir, 'samples')}"]
@@ -817,7 +817,7 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
 
 def format_eval(metrics: dict) -> str:
     """'reward 0.5049 ± 0.0002 (64 images)': the mean with its standard error."""
-    text = f"reward {metrics['eval/reward_mean']:.4f} ± {metrics.get('eval/reward_se', 0.0):.4f} " \
+    text = f"reward {metrics['eval/reward_mean']:.4f} ± {metrics.get('eval/reward_se', 0.0):.2g} " \
            f"({int(metrics['eval/images'])} images)"
     extra = [f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.endswith("/reward_mean") and k.count("/") == 2]
     if "eval/exact_match" in metrics:
