@@ -205,11 +205,16 @@ class GroupObjective:
 
     @staticmethod
     def _advantage_metrics(accelerator, stats, kept_advantages) -> dict:
+        """Over every rank: groups, zero-variance groups dropped, samples kept, mean |A|, max and min A."""
         groups, zero_variance, kept, abs_sum = all_sum(
             accelerator, stats["groups"], stats["zero_variance_groups"], stats["samples_kept"],
             float(kept_advantages.abs().sum()))
+        has = kept_advantages.numel() > 0
+        top = all_max(accelerator, kept_advantages.max().item() if has else -math.inf)
+        bottom = -all_max(accelerator, -kept_advantages.min().item() if has else -math.inf)
         return {"adv/groups": groups, "adv/zero_variance_groups_dropped": zero_variance, "adv/samples_kept": kept,
-                "adv/abs_mean": abs_sum / max(kept, 1), "adv/max": stats["adv_max"], "adv/min": stats["adv_min"]}
+                "adv/abs_mean": abs_sum / max(kept, 1), "adv/max": top if kept else 0.0,
+                "adv/min": bottom if kept else 0.0}
 
 
 class DGPO(GroupObjective):

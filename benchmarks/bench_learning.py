@@ -3,6 +3,7 @@
 
     python benchmarks/bench_learning.py [--preset cpu_tiny] [--steps 20] [--seeds 0 1 2]
                                         [--variants best_worst top_bottom dgpo nft awm] [--no_sweep]
+                                        [--knob dgpo=10 ...]  (a variant's knob value: no sweep for it)
 
 Variants: `best_worst` and `top_bottom` (Diffusion-DPO, one pair per group / floor(K/2) pairs per
 group), `dgpo`, `nft`, `awm`. Sweep (the same budget for every variant with a knob): each value of
@@ -91,11 +92,17 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no_sweep", action="store_true", help="every variant at its defaults")
+    parser.add_argument("--knob", nargs="+", default=[], metavar="VARIANT=VALUE",
+                        help="run VARIANT at this value of its main knob instead of sweeping it")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     args = parser.parse_args()
     sweep, chosen, runs = {}, {}, {v: [] for v in args.variants}
+    given = {v: float(x) for v, x in (item.split("=") for item in args.knob)}
     with tempfile.TemporaryDirectory() as workdir:
         for variant in args.variants:  # the sweep, on the first seed
+            if variant in given:
+                chosen[variant] = (KNOBS[variant][0], given[variant])
+                continue
             if args.no_sweep or variant not in KNOBS:
                 chosen[variant] = None
                 continue
