@@ -53,6 +53,21 @@ def test_update_logs_its_diagnostics_and_exports_only_the_trained_adapter(one_pr
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # trained
 
 
+def test_the_exported_lora_loads_into_a_fresh_pipeline_through_diffusers(one_process, tiny_dir):
+    import qwen_image as qi
+
+    out = os.path.join(one_process[0], "nft", "lora")
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    embeds, mask = qi.PromptCache(pipe, 64)(["a cat"])
+    with torch.no_grad():
+        before = qi.predict_velocity(pipe.transformer, x, torch.tensor([0.5]), embeds, mask, 64, 64)
+        pipe.load_lora_weights(out)
+        after = qi.predict_velocity(pipe.transformer, x, torch.tensor([0.5]), embeds, mask, 64, 64)
+    assert (after - before).abs().max() > 1e-5
+    assert list(pipe.transformer.peft_config) == ["default_0"]  # one adapter: the trained one
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process(one_process, tiny_dir, tmp_path):
     """Each rank holds half the groups; noise and sigma are drawn per group, so 2-process DDP (every
