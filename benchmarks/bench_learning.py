@@ -12,8 +12,9 @@ on the other seeds (the first seed's run is reused). Each run is a full train_on
 seed changes the data order, rollout seeds and noise (the model stays the same). Gain = final minus
 initial eval (fixed eval seeds): reward mean, and OCR exact match when the reward is an OCR one.
 Reported per variant: mean and standard error over seeds of the gain, the gain per rollout image and
-per second of wall time (whole run: rollouts, rewards, updates, not the evals). Last line: a JSON
-object with everything and the ratios of each variant's gain per image / per second to best_worst's.
+per second of training (rollouts, rewards, updates; not the evals), and the difference to best_worst
+with its standard error (Welch; significant when beyond 2 standard errors). Last line: a JSON object
+with everything and the ratios of each variant's gain per image / per second to best_worst's.
 """
 
 import argparse
@@ -137,6 +138,15 @@ def main():
             for per in ("gain_per_rollout_image", "gain_per_train_second"):
                 base = summary[f"best_worst/{per}"]
                 summary[f"{variant}/{per}_over_best_worst"] = round(summary[f"{variant}/{per}"] / base, 3) if base else None
+            if variant == "best_worst":
+                continue
+            for key in ("reward_gain", "exact_match_gain"):  # the difference, its standard error (Welch)
+                if key in runs[variant][0]:
+                    (ma, sa), (mb, sb) = mean_se(r[key] for r in runs["best_worst"]), mean_se(r[key] for r in runs[variant])
+                    diff, se = mb - ma, math.sqrt(sa ** 2 + sb ** 2)
+                    summary[f"{variant}_minus_best_worst/{key}"] = round(diff, 5)
+                    summary[f"{variant}_minus_best_worst/{key}_se"] = round(se, 5)
+                    summary[f"{variant}_minus_best_worst/{key}_significant"] = bool(abs(diff) > 2 * se)
     print(json.dumps(summary))
 
 
