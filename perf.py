@@ -50,6 +50,81 @@ TIMESTEP_CHANNELS = 256
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention backend and regional compile
+
+# Backends that need an NVIDIA GPU even when their package imports (diffusers' requirement check
+# only looks at packages).
+_CUDA_ONLY_BACKENDS = ("flash", "flash_varlen", "_flash_3", "_flash_varlen_3", "sage", "sage_varlen",
+                       "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda",
+                       "_sage_qk_int8_pv_fp16_triton", "xformers", "_native_cudnn", "_native_efficient", "_native_flash")
+
+
+def available_attention_backends() -> list[str]:
+    """diffusers attention backends usable on this machine: the package is installed (diffusers'
+    own requirement check) and, for GPU kernels, a CUDA device is present. `*_hub` backends
+    download their kernels at run time and are never offered (no network on training nodes)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    names = []
+    for backend in AttentionBackendName:
+        if backend.value.endswith("_hub"):
+            continue
+        if backend.value in _CUDA_ONLY_BACKENDS and not torch.cuda.is_available():
+            continue
+        try:
+            _check_attention_backend_requirements(backend)
+        except (RuntimeError, ImportError, ValueError):
+            continue
+        names.append(backend.value)
+    return names
+
+
+def check_attention_backend(name: str):
+    """Config-time check: `config field `attention_backend`: ...` naming what is available."""
+    if name == "native":  # always there; skip importing diffusers
+        return
+    available = available_attention_backends()
+    if name not in available:
+        raise ValueError(f"config field `attention_backend`: {name!r} is not usable on this machine; "
+                         f"available: {', '.join(available)}")
+
+
+def set_attention_backend(transformer, name: str):
+    """Every attention of the transformer through diffusers' dispatcher backend `name`. "native"
+    (torch SDPA) is what diffusers uses by default, so it changes nothing."""
+    inner = getattr(transformer, "module", transformer)
+    inner.set_attention_backend(name)
+
+
+def compile_transformer_blocks(transformer, backend: str = "inductor", dynamic: bool | None = None):
+    """Regional compile: torch.compile each repeated transformer block (diffusers'
+    `compile_repeated_blocks`), one compiled graph shared by all 60 blocks, for the rollout and the
+    training forward alike. Call after LoRA is added and before the first forward."""
+    inner = getattr(transformer, "module", transformer)
+    inner.compile_repeated_blocks(backend=backend, dynamic=dynamic)
+
+
+class CompileCounter:
+    """Frames torch.compile has compiled (first compiles and recompiles) since the last call.
+    A run warms up in its first step (no-grad rollout, reference with adapters off, policy with
+    grad, the text length made dynamic); after that every step should report 0."""
+
+    def __init__(self):
+        self.seen = self.total()
+
+    @staticmethod
+    def total() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["frames"]["ok"])
+
+    def new(self) -> int:
+        now = self.total()
+        new, self.seen = now - self.seen, now
+        return new
+
+
+# ----------------------------------------------------------------------------------------------
 # FLOPs
 
 
@@ -208,3 +283,115 @@ def throughput(flops: float, seconds: float, peak_tflops: float = 0.0, devices: 
     if peak_tflops > 0:
         out["mfu"] = achieved / peak_tflops
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward overlap
+
+
+class OverlappedScorer:
+    """Scores rollout chunks on one worker thread while the next chunk is sampled: pass it as
+    `qwen_image.rollout(..., on_chunk=scorer)`, then `scorer.results()` waits for the last chunk and
+    returns the scores in rollout order. Sampling releases the GIL inside torch, and so do PP-OCR's
+    onnxruntime and an HTTP reward's socket waits, so the two really run at once.
+
+    `score_chunk(images, start) -> list[float]` scores images[start : start + len(images)] of the
+    rollout. The scores equal the sequential path's whenever the reward scores each image
+    independently of the others in its batch (ocr, ocr_server, brightness, jpeg_compressibility).
+    """
+
+    def __init__(self, score_chunk):
+        self.score_chunk = score_chunk
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.futures = []
+        self.wait_s = 0.0  # time spent waiting for scores after sampling ended
+
+    def __call__(self, start: int, latents, images):
+        self.futures.append(self.pool.submit(self.score_chunk, images, start))
+
+    def results(self) -> list[float]:
+        begin = time.perf_counter()
+        scores = [float(s) for future in self.futures for s in future.result()]
+        self.wait_s = time.perf_counter() - begin
+        return scores
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for future in self.futures:  # on an error, do not start chunks still queued
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step accounting in the trainers
+
+
+def text_lengths(prompt_cache, prompts) -> list[int]:
+    """Token length of each prompt's cached embedding (after max_sequence_length)."""
+    return [int(prompt_cache([p])[0].shape[1]) for p in prompts]
+
+
+def rollout_step_flops(model_config, image_tokens: int, lengths: list[int], chunk_size: int, steps: int,
+                       cfg: bool = False, negative_length: int = 0, lora_rank: int = 0, lora_targets=(),
+                       fixed_chunk_shape: bool = True) -> int:
+    """FLOPs of qwen_image.rollout: each chunk runs at its longest prompt's length (padding), and a
+    short last chunk at the full chunk size when fixed_chunk_shape."""
+    total = 0
+    for start in range(0, len(lengths), chunk_size):
+        chunk = lengths[start:start + chunk_size]
+        images = chunk_size if fixed_chunk_shape else len(chunk)
+        per_image = forward_flops(model_config, image_tokens, max(chunk), lora_rank, lora_targets)
+        if cfg:
+            per_image += forward_flops(model_config, image_tokens, negative_length, lora_rank, lora_targets)
+        total += steps * images * per_image
+    return total
+
+
+def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], micro_batch_pairs: int,
+                      updates: int = 1, train_mode: str = "lora", lora_rank: int = 0, lora_targets=(),
+                      gradient_checkpointing: bool = False) -> int:
+    """FLOPs of DPOPolicy.update on this rank: pair_lengths holds the 2P interleaved rows' prompt
+    lengths; each micro-batch runs at its longest prompt."""
+    rank = lora_rank if train_mode == "lora" else 0
+    total = 0
+    rows = 2 * micro_batch_pairs
+    for start in range(0, len(pair_lengths), rows):
+        micro = pair_lengths[start:start + rows]
+        total += dpo_update_flops(model_config, image_tokens, max(micro), len(micro) // 2, train_mode, rank,
+                                  lora_targets, gradient_checkpointing)
+    return updates * total
+
+
+def step_metrics(config, model_config, prompt_cache, prompts, pair_prompts, n_pairs: int, rollout_s: float,
+                 update_s: float, step_s: float) -> dict:
+    """perf/* metrics of one online step on this rank: FLOPs, achieved TFLOP/s per device of the
+    rollout, the update and the whole step, and MFU when config.peak_tflops is set."""
+    targets = tuple(config.lora_targets.split(","))
+    image_tokens = image_tokens_for(config.height, config.width)
+    cfg = config.true_cfg_scale > 1.0
+    rollout = rollout_step_flops(model_config, image_tokens, text_lengths(prompt_cache, prompts),
+                                 config.rollout_chunk_size, config.num_inference_steps, cfg,
+                                 text_lengths(prompt_cache, [config.negative_prompt])[0] if cfg else 0,
+                                 config.lora_rank if config.train_mode == "lora" else 0, targets)
+    update = update_step_flops(model_config, image_tokens, text_lengths(prompt_cache, pair_prompts),
+                               config.micro_batch_pairs, config.updates_per_rollout, config.train_mode,
+                               config.lora_rank, targets, config.gradient_checkpointing) if n_pairs else 0
+    metrics = {"perf/rollout_tflop": rollout / 1e12, "perf/update_tflop": update / 1e12,
+               "perf/rollout_tflops_per_s": throughput(rollout, rollout_s)["tflops_per_device"],
+               "perf/update_tflops_per_s": throughput(update, update_s)["tflops_per_device"],
+               "perf/step_tflops_per_s": throughput(rollout + update, step_s)["tflops_per_device"]}
+    if config.peak_tflops > 0:
+        metrics["perf/mfu"] = metrics["perf/step_tflops_per_s"] / config.peak_tflops
+    return metrics
+
+
+def validate_config(config, require):
+    """The speed levers' config rules (trainers call this from their validate)."""
+    check_attention_backend(config.attention_backend)
+    require(config.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0: MFU not logged)")
+    require(config.compile_backend in ("inductor", "aot_eager", "eager"), "compile_backend",
+            "must be inductor, aot_eager or eager")
+    require(not (config.compile_transformer and config.sharding == "fsdp2"), "compile_transformer",
+            "not supported with sharding=fsdp2 yet (untested: compile would have to wrap the blocks before fully_shard)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+import perf
 import qwen_image as qi
 import trainer_utils as tu
 
@@ -36,6 +37,9 @@ class Config:
     lora_init: str = "gaussian"
     gradient_checkpointing: bool = True
     sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
+    attention_backend: str = "native"  # diffusers dispatcher backend: native (torch SDPA), flash, _flash_3, sage, ...
+    compile_transformer: bool = False  # torch.compile the repeated blocks (regional) for rollout and training
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": capture only, for tests)
     # data
     train_data: str = "data/ocr/train.parquet"  # data_process parquet, a directory of them, or a .txt
     eval_data: str = "data/ocr/test.parquet"
@@ -52,6 +56,7 @@ class Config:
     # reward
     reward: str = "ocr"
     reward_kwargs: str = "{}"  # JSON, passed to rewards.build_reward
+    reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
     beta: float = 100.0
     pair_strategy: str = "best_worst"  # or "top_bottom": floor(K/2) pairs per group
@@ -81,6 +86,7 @@ class Config:
     checkpoints_total_limit: int = 3
     sample_grid_every: int = 20
     log_with: str = "wandb"  # "wandb" (offline without API key), "tensorboard" or "none"
+    peak_tflops: float = 0.0  # the device's dense bf16 peak (README table): logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-online-dpo"
     output_dir: str = "outputs/online_dpo"
     resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint directory
@@ -104,6 +110,7 @@ def validate(config: Config, world_size: int = 1):
     from trainer_utils import require, validate_policy_config
 
     validate_policy_config(config, world_size)
+    perf.validate_config(config, require)
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt to make a pair")
     require(config.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
     require(config.prompts_per_step % world_size == 0, "prompts_per_step",
@@ -146,6 +153,10 @@ def train(config: Config):
     prompt_cache.offload_text_encoder("cpu")
     policy = tu.DPOPolicy(config, pipe, accelerator)  # LoRA (or full) + reference + optimizer
     transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
+    perf.set_attention_backend(transformer, config.attention_backend)
+    if config.compile_transformer:  # after LoRA, before the first forward
+        perf.compile_transformer_blocks(transformer, config.compile_backend)
+    compile_counter = perf.CompileCounter()
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
 
@@ -166,12 +177,20 @@ def train(config: Config):
         group_ids = [f"{i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
         seeds = [tu.derived_seed(config.seed, step, rank, j) % 2**31 for j in range(len(prompts))]
         transformer.eval()
-        latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
+        if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
+            def score_chunk(chunk_images, start):
+                return tu.score_rows(reward_fn, chunk_images, flat_rows[start:start + len(chunk_images)])
+            with perf.OverlappedScorer(score_chunk) as scorer:
+                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer)
+                t1 = time.perf_counter()
+                reward_list = scorer.results()
+        else:
+            latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
+            t1 = time.perf_counter()
+            # 4. rewards
+            reward_list = tu.score_rows(reward_fn, images, flat_rows)
         transformer.train()
-        t1 = time.perf_counter()
-
-        # 4. rewards
-        rewards = torch.tensor(tu.score_rows(reward_fn, images, flat_rows), dtype=torch.float64)
+        rewards = torch.tensor(reward_list, dtype=torch.float64)
         t2 = time.perf_counter()
 
         # 5. pairs per prompt group (ties give none), interleaved [c0, r0, c1, r1, ...]
@@ -206,6 +225,13 @@ def train(config: Config):
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
+        metrics.update(perf.step_metrics(config, transformer.config, prompt_cache, prompts, pair_prompts, n_pairs,
+                                         t1 - t0, t3 - t2, t3 - t0))
+        if config.compile_transformer:  # compiles during this step (and the eval before it); 0 after warm-up
+            metrics["compile/new_graphs"] = compile_counter.new()
+            if step > start_step + 1 and metrics["compile/new_graphs"]:
+                accelerator.print(f"step {step}: torch.compile compiled {metrics['compile/new_graphs']} new graph(s) "
+                                  "after warm-up (a shape or mode changed)")
         if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and n_pairs:
             shown = pairs[:8]
             tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],

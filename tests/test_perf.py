@@ -168,3 +168,91 @@ def test_planner_activation_memory_matches_measured_peak():
             assert abs(predicted - measured) / measured < 0.20, (size, checkpointing, predicted, measured)
     finally:  # back to glibc's default thresholds
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024), libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
+# ---------------------------------------------------------------------------------- levers
+
+
+def test_native_attention_backend_is_bit_identical_and_unusable_backends_fail(tiny_pipe):
+    transformer = tiny_pipe.transformer
+    x, embeds = torch.randn(2, 16, 64), torch.randn(2, 12, 32)
+    sigmas = torch.tensor([0.2, 0.9])
+    with torch.no_grad():
+        default = qi.predict_velocity(transformer, x, sigmas, embeds, None, 64, 64)
+        perf.set_attention_backend(transformer, "native")
+        native = qi.predict_velocity(transformer, x, sigmas, embeds, None, 64, 64)
+    assert torch.equal(default, native)
+    assert "native" in perf.available_attention_backends()
+    if not torch.cuda.is_available():
+        assert "flash" not in perf.available_attention_backends()
+        with pytest.raises(ValueError, match=r"config field `attention_backend`: 'flash' is not usable.*available: .*native"):
+            perf.check_attention_backend("flash")
+    with pytest.raises(ValueError, match="attention_backend.*'fast' is not usable"):
+        perf.check_attention_backend("fast")
+
+
+def test_regional_compile_matches_eager_and_does_not_recompile_after_warm_up(tiny_pipe):
+    """One small compile (the block, no grad). The CI test uses the aot_eager backend (dynamo
+    capture + AOT autograd, no code generation: an inductor compile takes ~2.5 min on 2 busy cores);
+    benchmarks/gpu_check.py --tiny runs inductor (measured max |diff| 3.6e-7 in fp32)."""
+    import torch._dynamo
+
+    transformer = tiny_pipe.transformer
+    qi.add_lora(transformer, 8, 8, qi.RECIPE_LORA_TARGETS)
+    x, embeds = torch.randn(2, 16, 64), torch.randn(2, 12, 32)
+    sigmas = [torch.tensor([0.2, 0.9]), torch.tensor([0.5, 0.1])]
+    with torch.no_grad():
+        eager = [qi.predict_velocity(transformer, x, s, embeds, None, 64, 64) for s in sigmas]
+    counter = perf.CompileCounter()
+    perf.compile_transformer_blocks(transformer, backend="aot_eager")
+    try:
+        with torch.no_grad():
+            first = qi.predict_velocity(transformer, x, sigmas[0], embeds, None, 64, 64)
+            warm_up = counter.new()
+            second = qi.predict_velocity(transformer, x, sigmas[1], embeds, None, 64, 64)  # a new sigma: same graph
+        assert warm_up >= 1 and counter.new() == 0
+        assert torch.allclose(first, eager[0], atol=1e-5, rtol=0) and torch.allclose(second, eager[1], atol=1e-5, rtol=0)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_overlapped_rewards_and_latents_equal_the_sequential_path(tiny_pipe):
+    from rewards import build_reward
+
+    overlap = load_benchmark("bench_reward_overlap")
+    prompts = overlap.prompts_for(6)
+    seeds = list(range(100, 106))
+    settings = qi.RolloutSettings(height=64, width=64, num_inference_steps=2, chunk_size=4)  # chunks of 4 and 2 (+2 padding)
+    cache = qi.PromptCache(tiny_pipe, 64)
+    with overlap.SlowOcrServer(seconds_per_image=0.0) as server:
+        reward_fn = build_reward("ocr_server", base_url=server.url, model="m", concurrency=2, timeout=30)
+        latents, rewards = overlap.sequential(tiny_pipe, cache, prompts, seeds, settings, reward_fn)
+        latents_overlapped, rewards_overlapped = overlap.overlapped(tiny_pipe, cache, prompts, seeds, settings, reward_fn)
+        assert server.requests == 12
+    assert torch.equal(latents, latents_overlapped) and rewards == rewards_overlapped
+    assert len(set(rewards)) > 1  # the server's answers differ per image, so an order mix-up would show
+    chunks = []
+    latents_plain, images_plain = qi.rollout(tiny_pipe, cache, prompts, seeds, settings)
+    _, images = qi.rollout(tiny_pipe, cache, prompts, seeds, settings,
+                           on_chunk=lambda start, z, ims: chunks.append((start, z.shape[0], len(ims))))
+    assert chunks == [(0, 4, 4), (4, 2, 2)] and torch.equal(latents_plain, latents)
+    assert [im.tobytes() for im in images] == [im.tobytes() for im in images_plain]
+
+
+def test_online_trainer_with_reward_overlap_logs_the_same_step_and_flops(tmp_path):
+    import json
+
+    import train_online_dpo
+
+    runs = {}
+    for overlap in ("false", "true"):
+        out = str(tmp_path / overlap)
+        train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "1", "--eval_every", "0",
+                               "--checkpoint_every", "0", "--rollout_chunk_size", "16", "--reward_overlap", overlap,
+                               "--peak_tflops", "1.0"])
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            runs[overlap] = json.loads(f.readline())
+    for key in ("reward/mean", "reward/std", "dpo/loss", "pairs/kept", "perf/rollout_tflop", "perf/update_tflop"):
+        assert runs["true"][key] == runs["false"][key], key
+    row = runs["true"]
+    assert row["perf/rollout_tflop"] > 0 and row["perf/update_tflop"] > 0 and 0 < row["perf/mfu"] < 1
