@@ -256,3 +256,19 @@ def test_online_trainer_with_reward_overlap_logs_the_same_step_and_flops(tmp_pat
         assert runs["true"][key] == runs["false"][key], key
     row = runs["true"]
     assert row["perf/rollout_tflop"] > 0 and row["perf/update_tflop"] > 0 and 0 < row["perf/mfu"] < 1
+
+
+@pytest.mark.parametrize("flags,field", [
+    (["--attention_backend", "flash_attn_9"], "attention_backend"),
+    (["--peak_tflops", "-1"], "peak_tflops"),
+    (["--compile_backend", "tensorrt"], "compile_backend"),
+    (["--compile_transformer", "true", "--sharding", "fsdp2"], "compile_transformer"),
+])
+def test_speed_lever_config_validation(flags, field):
+    import train_offline_dpo
+    import train_online_dpo
+
+    with pytest.raises(ValueError, match=f"config field `{field}`"):
+        train_online_dpo.main(["--preset", "cpu_tiny"] + flags)
+    with pytest.raises(ValueError, match=f"config field `{field}`"):
+        train_offline_dpo.main(["--preset", "cpu_tiny", "--pairs_path", __file__] + flags)
