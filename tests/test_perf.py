@@ -272,3 +272,19 @@ def test_speed_lever_config_validation(flags, field):
         train_online_dpo.main(["--preset", "cpu_tiny"] + flags)
     with pytest.raises(ValueError, match=f"config field `{field}`"):
         train_offline_dpo.main(["--preset", "cpu_tiny", "--pairs_path", __file__] + flags)
+
+
+def test_gpu_check_runs_end_to_end_on_the_tiny_model(tmp_path):
+    """benchmarks/gpu_check.py --tiny: the real-size GPU check's code path on CPU (compile left out
+    here; it is the regional compile tested above)."""
+    import json
+
+    gpu_check = load_benchmark("gpu_check")
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.main(["--tiny", "--no_compile", "--images", "2", "--pairs", "1", "--text_tokens", "8",
+                             "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rollout"] == result["rollout"] and saved["device"] == "cpu"
+    assert saved["rollout"]["eager_native"]["images_per_s"] > 0
+    assert saved["rollout"]["eager_native"]["tflops_per_s"] > 0
+    assert saved["dpo_update_eager"]["seconds_per_pair"] > 0
