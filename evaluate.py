@@ -39,7 +39,7 @@ class EvalConfig:
 
 
 def main(argv=None):
-    from trainer_utils import parse_config, require
+    from trainer_utils import parse_config, require, require_writable_dir
     from rewards import REWARDS
 
     config = parse_config(EvalConfig, {}, argv)
@@ -49,6 +49,7 @@ def main(argv=None):
     require(config.reward in REWARDS, "reward", f"unknown reward {config.reward!r}; known: {', '.join(REWARDS)}")
     require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
+    require_writable_dir(config.output_dir, "output_dir")  # fail now, not after all the sampling
     return run(config)
 
 

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -199,15 +200,19 @@ class ServerOcrReward:
     Qwen/Qwen3-VL-8B-Instruct`). base_url / model default to $OCR_SERVER_URL / $OCR_SERVER_MODEL;
     the API key comes from $OCR_SERVER_API_KEY (or $OPENAI_API_KEY) only and is never logged.
     Requests run concurrently; each has a timeout; failures (connection errors, 429, 5xx) are
-    retried with exponential backoff, then raise RuntimeError naming the URL."""
+    retried with exponential backoff, then raise RuntimeError naming the URL. One call waits at most
+    `deadline` seconds over all its requests and retries (then TimeoutError naming the URL), says
+    every `progress_every` seconds what it is waiting for, and Ctrl-C interrupts it at once."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff: float = 1.0, concurrency: int = 16, max_tokens: int = 128,
-                 strict: bool = False):
+                 strict: bool = False, deadline: float = 600.0, progress_every: float = 30.0):
         self.base_url = (base_url or os.environ.get("OCR_SERVER_URL") or "http://127.0.0.1:8000/v1").rstrip("/")
         self.model = model or os.environ.get("OCR_SERVER_MODEL") or "Qwen/Qwen3-VL-8B-Instruct"
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.concurrency, self.max_tokens, self.strict = concurrency, max_tokens, strict
+        # one call (all its images, all retries) never waits longer than `deadline` seconds
+        self.deadline, self.progress_every = deadline, progress_every
 
     def __repr__(self):  # no key in logs
         return f"ServerOcrReward(base_url={self.base_url!r}, model={self.model!r})"
@@ -216,7 +221,7 @@ class ServerOcrReward:
     def url(self) -> str:
         return self.base_url + "/chat/completions"
 
-    def _request(self, image: Image.Image) -> str:
+    def _request(self, image: Image.Image, give_up_at: float = float("inf")) -> str:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
         data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -233,10 +238,14 @@ class ServerOcrReward:
         last_error = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), max(0.0, give_up_at - time.monotonic())))
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:  # the call's deadline: no further attempt
+                last_error = last_error or "deadline reached"
+                break
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with urllib.request.urlopen(request, timeout=min(self.timeout, remaining)) as response:
                     return json.loads(response.read())["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as error:
                 last_error = f"HTTP {error.code}"
@@ -244,11 +253,53 @@ class ServerOcrReward:
                     break  # a client error does not get better by retrying
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+        if time.monotonic() >= give_up_at:
+            raise TimeoutError(f"OCR server {self.url}: no answer by the deadline of {self.deadline:g} s (reward kwarg "
+                               f"`deadline`; last error: {last_error})")
         raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s): {last_error}")
 
     def transcribe(self, images: list[Image.Image]) -> list[str]:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._request, images))
+        # Daemon worker threads (a hung request never holds up the process's exit) and a main thread
+        # that waits in short slices, never in a blocking join: Ctrl-C (KeyboardInterrupt) reaches it
+        # within a slice, and the deadline holds over all requests and retries together.
+        start = time.monotonic()
+        give_up_at = start + self.deadline
+        futures = [concurrent.futures.Future() for _ in images]
+        work, stop = queue.SimpleQueue(), threading.Event()
+        for i in range(len(images)):
+            work.put(i)
+
+        def worker():
+            while not stop.is_set():
+                try:
+                    i = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    futures[i].set_result(self._request(images[i], give_up_at))
+                except BaseException as error:  # handed to the waiting thread
+                    futures[i].set_exception(error)
+
+        for _ in range(min(self.concurrency, len(images))):
+            threading.Thread(target=worker, daemon=True, name="ocr-server-request").start()
+        try:
+            pending, next_report = set(futures), start + self.progress_every
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.25,
+                                                        return_when=concurrent.futures.FIRST_EXCEPTION)
+                for future in done:
+                    future.result()  # a request that failed for good raises here
+                now = time.monotonic()
+                if pending and now >= give_up_at:
+                    raise TimeoutError(f"OCR server {self.url}: {len(pending)} of {len(images)} image(s) unanswered "
+                                       f"at the deadline of {self.deadline:g} s (reward kwarg `deadline`)")
+                if pending and now >= next_report:
+                    print(f"waiting for OCR server {self.url}: {len(images) - len(pending)}/{len(images)} images "
+                          f"answered, {now - start:.0f} s elapsed (deadline {self.deadline:g} s)", flush=True)
+                    next_report = now + self.progress_every
+            return [future.result() for future in futures]
+        finally:
+            stop.set()  # on an error or Ctrl-C: no new requests; running ones end by the deadline
 
     def __call__(self, images, prompts):
         _targets(prompts)  # fail on a prompt without target before any request

@@ -84,6 +84,7 @@ class Config:
     tracker_project: str = "qwen-image-offline-dpo"
     output_dir: str = "outputs/offline_dpo"
     resume_from_checkpoint: str = ""
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
 
@@ -157,8 +158,9 @@ def train(config: Config):
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
     prompt_cache.warm([p["prompt"] for p in pairs] + [r["prompt"] for r in eval_rows] + [config.negative_prompt])
     prompt_cache.offload_text_encoder("cpu")
+    n_prompts = len({p["prompt"] for p in pairs} | {r["prompt"] for r in eval_rows})  # the negative prompt is not one
     accelerator.print(f"{len(pairs)} pairs ({encoded} VAE-encoded, {len(pairs) - encoded} from stored latents) "
-                      f"and {len(prompt_cache.embeds)} prompts prepared in {time.perf_counter() - t0:.1f} s")
+                      f"and {n_prompts} prompts prepared in {time.perf_counter() - t0:.1f} s")
     policy = tu.DPOPolicy(config, pipe, accelerator)
     perf.set_attention_backend(pipe.transformer, config.attention_backend)
     if config.compile_transformer:

@@ -90,6 +90,7 @@ class Config:
     tracker_project: str = "qwen-image-online-dpo"
     output_dir: str = "outputs/online_dpo"
     resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint directory
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
 

@@ -89,7 +89,12 @@ def validate_policy_config(config, world_size: int = 1):
     require(config.true_cfg_scale >= 1.0, "true_cfg_scale", "must be >= 1 (1 disables CFG)")
     require(config.lora_rank >= 1 and config.lora_alpha > 0, "lora_rank", "rank must be >= 1 and alpha > 0")
     require(bool(config.lora_targets.strip()) or config.train_mode == "full", "lora_targets", "must name modules")
-    require(config.learning_rate > 0, "learning_rate", "must be > 0")
+    require(math.isfinite(config.learning_rate) and config.learning_rate > 0, "learning_rate", "must be a finite number > 0")
+    require(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
+    for field in ("adam_beta1", "adam_beta2"):
+        require(0 <= getattr(config, field) < 1, field, "must be in [0, 1)")
+    require(math.isfinite(config.adam_epsilon) and config.adam_epsilon > 0, "adam_epsilon",
+            "must be a finite number > 0 (with 0, a parameter without gradient divides 0 by 0)")
     require(config.max_grad_norm > 0, "max_grad_norm", "must be > 0")
     require(config.max_steps >= 1, "max_steps", "must be >= 1")
     require(config.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "must be >= 1")
@@ -102,6 +107,30 @@ def validate_policy_config(config, world_size: int = 1):
     except json.JSONDecodeError as error:
         raise ValueError(f"config field `reward_kwargs`: not valid JSON ({error})") from None
     require(os.path.exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+    validate_output_and_resume(config)
+
+
+def validate_output_and_resume(config):
+    """The run folder's rules that need no accelerator: it is writable; an explicit resume path is a
+    complete checkpoint; resuming and overwriting exclude each other."""
+    require(not (config.overwrite_output_dir and config.resume_from_checkpoint), "overwrite_output_dir",
+            "cannot be combined with resume_from_checkpoint (one continues the run in output_dir, the other deletes it)")
+    spec = config.resume_from_checkpoint
+    if spec and spec != "latest":
+        problem = checkpoint_problem(spec) if os.path.isdir(spec) else "no such directory"
+        require(problem is None, "resume_from_checkpoint", f"{spec!r} is not a complete checkpoint: {problem}")
+    require_writable_dir(config.output_dir, "output_dir")
+
+
+def require_writable_dir(path: str, field: str):
+    """Creates `path` if needed and writes a probe file into it: a read-only or impossible folder
+    fails now, not after hours of work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"config field `{field}`: folder {path!r} is not writable ({error.strerror or error})") from None
 
 
 def config_dict(config) -> dict:
@@ -138,8 +167,13 @@ def load_prompts(path: str, need_ocr_target: bool = False) -> list[dict]:
                     raise ValueError(f"{file}: row {i}: empty or non-string prompt")
                 rows.append({"prompt": prompt, "ground_truth": truth, "uid": f"{os.path.basename(file)}:{i}"})
     else:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{path}: line {line_number} is not UTF-8 text ({error.reason} at byte "
+                                     f"{error.start})") from None
                 if line.strip():
                     rows.append({"prompt": line.strip(), "ground_truth": None, "uid": f"{os.path.basename(path)}:{line_number}"})
     if not rows:
@@ -204,12 +238,31 @@ def _named_params(model):
     return inner.named_parameters()
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "train_state.json")
+# Config fields that define what the trained weights are: a resume that changes one of them would
+# train (or load into) something else, so it is refused. Every other field (learning rate, max_steps,
+# evaluation, logging, ...) may change on resume. Extend this tuple when a field changes what the
+# weights mean (a field missing from an older checkpoint's config counts as its default).
+WEIGHT_DEFINING_FIELDS = ("pretrained", "train_mode", "lora_rank", "lora_alpha", "lora_targets", "lora_init")
+LORA_ONLY_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init")
+
+
+def assert_finite(state: dict, what: str):
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise FloatingPointError(f"{what}: {len(bad)} non-finite tensor(s), e.g. {bad[0]}; not saved")
+
+
 def save_checkpoint(output_dir: str, step: int, model, optimizer, lr_scheduler, train_state: dict,
-                    is_main: bool, limit: int | None = None, extra_writer=None) -> str | None:
-    """Writes output_dir/checkpoint-STEP atomically (all ranks call it; rank 0 writes)."""
+                    is_main: bool, limit: int | None = None, extra_writer=None, run_config: dict | None = None) -> str | None:
+    """Writes output_dir/checkpoint-STEP atomically (all ranks call it; rank 0 writes): the files
+    go to a temporary .checkpoint-STEP-* folder, renamed into place when all are written, so a
+    checkpoint-STEP folder is complete by construction. `run_config` goes to its config.json (what
+    a resume compares against)."""
     model_state, optim_state = trainable_state(model, optimizer)
     if not is_main:
         return None
+    assert_finite(model_state, f"checkpoint at step {step}")
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir)
@@ -217,6 +270,9 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, lr_scheduler, 
 
     save_file({k: v.contiguous() for k, v in model_state.items()}, os.path.join(tmp, "trainable.safetensors"))
     torch.save({"optimizer": optim_state, "lr_scheduler": lr_scheduler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+    if run_config is not None:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=1)
     with open(os.path.join(tmp, "train_state.json"), "w") as f:
         json.dump({**train_state, "step": step}, f, indent=1)
     if extra_writer is not None:
@@ -237,29 +293,116 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
-def resolve_checkpoint(spec: str, output_dir: str) -> str | None:
+def checkpoint_problem(path: str) -> str | None:
+    """None for a complete checkpoint folder, else what is wrong (naming the file). Cheap: reads the
+    JSON, the safetensors header (which must fit the file's size) and the zip index of optimizer.pt
+    (at the end of the file, so a cut-off file has none)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for name in CHECKPOINT_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{os.path.join(path, name)} is missing"
+    file = os.path.join(path, "train_state.json")
+    try:
+        with open(file) as f:
+            if not isinstance(json.load(f).get("step"), int):
+                return f"{file} has no integer `step`"
+        file = os.path.join(path, "trainable.safetensors")
+        with safe_open(file, "pt") as f:
+            f.keys()
+        file = os.path.join(path, "optimizer.pt")
+        with zipfile.ZipFile(file):
+            pass
+    except Exception as error:  # json, safetensors and zipfile raise different types for damaged files
+        return f"{file} is damaged ({type(error).__name__}: {error})"
+    return None
+
+
+def resolve_checkpoint(spec: str, output_dir: str, report=print) -> str | None:
+    """"" -> None; "latest" -> the newest complete checkpoint in output_dir (damaged newer ones are
+    skipped and reported), or None when there is none (reported); a path -> itself if complete."""
     if not spec:
         return None
     if spec == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    if not os.path.isfile(os.path.join(spec, "train_state.json")):
-        raise FileNotFoundError(f"resume_from_checkpoint: {spec!r} is not a checkpoint directory")
+        for path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            report(f"resume_from_checkpoint latest: skipping {path}: {problem}")
+        report(f"resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}; starting a fresh run")
+        return None
+    problem = checkpoint_problem(spec) if os.path.isdir(spec) else "no such directory"
+    if problem:
+        raise FileNotFoundError(f"resume_from_checkpoint: {spec!r} is not a complete checkpoint: {problem}")
     return spec
 
 
+def config_changes(saved: dict, config) -> list[str]:
+    """'field: old -> new' for each WEIGHT_DEFINING_FIELDS entry that differs between a checkpoint's
+    saved config and this run's (LoRA fields only when both train LoRA)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    changes = []
+    for name in WEIGHT_DEFINING_FIELDS:
+        if name not in defaults:
+            continue
+        if name in LORA_ONLY_FIELDS and "lora" not in (saved.get("train_mode", "lora"), config.train_mode):
+            continue
+        old, new = saved.get(name, defaults[name]), getattr(config, name)
+        if name == "lora_targets":  # the same set of modules in another order is the same adapter
+            same = sorted(str(old).split(",")) == sorted(str(new).split(","))
+        else:
+            same = old == new
+        if not same:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
+def check_resume_config(checkpoint: str, config):
+    """Refuses a resume whose weight-defining fields differ from the checkpoint's (before loading)."""
+    file = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(file):  # written by an older version: the strict load still checks names and shapes
+        return
+    with open(file) as f:
+        saved = json.load(f)
+    changes = config_changes(saved, config)
+    if changes:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} was trained with other weight-defining settings "
+                         f"({'; '.join(changes)}); resume with the checkpoint's values or start a new run in "
+                         "another output_dir")
+
+
 def load_checkpoint(path: str, model, optimizer, lr_scheduler) -> dict:
-    """Restores trainable weights, optimizer and scheduler; returns train_state (with `step`)."""
+    """Restores trainable weights, optimizer and scheduler; returns train_state (with `step`). The
+    saved weights must match the trainable parameters exactly (names and shapes)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state = load_file(os.path.join(path, "trainable.safetensors"))
-    saved = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    file = os.path.join(path, "trainable.safetensors")
+    try:
+        model_state = load_file(file)
+        file = os.path.join(path, "optimizer.pt")
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+        file = os.path.join(path, "train_state.json")
+        with open(file) as f:
+            train_state = json.load(f)
+    except Exception as error:
+        raise ValueError(f"resume_from_checkpoint: cannot read {file} ({type(error).__name__}: {error})") from None
+    expected = {name: tuple(p.shape) for name, p in _named_params(model) if p.requires_grad}
+    found = {name: tuple(t.shape) for name, t in model_state.items()}
+    problems = [f"missing {n}" for n in sorted(expected.keys() - found.keys())]
+    problems += [f"unexpected {n}" for n in sorted(found.keys() - expected.keys())]
+    problems += [f"{n}: saved {found[n]}, model {expected[n]}" for n in sorted(expected.keys() & found.keys())
+                 if found[n] != expected[n]]
+    if problems:
+        raise ValueError(f"resume_from_checkpoint: {os.path.join(path, 'trainable.safetensors')} does not fit the "
+                         f"trainable parameters ({len(problems)} problem(s), e.g. {'; '.join(problems[:3])})")
+    # strict=False only because the saved state holds the trainable parameters alone (checked above)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=saved["optimizer"],
                    options=_options(strict=False))
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    with open(os.path.join(path, "train_state.json")) as f:
-        return json.load(f)
+    return train_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,9 +416,22 @@ class MetricsLog:
         self.accelerator = accelerator
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if accelerator.is_main_process and resume_step is not None and os.path.exists(self.path):
-            # drop rows logged after the checkpoint we resume from: they will be logged again
+            # drop rows logged after the checkpoint we resume from (they will be logged again) and the
+            # earlier leg's final row; a cut-off last line (a kill mid-write) is dropped, a damaged
+            # line before it is an error naming it
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+                lines = f.readlines()
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if number < len(lines):
+                        raise ValueError(f"{self.path}: line {number} is not a JSON object; repair or remove it") from None
+                    accelerator.print(f"{self.path}: dropping its damaged last line {number}")
+                    continue
+                if row.get("step", 0) <= resume_step and not any(k.startswith("final/") for k in row):
+                    kept.append(line)
             with open(self.path, "w") as f:
                 f.writelines(kept)
 
@@ -335,9 +491,10 @@ def start_run(accelerator, config, resume_step: int | None) -> "MetricsLog":
 
 
 def resume_and_start_run(config, policy, accelerator) -> tuple[int, "MetricsLog"]:
-    """Restores `resume_from_checkpoint` if set; opens the run's logs. -> (start step, metrics log)."""
+    """Restores `resume_from_checkpoint` if set; opens the run's logs. -> (start step, metrics log).
+    `launch` has already resolved "latest" to a checkpoint path (or "") and compared its config."""
     start_step = 0
-    checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir, report=accelerator.print)
     if checkpoint:
         start_step = policy.load_checkpoint(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
@@ -444,7 +601,8 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
 
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) at step boundaries, writes a
-    checkpoint and exits cleanly."""
+    checkpoint and exits cleanly. A second signal raises KeyboardInterrupt at once (e.g. to leave a
+    hung reward call)."""
 
     def __init__(self):
         self.raised = False
@@ -452,7 +610,11 @@ class StopFlag:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now, without a checkpoint")
         self.raised = True
+        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,8 +628,59 @@ def launch(config, validate):
 
     accelerator = make_accelerator(config)
     validate(config, accelerator.num_processes)
+    prepare_output_dir(config, accelerator)
     set_seed(config.seed)
     return accelerator, StopFlag()
+
+
+# What a training run writes into output_dir (tracker folders are added for --overwrite_output_dir).
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "lora", "transformer", "samples")
+
+
+def run_entries(output_dir: str) -> list[str]:
+    """The names in output_dir that belong to a training run (sorted; checkpoints by step)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in RUN_ENTRIES if os.path.exists(os.path.join(output_dir, n))]
+    return names + [os.path.basename(p) for p in list_checkpoints(output_dir)]
+
+
+def prepare_output_dir(config, accelerator):
+    """Before any model loads. A fresh run refuses a folder that holds a run (naming what is there)
+    unless `overwrite_output_dir` (its run files are deleted first); `resume_from_checkpoint latest`
+    is resolved here to the newest complete checkpoint (or "" when there is none in a folder without
+    a run); a resume whose weight-defining config differs from the checkpoint's is refused; orphaned
+    .checkpoint-* folders (a kill mid-save) are removed."""
+    output_dir = config.output_dir
+    existing = run_entries(output_dir)
+    if config.resume_from_checkpoint == "latest":
+        checkpoint = resolve_checkpoint("latest", output_dir,
+                                        report=accelerator.print if accelerator.is_main_process else lambda m: None)
+        if checkpoint is None and existing:
+            raise FileExistsError(f"resume_from_checkpoint latest: output_dir {output_dir!r} holds a run "
+                                  f"({', '.join(existing)}) but no complete checkpoint to resume; pass "
+                                  "--overwrite_output_dir true to replace it or choose another output_dir")
+        # the run's config.json records which checkpoint it continued from
+        config.resume_from_checkpoint = checkpoint or ""
+    elif existing and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+        raise FileExistsError(f"output_dir {output_dir!r} already holds a run ({', '.join(existing)}): pass "
+                              "--resume_from_checkpoint latest to continue it, --overwrite_output_dir true to "
+                              "replace it, or choose another output_dir")
+    if config.resume_from_checkpoint:
+        check_resume_config(config.resume_from_checkpoint, config)
+    accelerator.wait_for_everyone()  # every rank has looked before rank 0 changes anything
+    if accelerator.is_main_process:
+        if config.overwrite_output_dir and existing:
+            accelerator.print(f"overwrite_output_dir: deleting {', '.join(existing)} in {output_dir}")
+        for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+            path = os.path.join(output_dir, name)
+            orphan = name.startswith(".checkpoint-")
+            old_run = config.overwrite_output_dir and (name in existing or name in ("wandb", config.tracker_project))
+            if orphan or old_run:
+                if orphan:
+                    accelerator.print(f"removing {path}: an unfinished checkpoint (the run was killed while saving)")
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
 
 
 def make_accelerator(config):
@@ -653,6 +866,14 @@ class DPOPolicy:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            # finite gradients can still give non-finite weights (e.g. Adam dividing 0 by 0): stop
+            # before they make NaN images, tied rewards and a NaN LoRA
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+            finite = bool(torch.stack([torch.isfinite(p).all() for p in local]).all())  # one device sync
+            if all_sum(accelerator, float(not finite))[0] > 0:
+                raise FloatingPointError(f"step {step}: trainable weights are non-finite after optimizer update "
+                                         f"{update} (check learning_rate, adam_epsilon, adam_beta*); stopping, "
+                                         "nothing saved")
             metrics["update/grad_norm"] = float(grad_norm)
             good_updates += 1
             totals = [a + b for a, b in zip(totals, sums)]
@@ -666,7 +887,8 @@ class DPOPolicy:
     # -- state
     def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
         return save_checkpoint(output_dir, step, self.model, self.optimizer, self.lr_scheduler,
-                               {"nonfinite_in_a_row": self.nonfinite_in_a_row}, self.accelerator.is_main_process, limit)
+                               {"nonfinite_in_a_row": self.nonfinite_in_a_row}, self.accelerator.is_main_process, limit,
+                               run_config=config_dict(self.config))
 
     def load_checkpoint(self, path: str) -> int:
         state = load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
@@ -690,6 +912,7 @@ class DPOPolicy:
         full_state = get_model_state_dict(self.model, options=_options())  # collective under FSDP
         if not self.accelerator.is_main_process:
             return None
+        assert_finite(full_state, "final weights")
         if self.config.train_mode == "lora":
             out = os.path.join(output_dir, "lora")
             qi.save_lora(self.transformer, out, state_dict=full_state)

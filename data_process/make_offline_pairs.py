@@ -66,6 +66,7 @@ def validate(config: PairsConfig):
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
     require(config.min_reward_margin >= 0, "min_reward_margin", "must be >= 0")
     require(bool(config.output), "output", "must be a file path")
+    tu.require_writable_dir(os.path.dirname(os.path.abspath(config.output)), "output")  # fail now, not after the rollouts
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ float32 bytes with their shape.
 from __future__ import annotations
 
 import io
+import math
 import os
 
 import numpy as np
@@ -71,6 +72,19 @@ def write_pairs(rows: list[dict], path: str):
     os.replace(tmp, path)
 
 
+def image_problem(data: bytes | None) -> str | None:
+    """None if the bytes decode to a whole image, else why not. Decodes every pixel: verify() alone
+    passes a truncated JPEG, which then fails in the trainer after the model has loaded."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data or b"")) as image:
+            image.load()
+    except Exception as error:  # PIL raises many types for bad bytes
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def pair_files(path: str) -> list[str]:
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
@@ -87,7 +101,6 @@ def read_pairs(path: str, strict: bool = False) -> tuple[list[dict], dict]:
     numpy arrays when present. A missing column or chosen_score < rejected_score is an error naming
     the file (and row); undecodable images skip the row (counted), or raise with strict."""
     import pyarrow.parquet as pq
-    from PIL import Image
 
     rows, counts = [], {"rows": 0, "corrupt_images_skipped": 0}
     for file in pair_files(path):
@@ -102,16 +115,17 @@ def read_pairs(path: str, strict: bool = False) -> tuple[list[dict], dict]:
                 raise PairsDataError(f"{where}: empty prompt")
             if row["chosen_score"] is None or row["rejected_score"] is None:
                 raise PairsDataError(f"{where}: missing score")
+            if not (math.isfinite(row["chosen_score"]) and math.isfinite(row["rejected_score"])):
+                raise PairsDataError(f"{where}: non-finite score (chosen {row['chosen_score']}, rejected "
+                                     f"{row['rejected_score']})")
             if row["chosen_score"] < row["rejected_score"]:
                 raise PairsDataError(f"{where}: chosen_score {row['chosen_score']} < rejected_score "
                                      f"{row['rejected_score']}")
             bad = None
             for side in ("chosen_image", "rejected_image"):
-                try:
-                    with Image.open(io.BytesIO(row[side] or b"")) as image:
-                        image.verify()
-                except Exception as error:  # PIL raises many types for bad bytes
-                    bad = f"{where}: {side} is not a decodable image ({type(error).__name__})"
+                problem = image_problem(row[side])
+                if problem:
+                    bad = f"{where}: {side} is not a decodable image ({problem})"
                     break
             if bad:
                 if strict:

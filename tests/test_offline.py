@@ -120,9 +120,47 @@ def test_pickapic_conversion_drops_ties(tmp_path):
     assert rows[0]["chosen_image"] == red.getvalue() and rows[1]["chosen_image"] == blue.getvalue()
     assert all(r["chosen_score"] == 1.0 and r["rejected_score"] == 0.0 for r in rows)
     counts = pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), out)
-    assert counts == {"rows_in": 4, "pairs": 3, "ties_dropped": 1, "bad_label_dropped": 0}
+    assert counts == {"rows_in": 4, "pairs": 3, "ties_dropped": 1, "bad_label_dropped": 0, "corrupt_images_dropped": 0}
     pq.write_table(table.drop(["label_0"]), tmp_path / "bad.parquet")
     assert pickapic_to_pairs.main(["--input", str(tmp_path / "bad.parquet"), "--output", out]) == 2
+
+
+def truncated_jpeg():
+    """A real JPEG cut after 60 % of its bytes: PIL's verify() accepts it, decoding fails."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()[: int(len(buffer.getvalue()) * 0.6)]
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()  # the check the importer used to rely on
+    return data
+
+
+def test_truncated_jpegs_and_nan_scores_are_caught_when_reading(tmp_path):
+    write_pairs([pair_row(), pair_row(chosen_image=truncated_jpeg()), pair_row()], str(tmp_path / "cut.parquet"))
+    rows, counts = read_pairs(str(tmp_path / "cut.parquet"))
+    assert counts == {"rows": 2, "corrupt_images_skipped": 1}
+    with pytest.raises(PairsDataError, match="cut.parquet: row 1: chosen_image is not a decodable image"):
+        read_pairs(str(tmp_path / "cut.parquet"), strict=True)
+    write_pairs([pair_row(), pair_row(chosen_score=float("nan"))], str(tmp_path / "nan.parquet"))
+    with pytest.raises(PairsDataError, match="nan.parquet: row 1: non-finite score"):
+        read_pairs(str(tmp_path / "nan.parquet"))
+    # the Pick-a-Pic importer drops (and counts) such rows, or names them with --strict
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(good, format="JPEG")
+    table = pa.table({"caption": ["a", "b"], "jpg_0": [good.getvalue()] * 2, "jpg_1": [good.getvalue(), truncated_jpeg()],
+                      "label_0": [1.0, 1.0]})
+    pq.write_table(table, tmp_path / "pickapic.parquet")
+    counts = pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), str(tmp_path / "pairs.parquet"))
+    assert counts["pairs"] == 1 and counts["corrupt_images_dropped"] == 1
+    with pytest.raises(PairsDataError, match="pickapic.parquet: row 1: image does not decode \\(jpg_1"):
+        pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), str(tmp_path / "p2.parquet"), strict=True)
+
+
+def test_data_ocr_is_ignored_by_git():
+    """The README's output location for data_process/qwenimage_ocr.py must not end up in commits."""
+    ignored = [line.strip() for line in open(os.path.join(os.path.dirname(__file__), "..", ".gitignore"))]
+    assert "data/ocr/" in ignored
 
 
 # ---------------------------------------------------------------------------------- generation and training
@@ -185,12 +223,15 @@ def test_offline_dpo_learns_and_reversed_pairs_unlearn(tiny_pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_resume_is_exact(tiny_pairs, tmp_path):
+def test_offline_resume_is_exact(tiny_pairs, tmp_path, capsys):
     from safetensors.torch import load_file
 
     common = ["--preset", "cpu_tiny", "--pairs_path", tiny_pairs, "--max_steps", "6", "--eval_every", "0",
               "--checkpoint_every", "3"]
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "a")])
+    assert "64 pairs (0 VAE-encoded, 64 from stored latents) and 16 prompts prepared" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="already holds a run .*checkpoint-6"):  # a fresh run into it
+        train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "a")])
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--max_steps", "3"])
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
     a = load_file(str(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors"))
@@ -210,3 +251,5 @@ def test_offline_config_validation(flag, value, field, tiny_pairs):
 def test_make_pairs_config_validation():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         make_offline_pairs.main(["--preset", "cpu_tiny", "--samples_per_prompt", "1", "--output", "/tmp/x.parquet"])
+    with pytest.raises(ValueError, match="config field `output`: folder '/dev/null/pairs' is not writable"):
+        make_offline_pairs.main(["--preset", "cpu_tiny", "--output", "/dev/null/pairs/x.parquet"])

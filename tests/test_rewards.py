@@ -1,6 +1,7 @@
 import base64
 import io
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -254,3 +255,51 @@ def test_jpeg_compressibility_and_brightness():
     bright = build_reward("brightness")
     assert bright([Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("RGB", (8, 8), (0, 0, 0)),
                    Image.new("RGB", (8, 8), (51, 102, 153))], None) == [1.0, 0.0, pytest.approx(0.4)]
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers (a hung inference server)."""
+
+    def __enter__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_server_reward_that_never_answers_fails_at_the_deadline(capsys):
+    """Today's code waits timeout x (max_retries + 1) per image and says nothing; the deadline bounds
+    the whole call and names the URL."""
+    with SilentServer() as server:
+        reward = build_reward("ocr_server", base_url=server.url, timeout=2, max_retries=3, backoff=0.05,
+                              concurrency=2, deadline=1.5, progress_every=0.5)
+        start = time.perf_counter()
+        with pytest.raises(TimeoutError, match="127.0.0.1:.*/v1/chat/completions: .*deadline of 1.5 s"):
+            reward([render("Hi")] * 4, [prompt_for("Hi")] * 4)
+        assert time.perf_counter() - start < 3
+    assert "waiting for OCR server http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_ctrl_c_interrupts_a_hung_server_reward():
+    import signal
+
+    with SilentServer() as server:
+        reward = build_reward("ocr_server", base_url=server.url, timeout=3, max_retries=1, concurrency=1)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        start = time.perf_counter()
+        try:
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                reward([render("Hi")] * 2, [prompt_for("Hi")] * 2)
+            elapsed = time.perf_counter() - start
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)
+    assert elapsed < 1.5

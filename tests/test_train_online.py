@@ -72,6 +72,13 @@ def lora(output_dir):
     ("train_data", "/nonexistent/prompts.parquet", "train_data"),
     ("eval_data", "/nonexistent/test.txt", "eval_data"),
     ("preset", "gpu_huge", "preset"),
+    ("learning_rate", "inf", "learning_rate"),
+    ("weight_decay", "inf", "weight_decay"),  # torch accepts inf (and rejects -0.1 only after the model loads)
+    ("adam_beta1", "1", "adam_beta1"),
+    ("adam_beta2", "-0.5", "adam_beta2"),
+    ("adam_epsilon", "0", "adam_epsilon"),
+    ("resume_from_checkpoint", "/nonexistent/checkpoint-5", "resume_from_checkpoint"),
+    ("output_dir", "/dev/null/run", "output_dir"),  # a folder below a file: not writable, even for root
 ])
 def test_invalid_config_fails_before_any_model_loads(flag, value, field):
     start = time.perf_counter()
@@ -318,3 +325,106 @@ def test_trackers_wandb_offline_without_key_and_tensorboard(tmp_path, monkeypatc
             assert os.environ["WANDB_MODE"] == "offline"
         else:
             assert any("events.out.tfevents" in f for f in files), files
+
+
+# ---------------------------------------------------------------------------------- run folder and resume rules
+
+SMALL = ["--preset", "cpu_tiny", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--eval_every", "0"]
+
+
+def test_resume_and_overwrite_exclude_each_other_and_bad_prompt_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        train_online_dpo.main(SMALL + ["--output_dir", str(tmp_path / "x"), "--overwrite_output_dir", "true",
+                                       "--resume_from_checkpoint", "latest"])
+    import trainer_utils
+
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a cat\nlatin-1 caf\xe9\n")
+    with pytest.raises(ValueError, match="prompts.txt: line 2 is not UTF-8"):
+        trainer_utils.load_prompts(str(bad))
+
+
+def test_evaluate_checks_its_output_folder_first():
+    import evaluate
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="config field `output_dir`: folder '/dev/null/eval' is not writable"):
+        evaluate.main(["--pretrained", "tiny", "--prompts", os.path.join(ROOT, "data", "tiny_prompts.txt"),
+                       "--reward", "brightness", "--output_dir", "/dev/null/eval"])
+    assert time.perf_counter() - start < 5
+
+
+def test_second_stop_signal_interrupts_at_once():
+    from trainer_utils import StopFlag
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        flag = StopFlag()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+def test_run_folder_rules_config_check_and_damaged_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = SMALL + ["--output_dir", out, "--checkpoint_every", "1"]
+    # `latest` with nothing to resume says so, then starts fresh
+    train_online_dpo.main(base + ["--max_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "no complete checkpoint in" in capsys.readouterr().out
+    # a fresh run into the folder refuses, naming what is there
+    with pytest.raises(FileExistsError, match=r"holds a run \(config.json, metrics.jsonl, lora, samples, checkpoint-1, "
+                                              r"checkpoint-2\)"):
+        train_online_dpo.main(base + ["--max_steps", "3"])
+    # a resume that changes what the weights mean is refused, naming every changed field
+    with pytest.raises(ValueError, match=r"lora_rank: 8 -> 4; lora_alpha: 8 -> 16"):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--lora_rank", "4",
+                                      "--lora_alpha", "16"])
+    # a checkpoint without its config (older versions): the strict load names the mismatch in one line
+    os.rename(os.path.join(out, "checkpoint-2", "config.json"), os.path.join(out, "config-2.json"))
+    with pytest.raises(ValueError, match=r"does not fit the trainable parameters .*saved \(8, "):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--lora_rank", "4"])
+    os.rename(os.path.join(out, "config-2.json"), os.path.join(out, "checkpoint-2", "config.json"))
+    # a cut-off newest checkpoint: named, skipped by `latest`, refused as an explicit path
+    optimizer = os.path.join(out, "checkpoint-2", "optimizer.pt")
+    data = open(optimizer, "rb").read()
+    open(optimizer, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint.*checkpoint-2/optimizer.pt is damaged"):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", os.path.join(out, "checkpoint-2")])
+    os.makedirs(os.path.join(out, ".checkpoint-3-abcd"))  # left by a kill while saving
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "dpo/lo')  # cut off mid-write
+    capsys.readouterr()
+    train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest"])
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "checkpoint-2/optimizer.pt is damaged" in printed
+    assert "resumed from" in printed and "checkpoint-1 at step 1" in printed
+    assert not [d for d in os.listdir(out) if d.startswith(".checkpoint")]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "final/param_checksums" in r] == [3]  # the first leg's final row is gone
+    # an explicit overwrite replaces the old run
+    train_online_dpo.main(SMALL + ["--output_dir", out, "--max_steps", "1", "--overwrite_output_dir", "true"])
+    assert sorted(os.listdir(out)) == ["config.json", "lora", "metrics.jsonl", "samples"]
+    assert [r["step"] for r in read_metrics(out)] == [1, 1]
+
+
+@pytest.mark.slow
+def test_nonfinite_weights_stop_the_run_and_nothing_is_saved(tmp_path, monkeypatch):
+    """adam_epsilon 0 (validation now refuses it; bypassed here) makes Adam divide 0 by 0 for lora_A,
+    whose gradient is 0 while lora_B is 0: NaN weights after the first update."""
+    monkeypatch.setattr(train_online_dpo, "validate", lambda config, world_size=1: None)
+    from trainer_utils import parse_config
+
+    out = str(tmp_path / "nan")
+    config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
+                          SMALL + ["--output_dir", out, "--max_steps", "2", "--checkpoint_every", "1",
+                                   "--adam_epsilon", "0"])
+    with pytest.raises(FloatingPointError, match="step 0: trainable weights are non-finite"):
+        train_online_dpo.train(config)
+    assert not [d for d in os.listdir(out) if d.startswith(("checkpoint", ".checkpoint", "lora"))]
