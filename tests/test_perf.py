@@ -264,14 +264,15 @@ def test_online_trainer_with_reward_overlap_logs_the_same_step_and_flops(tmp_pat
     (["--compile_backend", "tensorrt"], "compile_backend"),
     (["--compile_transformer", "true", "--sharding", "fsdp2"], "compile_transformer"),
 ])
-def test_speed_lever_config_validation(flags, field):
+def test_speed_lever_config_validation(flags, field, tmp_path):
     import train_offline_dpo
     import train_online_dpo
 
+    common = ["--preset", "cpu_tiny", "--output_dir", str(tmp_path / "run")]
     with pytest.raises(ValueError, match=f"config field `{field}`"):
-        train_online_dpo.main(["--preset", "cpu_tiny"] + flags)
+        train_online_dpo.main(common + flags)
     with pytest.raises(ValueError, match=f"config field `{field}`"):
-        train_offline_dpo.main(["--preset", "cpu_tiny", "--pairs_path", __file__] + flags)
+        train_offline_dpo.main(common + ["--pairs_path", __file__] + flags)
 
 
 def test_gpu_check_runs_end_to_end_on_the_tiny_model(tmp_path):
