@@ -167,11 +167,18 @@ def _lora_on(block: int, layers: int, suffix: str, targets) -> bool:
 
 def forward_flops(config, image_tokens: int, text_tokens: int, lora_rank: int = 0, lora_targets=()) -> int:
     """Matmul FLOPs of one transformer forward for ONE sample (see the module docstring)."""
+    tokens = {"img": image_tokens, "txt": text_tokens, "sample": 1}
+    outer = sum(2 * i * o * tokens[k] for _, i, o, k in _outer_linears(_dims(config)))
+    return outer + _blocks_forward_flops(config, image_tokens, text_tokens, lora_rank, lora_targets)
+
+
+def _blocks_forward_flops(config, image_tokens: int, text_tokens: int, lora_rank: int = 0, lora_targets=()) -> int:
+    """The transformer blocks' share of forward_flops (what gradient checkpointing recomputes)."""
     dims = _dims(config)
     d, layers = dims["d"], dims["layers"]
     tokens = {"img": image_tokens, "txt": text_tokens, "sample": 1}
-    total = sum(2 * i * o * tokens[k] for _, i, o, k in _outer_linears(dims))
     seq = image_tokens + text_tokens
+    total = 0
     for block in range(layers):
         total += 4 * seq * seq * d
         for suffix, i, o, kind in _block_linears(d):
@@ -237,15 +244,8 @@ def backward_flops(config, image_tokens: int, text_tokens: int, train_mode: str 
                 total += linear(*mods[m], input_grad=txt_rg, weight_grad=full, lora=lora[m])
                 txt_rg = txt_rg or full or lora[m]
     if gradient_checkpointing:  # every block's forward runs again in the backward
-        embed_and_head = forward_flops(config, image_tokens, text_tokens, 0, ()) - layers * _plain_block_flops(d, image_tokens, text_tokens)
-        total += forward_flops(config, image_tokens, text_tokens, lora_rank, lora_targets) - embed_and_head
+        total += _blocks_forward_flops(config, image_tokens, text_tokens, lora_rank, lora_targets)
     return int(total)
-
-
-def _plain_block_flops(d, image_tokens, text_tokens):
-    tokens = {"img": image_tokens, "txt": text_tokens, "sample": 1}
-    seq = image_tokens + text_tokens
-    return 4 * seq * seq * d + sum(2 * i * o * tokens[k] for _, i, o, k in _block_linears(d))
 
 
 def rollout_flops(config, image_tokens: int, text_tokens: int, steps: int, images: int, cfg: bool = False,
