@@ -199,12 +199,11 @@ def backward_flops(config, image_tokens: int, text_tokens: int, train_mode: str 
     seq = image_tokens + text_tokens
     total = 0
 
-    def linear(i, o, kind, input_grad, weight_grad, lora, lora_input_grad=None):
+    def linear(i, o, kind, input_grad, weight_grad, lora):
         n = tokens[kind]
         flops = 2 * i * o * n * (int(input_grad) + int(weight_grad))
         if lora:  # dB, grad into A's output, dA, and (if the input needs it) dx through A
-            lora_input_grad = input_grad if lora_input_grad is None else lora_input_grad
-            flops += 2 * lora_rank * n * (2 * o + i + (i if lora_input_grad else 0))
+            flops += 2 * lora_rank * n * (2 * o + i + (i if input_grad else 0))
         return flops
 
     # Outside the blocks: under LoRA nothing before the first block needs a gradient; in full mode the
