@@ -76,7 +76,7 @@ def run(config: EvalConfig) -> dict:
     variants = ["base"] + (["lora"] if config.lora_dir else [])
     for variant in variants:
         if variant == "lora":
-            pipe.load_lora_weights(config.lora_dir)
+            qi.load_lora(pipe, config.lora_dir)  # LoRA kept in fp32, as the trainer keeps it
         metrics, images, scores = tu.evaluate(pipe, cache, rows, reward_fn, settings, config.samples_per_prompt,
                                               accelerator, exact_match=is_ocr)
         all_scores = [s for part in tu.gather_object(accelerator, scores) for s in part]

@@ -156,7 +156,8 @@ def train(config: Config):
     t0 = time.perf_counter()
     encoded = load_pair_latents(pipe, pairs, config.height, config.width)
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
-    prompt_cache.warm([p["prompt"] for p in pairs] + [r["prompt"] for r in eval_rows] + [config.negative_prompt])
+    prompt_cache.warm([p["prompt"] for p in pairs] + [r["prompt"] for r in eval_rows] + [config.negative_prompt],
+                      rank=rank, world_size=world)  # each rank encodes its share, then they share
     prompt_cache.offload_text_encoder("cpu")
     n_prompts = len({p["prompt"] for p in pairs} | {r["prompt"] for r in eval_rows})  # the negative prompt is not one
     accelerator.print(f"{len(pairs)} pairs ({encoded} VAE-encoded, {len(pairs) - encoded} from stored latents) "

@@ -150,7 +150,8 @@ def train(config: Config):
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
     # every prompt this run will see is encoded once; then the text encoder leaves the accelerator
-    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt])
+    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt],
+                      rank=rank, world_size=world)  # each rank encodes its share, then they share
     prompt_cache.offload_text_encoder("cpu")
     policy = tu.DPOPolicy(config, pipe, accelerator)  # LoRA (or full) + reference + optimizer
     transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
@@ -176,7 +177,7 @@ def train(config: Config):
         flat_rows = [row for row in rows for _ in range(K)]
         prompts = [row["prompt"] for row in flat_rows]
         group_ids = [f"{i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
-        seeds = [tu.derived_seed(config.seed, step, rank, j) % 2**31 for j in range(len(prompts))]
+        seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
         if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
             def score_chunk(chunk_images, start):

@@ -7,6 +7,7 @@ The scripts keep what differs: where the (chosen, rejected) latents come from.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -88,6 +89,9 @@ def validate_policy_config(config, world_size: int = 1):
     require(1 <= config.max_sequence_length <= 1024, "max_sequence_length", "must be in [1, 1024]")
     require(config.true_cfg_scale >= 1.0, "true_cfg_scale", "must be >= 1 (1 disables CFG)")
     require(config.lora_rank >= 1 and config.lora_alpha > 0, "lora_rank", "rank must be >= 1 and alpha > 0")
+    require(config.lora_init in qwen_image.LORA_INITS, "lora_init",
+            f"must be one of {', '.join(sorted(qwen_image.LORA_INITS))}: inits that rewrite the base weights "
+            "(pissa, olora, ...) would make 'adapters disabled' differ from the base model, the reference")
     require(bool(config.lora_targets.strip()) or config.train_mode == "full", "lora_targets", "must name modules")
     require(math.isfinite(config.learning_rate) and config.learning_rate > 0, "learning_rate", "must be a finite number > 0")
     require(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
@@ -197,17 +201,28 @@ def prompts_for_step(rows: list[dict], step: int, prompts_per_step: int, rank: i
     out = []
     for position in range(start, start + per_rank):
         epoch, offset = divmod(position, len(rows))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(derived_seed("epoch_order", seed, epoch)))
         out.append(rows[int(order[offset])])
     return out
 
 
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (step, rank, ...): independent streams without stored RNG state."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**63 - 1)
-    return value
+def derived_seed(stream: str, *parts: int) -> int:
+    """A 63-bit seed for one named random stream at integer coordinates (seed, step, rank, ...):
+    independent streams without stored RNG state. blake2b over the stream name and the parts, so
+    neighbouring coordinates, different run seeds and different streams do not collide (beyond the
+    ~n^2 / 2^64 chance of any 63-bit hash)."""
+    key = ",".join([stream, *(str(int(part)) for part in parts)]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def rollout_seeds(seed: int, step: int, rank: int, n: int) -> list[int]:
+    """The online trainer's rollout seeds: sample j of this rank's step."""
+    return [derived_seed("rollout", seed, step, rank, j) for j in range(n)]
+
+
+def dpo_noise_seed(seed: int, step: int, rank: int, stream: int, update: int) -> int:
+    """The seed of the shared noise and sigma of one DPO update."""
+    return derived_seed("dpo_noise", seed, step, rank, stream, update)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,6 +763,10 @@ class DPOPolicy:
             qi.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_targets.split(","),
                         config.lora_init)
         else:
+            # Policy and reference must compute in the same precision, or the DPO margin is not 0 at
+            # step 0: both are fp32 copies of the same weights (a bf16 frozen copy next to an fp32
+            # policy would not be). --dtype then applies to the text encoder and VAE only.
+            transformer.to(torch.float32)
             self.reference = qi.make_frozen_reference(transformer)
             transformer.requires_grad_(True)
             for name in qi.dead_text_stream_modules(transformer):  # never reach the output: freeze
@@ -763,22 +782,30 @@ class DPOPolicy:
         self.params = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.weight_decay, eps=config.adam_epsilon)
-        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
+        # Not prepared: accelerate's scheduler wrapper steps once per process per optimizer step, which
+        # would run the warm-up num_processes times too fast. One step per optimizer step here.
+        self.lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
         if config.sharding == "fsdp2":  # FSDP2 reduces gradients itself
             self.model = transformer
-            self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+            self.optimizer = accelerator.prepare(optimizer)
         else:
-            self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+            self.model, self.optimizer = accelerator.prepare(transformer, optimizer)
         transformer.train()
         self.nonfinite_in_a_row = 0
 
     # -- predictions
-    def _velocity(self, module, x0, noise, sigmas, embeds, mask):
+    def _velocity(self, module, x0, noise, sigmas, embeds, mask, negative=None):
+        """negative: (embeds, mask) of the negative prompt when true_cfg_scale > 1: the prediction is
+        then the sampler's norm-rescaled CFG combination, as in the rollout."""
         import qwen_image as qi
         from dpo_loss import noisy_latents
 
+        cfg = {}
+        if negative is not None:
+            cfg = dict(negative_prompt_embeds=negative[0], negative_prompt_mask=negative[1],
+                       true_cfg_scale=self.config.true_cfg_scale)
         return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
-                                   self.config.height, self.config.width)
+                                   self.config.height, self.config.width, **cfg)
 
     def reference_velocity(self, *args):
         import qwen_image as qi
@@ -827,7 +854,7 @@ class DPOPolicy:
         n_micro = int(all_max(accelerator, max(1, math.ceil(n_pairs / config.micro_batch_pairs))))
         totals, good_updates = [0.0, 0.0, 0.0], 0
         for update in range(updates):
-            generator = torch.Generator().manual_seed(derived_seed(config.seed, step, rank, stream, update) % 2**62)
+            generator = torch.Generator().manual_seed(dpo_noise_seed(config.seed, step, rank, stream, update))
             noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
                                                          logit_mean=config.logit_mean, logit_std=config.logit_std)
             target = velocity_target(x0, noise)
@@ -839,7 +866,11 @@ class DPOPolicy:
                     lo, hi, weight = 0, 1, 0.0
                 rows = slice(2 * lo, 2 * hi)
                 embeds, mask = prompt_cache(pair_prompts[rows], device=x0.device, dtype=self.dtype)
-                args = (x0[rows], noise[rows], sigmas[rows], embeds, mask)
+                negative = None
+                if config.true_cfg_scale > 1:  # train on what the CFG sampler computes
+                    negative = prompt_cache([config.negative_prompt] * len(pair_prompts[rows]), device=x0.device,
+                                            dtype=self.dtype)
+                args = (x0[rows], noise[rows], sigmas[rows], embeds, mask, negative)
                 ref_pred = self.reference_velocity(*args)
                 with self._no_sync(micro == n_micro - 1):
                     model_pred = self._velocity(self.model, *args)

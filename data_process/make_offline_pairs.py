@@ -99,7 +99,7 @@ def generate(config: PairsConfig) -> dict:
     for start in tqdm(range(0, len(rows), prompts_per_batch), desc="pairs"):
         batch = rows[start:start + prompts_per_batch]
         flat = [row for row in batch for _ in range(K)]
-        seeds = [tu.derived_seed(config.seed, start + i, j) % 2**31 for i in range(len(batch)) for j in range(K)]
+        seeds = [tu.derived_seed("offline_pairs", config.seed, start + i, j) for i in range(len(batch)) for j in range(K)]
         group_ids = [start + i for i in range(len(batch)) for _ in range(K)]
         latents, images = qi.rollout(pipe, cache, [r["prompt"] for r in flat], seeds, settings)
         scores = torch.tensor(tu.score_rows(reward_fn, images, flat), dtype=torch.float64)

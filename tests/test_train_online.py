@@ -72,6 +72,9 @@ def lora(output_dir):
     ("train_data", "/nonexistent/prompts.parquet", "train_data"),
     ("eval_data", "/nonexistent/test.txt", "eval_data"),
     ("preset", "gpu_huge", "preset"),
+    ("lora_init", "pissa", "lora_init"),  # rewrites the base weights: "adapters disabled" != base
+    ("lora_init", "olora", "lora_init"),
+    ("lora_init", "anything", "lora_init"),
     ("learning_rate", "inf", "learning_rate"),
     ("weight_decay", "inf", "weight_decay"),  # torch accepts inf (and rejects -0.1 only after the model loads)
     ("adam_beta1", "1", "adam_beta1"),
@@ -111,7 +114,7 @@ def test_recipe_defaults():
 @pytest.mark.slow
 def test_online_dpo_learns_and_the_reversed_preference_unlearns(tmp_path):
     """cpu_tiny (20 steps): the eval reward (64 images, fixed seeds) rises; reversing chosen and
-    rejected makes it fall. Measured: 0.5049 -> 0.5227 and -> 0.4970; eval std <= 0.0013 (64 images)."""
+    rejected makes it fall. Measured: 0.5049 -> 0.5301 and -> 0.4991; eval std <= 0.0013 (64 images)."""
     forward, backward = str(tmp_path / "forward"), str(tmp_path / "reversed")
     train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", forward])
     train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", backward, "--reverse_preference", "true"])
@@ -213,12 +216,14 @@ def test_two_process_launch(tmp_path, tiny_dir, sharding):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
            "--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "2", "--eval_every", "2",
-           "--checkpoint_every", "2", "--sharding", sharding]
+           "--checkpoint_every", "2", "--sharding", sharding, "--lr_warmup_steps", "8"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
     steps = [r for r in rows if "data/prompt_uids" in r]
     assert len(steps) == 2
+    # warm-up counts optimizer steps (2 per rollout batch), not optimizer steps x processes
+    assert [r["lr"] for r in steps] == pytest.approx([3e-2 * 2 / 8, 3e-2 * 4 / 8], rel=1e-12)
     for r in steps:  # 8 prompts per step: rank 0 took 4, rank 1 the other 4
         uids = r["data/prompt_uids"]
         assert len(uids) == 8 and not set(uids[:4]) & set(uids[4:])
@@ -240,12 +245,14 @@ def test_two_process_launch(tmp_path, tiny_dir, sharding):
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_trainers_eval_through_diffusers_lora_loading(tmp_path):
+    """In bf16 (frozen weights bf16, LoRA fp32 in both): the harder case; fp32 is the same code path."""
     import evaluate
 
     out = str(tmp_path / "run")
-    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "3", "--eval_every", "3"])
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "3", "--eval_every", "3",
+                           "--dtype", "bfloat16"])
     trainer_eval = eval_rewards(read_metrics(out))
-    results = evaluate.main(["--pretrained", "tiny", "--dtype", "float32", "--lora_dir", os.path.join(out, "lora"),
+    results = evaluate.main(["--pretrained", "tiny", "--dtype", "bfloat16", "--lora_dir", os.path.join(out, "lora"),
                              "--prompts", os.path.join(ROOT, "data", "tiny_prompts.txt"), "--reward", "brightness",
                              "--height", "64", "--width", "64", "--num_inference_steps", "4",
                              "--samples_per_prompt", "4", "--max_sequence_length", "64",
@@ -325,6 +332,48 @@ def test_trackers_wandb_offline_without_key_and_tensorboard(tmp_path, monkeypatc
             assert os.environ["WANDB_MODE"] == "offline"
         else:
             assert any("events.out.tfevents" in f for f in files), files
+
+
+def test_derived_seeds_never_collide_over_the_recipe_grid_nor_between_run_seeds():
+    """Recipe: 300 steps x 4 ranks x 32/4 prompts x 16 samples = 128 rollouts per rank and step."""
+    import trainer_utils as tu
+
+    def grid(seed):
+        return [s for step in range(300) for rank in range(4) for s in tu.rollout_seeds(seed, step, rank, 128)]
+
+    run0, run1 = grid(0), grid(1)
+    assert len(set(run0)) == len(run0) == 300 * 4 * 128
+    assert not set(run0) & set(run1)
+    noise = {tu.dpo_noise_seed(seed, step, rank, 0, u) for seed in (0, 1) for step in range(300) for rank in range(4)
+             for u in range(2)}
+    assert len(noise) == 2 * 300 * 4 * 2 and not noise & (set(run0) | set(run1))
+    assert all(0 <= s < 2**63 for s in run0[:1000])
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_policy_and_reference_agree_exactly_at_step_0(tiny_dir, train_mode, dtype):
+    """Same precision for policy and reference in every mode: the DPO margin starts at exactly 0."""
+    from accelerate import Accelerator
+
+    import dpo_loss
+    import qwen_image as qi
+    import trainer_utils as tu
+
+    config = tu.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
+                             ["--preset", "cpu_tiny", "--train_mode", train_mode, "--dtype", dtype])
+    pipe = qi.load_pipeline(tiny_dir, dtype=getattr(torch, dtype))
+    cache = qi.PromptCache(pipe, 64)
+    policy = tu.DPOPolicy(config, pipe, Accelerator(cpu=True))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 16, 64, generator=g)
+    noise, sigmas = torch.randn(x0.shape, generator=g), torch.rand(4, generator=g)
+    embeds, mask = cache(["a cat", "a cat", 'A sign that says "Open"', 'A sign that says "Open"'], dtype=policy.dtype)
+    args = (x0, noise, sigmas, embeds, mask)
+    ref = policy.reference_velocity(*args)
+    pred = policy._velocity(policy.model, *args)
+    _, metrics = dpo_loss.diffusion_dpo_loss(pred, ref, dpo_loss.velocity_target(x0, noise), beta=2000.0)
+    assert torch.equal(pred, ref) and metrics["inside_mean"] == 0.0
 
 
 # ---------------------------------------------------------------------------------- run folder and resume rules
