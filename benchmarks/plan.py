@@ -16,6 +16,7 @@ What it does:
   block's saved tensors; with gradient checkpointing = tensors outside the blocks + each block's
   inputs + one block recomputed + the working set (the rule is checked against resident-set
   measurements on a small model in tests/test_perf.py: within 20 %);
+- host memory of the prompt cache (qwen_image.PromptCache keeps it in pinned CPU memory);
 - memory per GPU for DDP (everything replicated; gradient buckets add one copy of the gradients)
   and FSDP2 (`fully_shard` per block: weights, gradients and AdamW state divided by the world size,
   plus two blocks gathered at a time), as the trainer holds them: frozen weights in `--dtype`,
@@ -139,8 +140,7 @@ def activation_peak_bytes(saved: dict, gradient_checkpointing: bool) -> int:
 
 
 def memory_plan(params: dict, activations_no_ckpt: int, activations_ckpt: int, world_size: int,
-                block_params_bytes: int, prompt_cache_bytes: int, rollout_bytes: int, train_mode: str,
-                dtype_bytes: int) -> dict:
+                block_params_bytes: int, rollout_bytes: int, train_mode: str, dtype_bytes: int) -> dict:
     """Per-GPU bytes of each component for DDP and FSDP2."""
     trainable = params["trainable"]
     out = {}
@@ -156,7 +156,6 @@ def memory_plan(params: dict, activations_no_ckpt: int, activations_ckpt: int, w
         rows["fsdp2_gathered_blocks"] = 2 * block_params_bytes if strategy == "fsdp2" else 0
         if train_mode == "full":
             rows["frozen_reference_copy"] = params["base"] * dtype_bytes  # deep-copied before sharding
-        rows["prompt_cache"] = prompt_cache_bytes
         base = sum(rows.values())
         rows["activations_checkpointed"] = activations_ckpt
         rows["activations_no_checkpointing"] = activations_no_ckpt
@@ -209,7 +208,7 @@ def plan(args) -> dict:
     rollout_bytes = int(args.rollout_chunk_size * (2 if cfg else 1) * max(saved["per_block"]) / micro)
     block_bytes = sum(p.numel() * dtype_bytes for p in transformer.transformer_blocks[0].parameters())
     prompt_cache = args.num_prompts * args.text_tokens * config["joint_attention_dim"] * dtype_bytes
-    memory = memory_plan(params, act_full, act_ckpt, args.world_size, block_bytes, prompt_cache, rollout_bytes,
+    memory = memory_plan(params, act_full, act_ckpt, args.world_size, block_bytes, rollout_bytes,
                          args.train_mode, dtype_bytes)
 
     rank = args.lora_rank if args.train_mode == "lora" else 0
@@ -226,6 +225,8 @@ def plan(args) -> dict:
         params_base=params["base"], params_total=params["total"], params_trainable=params["trainable"],
         memory_gb={s: {k: v / GB for k, v in rows.items()} for s, rows in memory.items()},
         gpu_memory_gb=args.gpu_memory_gb,
+        # qwen_image.PromptCache keeps every prompt's embedding in (pinned) CPU memory, in each process
+        prompt_cache_host_gb_per_process=prompt_cache / GB,
         # the pipeline is loaded whole on every GPU (sharding comes later) and the text encoder sits there
         # while the prompt cache is warmed
         load_time_gb_per_gpu=(params["base"] + TEXT_ENCODER_PARAMS + VAE_PARAMS) * dtype_bytes / GB,
@@ -255,6 +256,8 @@ def print_plan(result: dict):
         print(f"  {s}: {verdict} with gradient checkpointing ({total:.1f} GB); without: "
               f"{result['memory_gb'][s]['total_no_checkpointing']:.1f} GB")
     print(f"  while warming the prompt cache (text encoder on the GPU): {result['load_time_gb_per_gpu']:.1f} GB")
+    print(f"host memory per process: prompt cache {result['prompt_cache_host_gb_per_process']:.1f} GB "
+          f"(--num_prompts x --text_tokens x text width, bf16; pinned CPU memory)")
     print(f"\nper step and GPU: {result['images_per_gpu']} rollout images ({result['rollout_pflop_per_gpu']:.1f} PFLOP), "
           f"{result['pairs_per_gpu']} pairs updated ({result['update_pflop_per_gpu_checkpointed']:.2f} PFLOP with "
           f"checkpointing, {result['update_pflop_per_gpu_no_checkpointing']:.2f} without)")
