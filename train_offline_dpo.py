@@ -43,7 +43,9 @@ class Config:
     compile_transformer: bool = False  # torch.compile the repeated blocks for the training forward
     compile_backend: str = "inductor"
     # data
-    pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet or a directory of them
+    pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet, a directory of them, or a Hub dataset id (pairs or Pick-a-Pic columns)
+    split: str = "train"  # split of a Hub dataset id in pairs_path (streamed)
+    max_pairs: int = 0  # read only the first N usable pairs (0 = all): Hub sets too big to hold
     strict: bool = False  # corrupt image bytes: error instead of skipping the row
     eval_data: str = "data/ocr/test.parquet"  # prompts for evaluation
     height: int = 512  # training resolution: images are resized / centre-cropped to it
@@ -68,8 +70,8 @@ class Config:
     max_steps: int = 2000
     max_nonfinite_in_a_row: int = 3
     # evaluation (rollouts of the eval prompts, scored by `reward`), logging, checkpoints
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     eval_every: int = 100
     eval_samples_per_prompt: int = 1
     eval_inference_steps: int = 50
@@ -82,6 +84,10 @@ class Config:
     log_with: str = "wandb"
     peak_tflops: float = 0.0  # the device's dense bf16 peak: logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-offline-dpo"
+    # sharing: lora/README.md (model card) is always written; the upload needs a token and network
+    push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
+    hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
+    hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
     output_dir: str = "outputs/offline_dpo"
     resume_from_checkpoint: str = ""
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
@@ -103,7 +109,8 @@ def validate(config: Config, world_size: int = 1):
 
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
-    require(os.path.exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(tu.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")
 
@@ -140,19 +147,24 @@ def train(config: Config):
     from tqdm.auto import tqdm
 
     from data_process.pairs_format import read_pairs
-    from rewards import OCR_REWARDS, build_reward
+    from rewards import build_reward, uses_ocr_target
 
     accelerator, stop = tu.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    is_ocr = config.reward in OCR_REWARDS
+    is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model; latents and prompt embeddings computed once
-    pairs, counts = read_pairs(config.pairs_path, strict=config.strict)
-    if counts["corrupt_images_skipped"]:
-        accelerator.print(f"skipped {counts['corrupt_images_skipped']} pair(s) with undecodable images")
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
+    t0 = time.perf_counter()
+    pairs, counts = read_pairs(config.pairs_path, strict=config.strict, split=config.split, max_pairs=config.max_pairs)
+    accelerator.print(f"read {len(pairs)} pairs from {config.pairs_path} in {time.perf_counter() - t0:.1f} s "
+                      f"(skipped: {counts['corrupt_images_skipped']} undecodable, {counts.get('ties_dropped', 0)} Pick-a-Pic "
+                      f"ties, {counts.get('bad_label_dropped', 0)} bad labels)")
+    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
+    t0 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
+    accelerator.print(f"pipeline {config.pretrained} ({config.dtype}) on {device} loaded in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     encoded = load_pair_latents(pipe, pairs, config.height, config.width)
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
@@ -200,6 +212,7 @@ def train(config: Config):
         metrics_log.log(metrics, step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}",
+                             gap=f"{metrics['pairs/score_gap']:.3f}",
                              acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
         if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
@@ -208,4 +221,4 @@ def train(config: Config):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)  # a config error: one line on stderr, exit status 2

@@ -36,20 +36,114 @@ CPU_TINY_OVERRIDES = dict(
 )
 
 
-def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None):
-    """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `--preset NAME` applies
-    a named group of overrides first; flags given explicitly win over the preset."""
+class ConfigError(ValueError):
+    """An invalid flag or value: `cli` prints its one-line message and exits with status 2."""
+
+
+def field_comments(config_cls) -> dict[str, str]:
+    """{field name: its trailing `# comment`} read from the dataclass source: the comment is the help
+    text (fields keep plain `name: type = default` lines, no `field(metadata=...)`)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    comments, line_tokens = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            # a field line: NAME ':' ... with a comment somewhere on its (logical) line
+            names = [t for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL)]
+            if len(names) >= 2 and names[0].type == tokenize.NAME and names[1].string == ":":
+                texts = [t.string.lstrip("#").strip() for t in names if t.type == tokenize.COMMENT]
+                if texts:
+                    comments[names[0].string] = " ".join(texts)
+            line_tokens = []
+        elif token.type != tokenize.COMMENT or line_tokens:  # comment-only lines are section titles
+            line_tokens.append(token)
+    return comments
+
+
+def _describe_presets(presets: dict[str, dict]) -> str:
+    if not presets:
+        return ""
+    lines = ["presets (--preset NAME applies these overrides first; explicit flags win):"]
+    for name, overrides in presets.items():
+        lines.append(f"  {name}: " + " ".join(f"--{k} {v}" for k, v in overrides.items()))
+    return "\n".join(lines)
+
+
+def build_parser(config_cls, presets: dict[str, dict], description: str | None = None):
+    """HfArgumentParser with each field's source comment as its help, the defaults and the presets."""
+    import argparse
+
     from transformers import HfArgumentParser
 
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = HfArgumentParser(config_cls, description=description, epilog=_describe_presets(presets),
+                              formatter_class=Formatter)
+    comments = field_comments(config_cls)
+    types = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(config_cls)}
+    for action in parser._actions:
+        name = action.dest
+        if name in types and not action.help:
+            action.help = comments.get(name) or f"{types[name]}; see the knobs tables in README.md"
+            if name == "preset":
+                action.help = f"a named group of overrides, applied first: {', '.join(presets) or 'none'} (listed below)"
+    return parser
+
+
+def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None, defaults: dict | None = None,
+                 description: str | None = None):
+    """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `defaults` (e.g. read from
+    a run's config.json) apply first, then `--preset NAME`'s overrides; flags given explicitly win.
+    Unknown flags (with the closest field suggested) and unparsable values raise ConfigError."""
+    import difflib
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(config_cls)
+    if description is None:  # the script's docstring heads its --help
+        description = getattr(sys.modules.get(config_cls.__module__), "__doc__", None)
+    parser = build_parser(config_cls, presets, description)
+
+    def error(message):  # argparse would print the usage and exit: one line instead
+        match = re.match(r"argument --([\w-]+)(?:/--[\w-]+)?: (.*)", message)
+        raise ConfigError(f"config field `{match.group(1)}`: {match.group(2)}" if match else message)
+    parser.error = error
+
+    known = {option for option in parser._option_string_actions if option.startswith("--")}
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            fields = sorted(option for option in known if "-" not in option[2:])
+            close = difflib.get_close_matches("--" + flag[2:].replace("-", "_"), fields, n=1, cutoff=0.6)
+            raise ConfigError(f"unknown flag `{flag}`" + (f"; did you mean `{close[0]}`?" if close else
+                                                          "; see --help for the fields"))
+    if defaults:
+        parser.set_defaults(**defaults)
     preset = _flag_value(argv, "preset")
     if preset:
         if preset not in presets:
-            raise ValueError(f"preset: unknown preset {preset!r}; known: {', '.join(presets) or 'none'}")
+            raise ConfigError(f"config field `preset`: unknown preset {preset!r}; known: {', '.join(presets) or 'none'}")
         parser.set_defaults(**presets[preset])
     (config,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return config
+
+
+def cli(main, argv=None):
+    """The scripts' entry point: a config error prints one line to stderr and exits with status 2
+    (no traceback)."""
+    try:
+        return main(argv)
+    except ConfigError as error:
+        print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as error:  # a second Ctrl-C / SIGTERM (StopFlag) or Ctrl-C before training
+        print(f"{os.path.basename(sys.argv[0])}: interrupted{f' ({error})' if str(error) else ''}", file=sys.stderr)
+        sys.exit(130)
 
 
 def _flag_value(argv, name):
@@ -62,20 +156,21 @@ def _flag_value(argv, name):
 
 
 def require(condition: bool, field: str, rule: str):
-    """Config validation: raise ValueError naming the field and the rule it breaks."""
+    """Config validation: raise ConfigError (a ValueError) naming the field and the rule it breaks."""
     if not condition:
-        raise ValueError(f"config field `{field}`: {rule}")
+        raise ConfigError(f"config field `{field}`: {rule}")
 
 
 def validate_policy_config(config, world_size: int = 1):
     """The rules both trainers share: model, LoRA, DPO, optimiser, evaluation, logging."""
     from pairing import PAIR_STRATEGIES, SIGMA_SCHEMES
-    from rewards import REWARDS
 
     require(config.micro_batch_pairs >= 1, "micro_batch_pairs",
             "must be >= 1: a micro-batch holds whole (chosen, rejected) pairs, never half of one")
     require(math.isfinite(config.beta) and config.beta > 0, "beta", "must be a finite number > 0")
-    require(config.reward in REWARDS, "reward", f"unknown reward {config.reward!r}; known: {', '.join(REWARDS)}")
+    validate_reward(config.reward, config.reward_kwargs)
+    require(not getattr(config, "push_to_hub", False) or bool(getattr(config, "hub_model_id", "").strip()),
+            "hub_model_id", "push_to_hub needs a repository id (--hub_model_id user/name)")
     require(getattr(config, "pair_strategy", PAIR_STRATEGIES[0]) in PAIR_STRATEGIES, "pair_strategy",
             f"must be one of {PAIR_STRATEGIES}")
     require(config.sigma_scheme in SIGMA_SCHEMES, "sigma_scheme", f"must be one of {SIGMA_SCHEMES}")
@@ -106,12 +201,35 @@ def validate_policy_config(config, world_size: int = 1):
         require(getattr(config, field) >= 0, field, "must be >= 0 (0 disables)")
     require(config.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
     require(config.log_with in ("wandb", "tensorboard", "none"), "log_with", "must be wandb, tensorboard or none")
-    try:
-        json.loads(config.reward_kwargs)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"config field `reward_kwargs`: not valid JSON ({error})") from None
-    require(os.path.exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+    require(data_source_exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
     validate_output_and_resume(config)
+
+
+def data_source_exists(spec: str) -> bool:
+    """A local path that exists, or a Hub dataset id (`owner/name`; read through `datasets`)."""
+    from data_process.records import source_exists
+
+    return source_exists(spec)
+
+
+def validate_reward(spec: str, reward_kwargs: str):
+    """`reward`: a name or weighted components ("ocr:1.0,pickscore:0.2"); `reward_kwargs`: a JSON
+    object, keyed by component name when the spec has several components."""
+    from rewards import parse_reward_spec
+
+    try:
+        components = parse_reward_spec(spec)
+    except ValueError as error:
+        raise ConfigError(f"config field `reward`: {error}") from None
+    try:
+        kwargs = json.loads(reward_kwargs)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config field `reward_kwargs`: not valid JSON ({error})") from None
+    require(isinstance(kwargs, dict), "reward_kwargs", "must be a JSON object")
+    names = [name for name, _ in components]
+    if len(names) > 1:
+        require(set(kwargs) <= set(names), "reward_kwargs",
+                f"with several rewards, keys must be component names {names}, got {sorted(kwargs)}")
 
 
 def validate_output_and_resume(config):
@@ -134,52 +252,69 @@ def require_writable_dir(path: str, field: str):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise ValueError(f"config field `{field}`: folder {path!r} is not writable ({error.strerror or error})") from None
+        raise ConfigError(f"config field `{field}`: folder {path!r} is not writable ({error.strerror or error})") from None
 
 
 def config_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as written to config.json, the trackers and the model card: never the hub token."""
+    values = dataclasses.asdict(config)
+    if values.get("hub_token"):
+        values["hub_token"] = "<redacted>"
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
 # Prompt data
 
-def load_prompts(path: str, need_ocr_target: bool = False) -> list[dict]:
-    """Rows {prompt, ground_truth, uid} from a data_process/qwenimage_ocr.py parquet, a
-    directory of such parquet files, or a text file with one prompt per line (blank lines skipped).
-    With need_ocr_target, every prompt must carry a quoted OCR target (error names file and row)."""
+PROMPT_COLUMN_NAMES = ("prompt", "caption", "text")  # the first one a source has is the prompt
+
+
+def _require_utf8_lines(path: str):
+    """A text file's bytes must be UTF-8: the error names the first bad line (datasets' text reader
+    would only say that some byte somewhere does not decode)."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}: line {line_number} is not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start})") from None
+
+
+def load_prompts(path: str, need_ocr_target: bool = False, split: str = "train", max_rows: int = 0) -> list[dict]:
+    """Rows {prompt, ground_truth, uid} through `datasets` (data_process/records.py): a
+    data_process/qwenimage_ocr.py parquet, a .jsonl, a .txt with one prompt per line (blank lines
+    skipped), a directory of such files, or a Hub dataset id (its `split`; column prompt, caption or
+    text). Errors name the file (or `id[split]`) and row; with need_ocr_target, every prompt must
+    carry a quoted OCR target. max_rows > 0 stops reading after that many prompts."""
+    from data_process.records import column_names, is_hub_id, open_parts
     from rewards import ocr_target
 
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not is_hub_id(path):
         raise FileNotFoundError(f"prompt data {path!r} does not exist")
     rows = []
-    if os.path.isdir(path) or path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet")) \
-            if os.path.isdir(path) else [path]
-        if not files:
-            raise FileNotFoundError(f"no .parquet files in {path!r}")
-        for file in files:
-            table = pq.read_table(file)
-            if "prompt" not in table.column_names:
-                raise ValueError(f"{file}: missing column 'prompt' (has {table.column_names})")
-            prompts = table.column("prompt").to_pylist()
-            truths = table.column("ground_truth").to_pylist() if "ground_truth" in table.column_names else [None] * len(prompts)
-            for i, (prompt, truth) in enumerate(zip(prompts, truths)):
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise ValueError(f"{file}: row {i}: empty or non-string prompt")
-                rows.append({"prompt": prompt, "ground_truth": truth, "uid": f"{os.path.basename(file)}:{i}"})
-    else:
-        with open(path, "rb") as f:
-            for line_number, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise ValueError(f"{path}: line {line_number} is not UTF-8 text ({error.reason} at byte "
-                                     f"{error.start})") from None
-                if line.strip():
-                    rows.append({"prompt": line.strip(), "ground_truth": None, "uid": f"{os.path.basename(path)}:{line_number}"})
+    for name, dataset in open_parts(path, split, extensions=(".parquet", ".jsonl", ".json", ".txt")):
+        label = os.path.basename(name) if os.path.exists(name) else name
+        if name.endswith(".txt"):  # one prompt per line; uid = file:line number
+            _require_utf8_lines(name)
+            for line_number, row in enumerate(dataset, 1):
+                if row["text"].strip():
+                    rows.append({"prompt": row["text"].strip(), "ground_truth": None, "uid": f"{label}:{line_number}"})
+            continue
+        columns = column_names(dataset)
+        for i, row in enumerate(dataset):
+            columns = columns or list(row)
+            prompt_column = next((c for c in PROMPT_COLUMN_NAMES if c in columns), None)
+            if prompt_column is None:
+                raise ValueError(f"{name}: missing column 'prompt' (has {columns})")
+            prompt = row[prompt_column]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{name}: row {i}: empty or non-string prompt")
+            rows.append({"prompt": prompt, "ground_truth": row.get("ground_truth"), "uid": f"{label}:{i}"})
+            if max_rows and len(rows) >= max_rows:
+                break
+        if columns is not None and not any(c in columns for c in PROMPT_COLUMN_NAMES):
+            raise ValueError(f"{name}: missing column 'prompt' (has {columns})")
     if not rows:
         raise ValueError(f"{path}: no prompts")
     if need_ocr_target:
@@ -188,7 +323,7 @@ def load_prompts(path: str, need_ocr_target: bool = False) -> list[dict]:
             if target is None:
                 raise ValueError(f"{row['uid']}: prompt has no quoted text for the OCR reward: {row['prompt']!r}")
             row["ground_truth"] = row["ground_truth"] if row["ground_truth"] is not None else target
-    return rows
+    return rows[:max_rows or None]
 
 
 def prompts_for_step(rows: list[dict], step: int, prompts_per_step: int, rank: int, world_size: int,
@@ -458,6 +593,37 @@ class MetricsLog:
         # trackers get the numbers; lists (prompt ids, per-rank checksums) stay in metrics.jsonl
         self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
+    def _tracker(self, name):
+        if not self.accelerator.is_main_process or name not in [t.name for t in self.accelerator.trackers]:
+            return None
+        return self.accelerator.get_tracker(name, unwrap=True)  # the wandb run / the SummaryWriter
+
+    def log_image(self, name: str, image: Image.Image, step: int, caption: str = ""):
+        """A sample grid to the trackers: wandb.Image (wandb) / add_image (tensorboard)."""
+        import numpy as np
+
+        if (run := self._tracker("wandb")) is not None:
+            import wandb
+
+            run.log({name: wandb.Image(image, caption=caption or None)}, step=step)
+        if (writer := self._tracker("tensorboard")) is not None:
+            writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int):
+        """Per-image results to the trackers: wandb.Table (PIL cells become images) / a markdown table
+        as tensorboard text."""
+        if (run := self._tracker("wandb")) is not None:
+            import wandb
+
+            data = [[wandb.Image(v) if isinstance(v, Image.Image) else v for v in row] for row in rows]
+            run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
+        if (writer := self._tracker("tensorboard")) is not None:
+            keep = [i for i, v in enumerate(rows[0]) if not isinstance(v, Image.Image) and v is not None] if rows else []
+            lines = ["| " + " | ".join(columns[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+            lines += ["| " + " | ".join(f"{row[i]:.4f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
+                      for row in rows]
+            writer.add_text(name, "\n".join(lines), step)
+
 
 def setup_trackers(accelerator, log_with: str, project: str, config: dict, output_dir: str):
     """wandb runs offline when no API key is configured; tensorboard writes under output_dir."""
@@ -531,12 +697,55 @@ def after_step(steps_done: int, config, policy, accelerator, stop: "StopFlag", r
 
 
 def finish(config, policy, metrics_log, accelerator) -> dict:
-    """Final weights in the format diffusers loads; per-rank checksums show the replicas agree."""
+    """Final weights in the format diffusers loads; per-rank checksums show the replicas agree. LoRA:
+    a model card next to the weights, the upload with push_to_hub, and a summary on the terminal."""
     metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
     final_dir = policy.save_final(config.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.is_main_process:
+        evals = eval_history(config.output_dir)
+        if config.train_mode == "lora":
+            import model_card
+
+            grids = sorted(f for f in os.listdir(os.path.join(config.output_dir, "samples")) if f.startswith("eval-"))
+            model_card.write_model_card(final_dir, config_dict(config), evals,
+                                        os.path.join(config.output_dir, "samples", grids[-1]) if grids else None,
+                                        kind="offline" if hasattr(config, "pairs_path") else "online")
+            if getattr(config, "push_to_hub", False):
+                model_card.push_to_hub(final_dir, config.hub_model_id, config.hub_token or None)
+        print(run_summary(config, final_dir, evals))
     return {"final_dir": final_dir, "step": config.max_steps}
+
+
+def eval_history(output_dir: str) -> list[dict]:
+    """The eval rows of output_dir/metrics.jsonl (all of them, also those logged before a resume)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [row for row in map(json.loads, f) if "eval/reward_mean" in row]
+
+
+def run_summary(config, final_dir: str, evals: list[dict]) -> str:
+    """The end-of-run report: eval before -> after (± standard error), steps, wall time, where things are."""
+    import time
+
+    lines = [f"done: {config.max_steps} steps in {time.perf_counter() - _RUN_START:.0f} s wall"]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"eval reward: {first['eval/reward_mean']:.4f} ± {first.get('eval/reward_se', 0):.2g} (step {first['step']})"
+                     f" -> {last['eval/reward_mean']:.4f} ± {last.get('eval/reward_se', 0):.2g} (step {last['step']})")
+    lines += [f"weights:  {final_dir}" + ("  (model card: README.md)" if config.train_mode == "lora" else ""),
+              f"metrics:  {os.path.join(config.output_dir, 'metrics.jsonl')}",
+              f"samples:  {os.path.join(config.output_dir, 'samples')}"]
+    if config.train_mode == "lora":
+        load = (f"import qwen_image; pipe = qwen_image.load_pipeline(\"{config.pretrained}\")"
+                if config.pretrained in ("tiny", "tiny-bench") else
+                f"import torch; from diffusers import QwenImagePipeline; pipe = QwenImagePipeline.from_pretrained("
+                f"\"{config.pretrained}\", torch_dtype=torch.bfloat16)")
+        lines.append(f"load it:  python -c '{load}; pipe.load_lora_weights(\"{os.path.abspath(final_dir)}\")'")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,16 +753,35 @@ def finish(config, policy, metrics_log, accelerator) -> dict:
 
 
 def score_rows(reward_fn, images, rows) -> list[float]:
-    return [float(r) for r in reward_fn(images, [row["prompt"] for row in rows])]
+    return score_rows_with_components(reward_fn, images, rows)[0]
+
+
+def score_rows_with_components(reward_fn, images, rows) -> tuple[list[float], dict[str, list[float]]]:
+    """(combined reward per image, {component: scores} for a weighted multi-reward, else {})."""
+    from rewards import score_components
+
+    return score_components(reward_fn, images, [row["prompt"] for row in rows])
+
+
+def component_metrics(accelerator, parts: dict[str, list[float]], prefix: str = "reward") -> dict:
+    """{prefix}/{name}/mean|std|max|min of each reward component over every rank's images."""
+    out = {}
+    for name, scores in parts.items():
+        values = torch.tensor(scores, dtype=torch.float64, device=accelerator.device)
+        values = (accelerator.gather(values) if accelerator.num_processes > 1 else values).cpu()
+        out.update({f"{prefix}/{name}/mean": values.mean().item(), f"{prefix}/{name}/std": values.std(unbiased=False).item(),
+                    f"{prefix}/{name}/max": values.max().item(), f"{prefix}/{name}/min": values.min().item()})
+    return out
 
 
 @torch.no_grad()
 def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, samples_per_prompt: int,
-             accelerator, exact_match: bool) -> tuple[dict, list[Image.Image], list[float]]:
+             accelerator, exact_match: bool, components: dict | None = None) -> tuple[dict, list[Image.Image], list[float]]:
     """Fixed seeds (sample j of eval prompt i has seed i * 1000 + j) so every evaluation sees the same
     noise. Prompts are split across ranks (padded to equal length: every rank runs the same number
     of forwards, which sharded models require); rewards gathered. Returns (metrics, this rank's
-    images, this rank's rewards)."""
+    images, this rank's rewards); pass a dict as `components` to receive this rank's per-component
+    scores of a weighted reward."""
     import qwen_image
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -565,15 +793,36 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     prompts = [rows[i]["prompt"] for i, _ in mine]
     seeds = [i * 1000 + j for i, j in mine]
     _, images = qwen_image.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)
-    scores = score_rows(reward_fn, images[:n_real], [rows[i] for i, _ in mine[:n_real]]) if n_real else []
-    values = torch.tensor(scores + [float("nan")] * (per_rank - n_real), dtype=torch.float64, device=accelerator.device)
-    gathered = accelerator.gather(values).cpu()
-    gathered = gathered[~torch.isnan(gathered)]
-    metrics = {"eval/reward_mean": gathered.mean().item(), "eval/reward_std": gathered.std(unbiased=False).item(),
-               "eval/images": float(gathered.numel())}
+    scores, parts = score_rows_with_components(reward_fn, images[:n_real], [rows[i] for i, _ in mine[:n_real]]) \
+        if n_real else ([], {})
+    names = sorted(parts)
+    # [per_rank, 1 + components]: the combined reward, then each component; NaN rows are padding
+    table = torch.full((per_rank, 1 + len(names)), float("nan"), dtype=torch.float64)
+    if n_real:
+        table[:n_real] = torch.tensor([scores] + [parts[n] for n in names], dtype=torch.float64).T
+    gathered = accelerator.gather(table.to(accelerator.device)).cpu()
+    gathered = gathered[~torch.isnan(gathered[:, 0])]
+    values = gathered[:, 0]
+    metrics = {"eval/reward_mean": values.mean().item(), "eval/reward_std": values.std(unbiased=False).item(),
+               "eval/reward_se": (values.std(unbiased=True) / math.sqrt(len(values))).item() if len(values) > 1 else 0.0,
+               "eval/images": float(values.numel())}
+    for k, name in enumerate(names):
+        metrics[f"eval/{name}/reward_mean"] = gathered[:, 1 + k].mean().item()
     if exact_match:
-        metrics["eval/exact_match"] = (gathered >= 1.0 - 1e-9).double().mean().item()
+        metrics["eval/exact_match"] = (values >= 1.0 - 1e-9).double().mean().item()
+    if components is not None:
+        components.update(parts)
     return metrics, images[:n_real], scores
+
+
+def format_eval(metrics: dict) -> str:
+    """'reward 0.5049 ± 0.0002 (64 images)': the mean with its standard error."""
+    text = f"reward {metrics['eval/reward_mean']:.4f} ± {metrics.get('eval/reward_se', 0.0):.2g} " \
+           f"({int(metrics['eval/images'])} images)"
+    extra = [f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.endswith("/reward_mean") and k.count("/") == 2]
+    if "eval/exact_match" in metrics:
+        extra.append(f"exact match {metrics['eval/exact_match']:.3f}")
+    return text + (f" [{', '.join(extra)}]" if extra else "")
 
 
 def rollout_settings(config, num_inference_steps: int):
@@ -596,17 +845,36 @@ def make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, met
     return run_eval
 
 
+TABLE_IMAGES = 64  # eval table rows that carry their image (the rest: numbers only)
+
+
 def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt, accelerator,
                      exact_match: bool, metrics_log, step: int, output_dir: str) -> dict:
-    """The trainers' periodic evaluation: metrics to the log, a grid to samples/eval-STEP.png."""
+    """The trainers' periodic evaluation: metrics to the log and the terminal, a grid to
+    samples/eval-STEP.png and the trackers (with a table of this rank's images and rewards)."""
+    import time
+
+    start = time.perf_counter()
     pipe.transformer.eval()
+    parts = {}
     metrics, images, scores = evaluate(pipe, prompt_cache, rows, reward_fn, rollout_settings, samples_per_prompt,
-                                       accelerator, exact_match)
+                                       accelerator, exact_match, components=parts)
     pipe.transformer.train()
-    if accelerator.is_main_process and images:
-        image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]]).save(
-            os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
     metrics_log.log(metrics, step)
+    if accelerator.is_main_process and images:
+        grid = image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]])
+        grid.save(os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
+        metrics_log.log_image("eval/grid", grid, step, caption=f"step {step}: {format_eval(metrics)}")
+        jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][:len(images)]
+        names = sorted(parts)
+        metrics_log.log_table("eval/samples", ["prompt", "seed", "reward", *names, "image"],
+                              [[rows[i]["prompt"], i * 1000 + j, scores[k], *[parts[n][k] for n in names],
+                                images[k] if k < TABLE_IMAGES else None]  # media stays small on big evals
+                               for k, (i, j) in enumerate(jobs)], step)
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"eval @ step {step}: {format_eval(metrics)} in {time.perf_counter() - start:.1f} s")  # above the bar
     return metrics
 
 
@@ -617,7 +885,8 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) at step boundaries, writes a
     checkpoint and exits cleanly. A second signal raises KeyboardInterrupt at once (e.g. to leave a
-    hung reward call)."""
+    hung reward call); `cli` turns it into one line and exit status 130. Checkpoints are written
+    atomically, so what is already on disk stays loadable."""
 
     def __init__(self):
         self.raised = False
@@ -636,11 +905,18 @@ class StopFlag:
 # Launch
 
 
+_RUN_START = 0.0  # set by launch: the summary's wall time
+
+
 def launch(config, validate):
     """-> (accelerator, stop flag): the accelerator (with launch checks), `validate(config, world)`
     for the real number of processes, seeds set, SIGTERM/SIGINT caught."""
     from accelerate.utils import set_seed
 
+    import time
+
+    global _RUN_START
+    _RUN_START = time.perf_counter()
     accelerator = make_accelerator(config)
     validate(config, accelerator.num_processes)
     prepare_output_dir(config, accelerator)

@@ -125,6 +125,60 @@ def test_pickapic_conversion_drops_ties(tmp_path):
     assert pickapic_to_pairs.main(["--input", str(tmp_path / "bad.parquet"), "--output", out]) == 2
 
 
+# ---------------------------------------------------------------------------------- through `datasets`
+
+def test_prompts_load_through_datasets_from_parquet_jsonl_txt_and_directories(tmp_path):
+    import datasets
+
+    import trainer_utils as tu
+    from data_process.records import is_hub_id
+
+    assert datasets.config.HF_DATASETS_OFFLINE  # tests never reach the Hub
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ['a sign "OPEN"', 'a mug "CAFE"'], "ground_truth": ["OPEN", None]}),
+                   folder / "a.parquet")
+    (folder / "b.jsonl").write_text(json.dumps({"caption": 'a cap "HAT"'}) + "\n" + json.dumps({"caption": "a dog"}) + "\n")
+    (folder / "c.txt").write_text('first "ONE"\n\n  second "TWO"  \n')
+    (folder / "ignored.csv").write_text("prompt\nnot read\n")
+    rows = tu.load_prompts(str(folder))
+    assert [r["prompt"] for r in rows] == ['a sign "OPEN"', 'a mug "CAFE"', 'a cap "HAT"', "a dog", 'first "ONE"',
+                                           'second "TWO"']
+    assert [r["uid"] for r in rows] == ["a.parquet:0", "a.parquet:1", "b.jsonl:0", "b.jsonl:1", "c.txt:1", "c.txt:3"]
+    assert [r["ground_truth"] for r in rows[:3]] == ["OPEN", None, None]
+    assert len(tu.load_prompts(str(folder), max_rows=3)) == 3
+    with pytest.raises(ValueError, match=r"b.jsonl: prompt has no quoted text|b.jsonl:1: prompt has no quoted text"):
+        tu.load_prompts(str(folder), need_ocr_target=True)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": " "}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl: row 1: empty or non-string prompt"):
+        tu.load_prompts(str(tmp_path / "bad.jsonl"))
+    pq.write_table(pa.table({"title": ["x"]}), tmp_path / "nocol.parquet")
+    with pytest.raises(ValueError, match=r"nocol.parquet: missing column 'prompt' \(has \['title'\]\)"):
+        tu.load_prompts(str(tmp_path / "nocol.parquet"))
+    # Hub ids: recognised (validation accepts them), loaded through the same function when online
+    assert is_hub_id("yuvalkirstain/pickapic_v2") and is_hub_id("someone/prompts:test")
+    assert not is_hub_id("outputs/pairs.parquet") and not is_hub_id(str(folder)) and not is_hub_id("/abs/x")
+    with pytest.raises(ConnectionError, match="someone/not-cached"):
+        tu.load_prompts("someone/not-cached")
+
+
+def test_offline_trainer_reads_pickapic_rows_directly_ties_dropped_and_counted(tmp_path):
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    labels = [1.0, 0.5, 0.0, 1.0, 0.5]
+    pq.write_table(pa.table({"caption": list("abcde"), "jpg_0": [red] * 5, "jpg_1": [blue] * 5, "label_0": labels}),
+                   tmp_path / "pickapic.parquet")
+    rows, counts = read_pairs(str(tmp_path / "pickapic.parquet"))
+    assert [r["prompt"] for r in rows] == ["a", "c", "d"] and counts == {
+        "rows": 3, "corrupt_images_skipped": 0, "ties_dropped": 2, "bad_label_dropped": 0}
+    assert rows[0]["chosen_image"] == red and rows[1]["chosen_image"] == blue
+    rows, _ = read_pairs(str(tmp_path / "pickapic.parquet"), max_pairs=2)
+    assert [r["prompt"] for r in rows] == ["a", "c"]
+    assert pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), str(tmp_path / "out.parquet"), max_rows=3) == {
+        "rows_in": 3, "pairs": 2, "ties_dropped": 1, "bad_label_dropped": 0, "corrupt_images_dropped": 0}
+    config = train_offline_dpo.Config(pairs_path="yuvalkirstain/pickapic_v2", eval_data=str(tmp_path / "pickapic.parquet"))
+    train_offline_dpo.validate(config)  # a Hub id passes validation; it is streamed at run time
+
+
 def truncated_jpeg():
     """A real JPEG cut after 60 % of its bytes: PIL's verify() accepts it, decoding fails."""
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)

@@ -209,6 +209,27 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_second_ctrl_c_forces_the_exit(tmp_path):
+    """First SIGINT: a clean stop is requested (message); a second one exits at once: one line, 130."""
+    out = str(tmp_path / "int")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "500",
+                             "--eval_every", "0", "--checkpoint_every", "0"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: stopping after this step with a checkpoint" in err
+    assert "interrupted (second SIGINT: stopping now, without a checkpoint)" in err and "Traceback" not in err, err
+    assert not [d for d in os.listdir(out) if d.startswith("checkpoint-")]  # forced: no checkpoint written
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["none", "fsdp2"])
 def test_two_process_launch(tmp_path, tiny_dir, sharding):
     """2 CPU processes (gloo): DDP through accelerate, or FSDP2 fully_shard."""
@@ -252,16 +273,23 @@ def test_evaluate_reproduces_the_trainers_eval_through_diffusers_lora_loading(tm
     train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "3", "--eval_every", "3",
                            "--dtype", "bfloat16"])
     trainer_eval = eval_rewards(read_metrics(out))
-    results = evaluate.main(["--pretrained", "tiny", "--dtype", "bfloat16", "--lora_dir", os.path.join(out, "lora"),
-                             "--prompts", os.path.join(ROOT, "data", "tiny_prompts.txt"), "--reward", "brightness",
-                             "--height", "64", "--width", "64", "--num_inference_steps", "4",
-                             "--samples_per_prompt", "4", "--max_sequence_length", "64",
-                             "--output_dir", str(tmp_path / "eval")])
+    # --run_dir alone: the run's config.json gives every eval setting, lora_dir and output_dir
+    results = evaluate.main(["--run_dir", out])
     assert results["base"]["reward_mean"] == pytest.approx(trainer_eval[0], abs=1e-6)
     assert results["lora"]["reward_mean"] == pytest.approx(trainer_eval[-1], abs=1e-6)
-    saved = json.load(open(tmp_path / "eval" / "eval.json"))
+    saved = json.load(open(os.path.join(out, "eval", "eval.json")))
     assert len(saved["per_prompt"]) == 64 and saved["reward_gain"] == pytest.approx(trainer_eval[-1] - trainer_eval[0], abs=1e-6)
-    assert os.path.exists(tmp_path / "eval" / "grid.png")
+    assert os.path.exists(os.path.join(out, "eval", "grid.png"))
+    # the trainer's preset reproduces the same numbers; explicit flags win over the run's config
+    from trainer_utils import parse_config
+
+    config = parse_config(evaluate.EvalConfig, evaluate.PRESETS, ["--preset", "cpu_tiny"])
+    assert (config.pretrained, config.num_inference_steps, config.samples_per_prompt, config.height) == ("tiny", 4, 4, 64)
+    flagged = parse_config(evaluate.EvalConfig, evaluate.PRESETS, ["--run_dir", out, "--max_prompts", "3"],
+                           defaults=evaluate.run_dir_defaults(out))
+    assert (flagged.max_prompts, flagged.lora_dir, flagged.reward) == (3, os.path.join(out, "lora"), "brightness")
+    with pytest.raises(ValueError, match="config field `run_dir`"):
+        evaluate.main(["--run_dir", str(tmp_path)])
 
 
 def test_readme_documents_every_knob_and_ci_runs_its_test_command():
@@ -318,20 +346,73 @@ def test_full_parameter_mode_saves_a_diffusers_transformer(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
-def test_trackers_wandb_offline_without_key_and_tensorboard(tmp_path, monkeypatch):
+def test_trackers_get_images_and_tables_and_the_lora_folder_has_a_model_card(tmp_path, monkeypatch, tiny_dir):
+    """wandb (offline without a key) and tensorboard each get the eval grid, the chosen-vs-rejected
+    grid and the eval table; the tensorboard run also trains on a weighted two-component reward."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ["--preset", "cpu_tiny", "--max_steps", "1", "--eval_every", "1", "--max_eval_prompts", "2",
+              "--sample_grid_every", "1", "--hub_model_id", "someone/tiny-dpo", "--hub_token", "hf_secret123"]
     for tracker in ("wandb", "tensorboard"):
         out = tmp_path / tracker
-        train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", str(out), "--max_steps", "1", "--eval_every", "0",
-                               "--log_with", tracker])
+        extra = ["--reward", "brightness:1.0,jpeg_compressibility:0.5"] if tracker == "tensorboard" else []
+        train_online_dpo.main(common + ["--output_dir", str(out), "--log_with", tracker] + extra)
         files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
         if tracker == "wandb":
-            assert any("offline-run-" in f for f in files), files
             assert os.environ["WANDB_MODE"] == "offline"
+            run_dir = next(d for d, _, _ in os.walk(out) if os.path.basename(d).startswith("offline-run-"))
+            media = [os.path.relpath(f, run_dir) for f in files if f.startswith(run_dir) and "/media/" in f]
+            for expected in ("media/images/eval/grid_", "media/images/train/pairs_", "media/table/eval/samples_"):
+                assert any(m.startswith(os.path.join("files", expected)) for m in media), (expected, media)
+            assert any(m.endswith(".png") and "eval/grid" in m for m in media)
         else:
-            assert any("events.out.tfevents" in f for f in files), files
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            events = next(f for f in files if "events.out.tfevents" in f)
+            accumulator = EventAccumulator(events, size_guidance={"images": 0, "tensors": 0})
+            accumulator.Reload()
+            assert {"eval/grid", "train/pairs"} <= set(accumulator.Tags()["images"])
+            grids = accumulator.Images("eval/grid")
+            assert [g.step for g in grids] == [0, 1]  # the step-0 eval and the one after step 1
+            assert (grids[-1].width, grids[-1].height) == (8 * 128, 142)  # 2 prompts x 4 samples: one row
+            assert "eval/samples/text_summary" in accumulator.Tags()["tensors"]
+            row = [r for r in read_metrics(out) if "reward/mean" in r][0]
+            for name in ("brightness", "jpeg_compressibility"):
+                assert f"reward/{name}/mean" in row and f"eval/{name}/reward_mean" in read_metrics(out)[0]
+            assert row["reward/mean"] == pytest.approx(row["reward/brightness/mean"]
+                                                       + 0.5 * row["reward/jpeg_compressibility/mean"], abs=1e-9)
+    # the model card next to the LoRA; the token never lands on disk
+    lora_dir = tmp_path / "wandb" / "lora"
+    card = open(lora_dir / "README.md").read()
+    metadata = card.split("---")[1]
+    assert "library_name: diffusers" in metadata and "base_model: tiny" in metadata and "- diffusion-dpo" in metadata
+    assert "url: eval_grid.png" in metadata and (lora_dir / "eval_grid.png").exists()
+    evals = eval_rewards(read_metrics(tmp_path / "wandb"))
+    assert f"| before | 0 | {evals[0]:.4f}" in card and f"| after | 1 | {evals[-1]:.4f}" in card
+    assert '"learning_rate": 0.03' in card and 'pipe.load_lora_weights("someone/tiny-dpo")' in card
+    for d, _, fs in os.walk(tmp_path):
+        for f in fs:
+            if f.endswith((".json", ".md", ".jsonl", ".yaml")):
+                assert "hf_secret123" not in open(os.path.join(d, f), errors="ignore").read(), f
+    import qwen_image as qi
+
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    pipe.load_lora_weights(str(lora_dir))  # diffusers reads the folder with the card in it
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_push_to_hub_needs_a_repository_id_and_without_a_token_says_why_it_did_not_upload(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="config field `hub_model_id`: push_to_hub needs"):
+        train_online_dpo.main(["--preset", "cpu_tiny", "--push_to_hub", "true"])
+    import model_card
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert model_card.push_to_hub(str(tmp_path), "someone/tiny-dpo") is None
+    assert "push_to_hub: no Hugging Face token" in capsys.readouterr().out
 
 
 def test_derived_seeds_never_collide_over_the_recipe_grid_nor_between_run_seeds():
