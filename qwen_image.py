@@ -360,7 +360,7 @@ class RolloutSettings:
 
 @torch.no_grad()
 def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[str], seeds: list[int],
-            settings: RolloutSettings, decode: bool = True):
+            settings: RolloutSettings, decode: bool = True, on_chunk=None):
     """One image per (prompt, seed) with the pipeline's own sampler, in chunks.
 
     For K samples per prompt pass each prompt K times with K seeds (prompts are never expanded with
@@ -368,13 +368,16 @@ def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[st
     generator and every chunk has the same shape, so an image depends on its seed only, not on the
     chunk it was made in (bit for bit when the chunk's prompts have equal token lengths; mixed
     lengths pad the text and agree to ~1e-6).
+    Each chunk is decoded as soon as it is sampled (the same batches as decoding at the end, so the
+    same images) and, if given, handed to `on_chunk(start, latents [n, S, 64], images or None)`
+    before the next chunk starts: a caller can score chunk i while chunk i+1 is sampled.
     Returns (packed latents [N, S, 64] float32 on CPU, PIL images or None).
     """
     assert len(prompts) == len(seeds)
     transformer_dtype = pipe.transformer.dtype
     do_cfg = settings.true_cfg_scale > 1.0
     prompt_cache.warm(list(prompts) + ([settings.negative_prompt] if do_cfg else []))
-    all_latents = []
+    all_latents, all_images = [], []
     for start in range(0, len(prompts), settings.chunk_size):
         chunk = prompts[start:start + settings.chunk_size]
         chunk_seeds = seeds[start:start + settings.chunk_size]
@@ -393,10 +396,15 @@ def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[st
                        height=settings.height, width=settings.width,
                        num_inference_steps=settings.num_inference_steps, generator=generators,
                        output_type="latent", return_dict=False, **kwargs)[0]
-        all_latents.append(latents[:n_real].float().cpu())
-    latents = torch.cat(all_latents)
-    images = decode_latents(pipe, latents, settings.height, settings.width, settings.chunk_size) if decode else None
-    return latents, images
+        chunk_latents = latents[:n_real].float().cpu()
+        all_latents.append(chunk_latents)
+        chunk_images = None
+        if decode:
+            chunk_images = decode_latents(pipe, chunk_latents, settings.height, settings.width, settings.chunk_size)
+            all_images += chunk_images
+        if on_chunk is not None:
+            on_chunk(start, chunk_latents, chunk_images)
+    return torch.cat(all_latents), (all_images if decode else None)
 
 
 def _latent_stats(pipe, device, dtype):

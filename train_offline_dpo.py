@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import perf
 import qwen_image as qi
 import trainer_utils as tu
 
@@ -38,6 +39,9 @@ class Config:
     lora_init: str = "gaussian"
     gradient_checkpointing: bool = True
     sharding: str = "none"
+    attention_backend: str = "native"  # diffusers dispatcher backend (see the online trainer)
+    compile_transformer: bool = False  # torch.compile the repeated blocks for the training forward
+    compile_backend: str = "inductor"
     # data
     pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet, a directory of them, or a Hub dataset id (pairs or Pick-a-Pic columns)
     split: str = "train"  # split of a Hub dataset id in pairs_path (streamed)
@@ -78,6 +82,7 @@ class Config:
     checkpoint_every: int = 100
     checkpoints_total_limit: int = 3
     log_with: str = "wandb"
+    peak_tflops: float = 0.0  # the device's dense bf16 peak: logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-offline-dpo"
     # sharing: lora/README.md (model card) is always written; the upload needs a token and network
     push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
@@ -103,6 +108,7 @@ def validate(config: Config, world_size: int = 1):
     from trainer_utils import require, validate_policy_config
 
     validate_policy_config(config, world_size)
+    perf.validate_config(config, require)
     require(tu.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
     require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
@@ -170,6 +176,9 @@ def train(config: Config):
     accelerator.print(f"{len(pairs)} pairs ({encoded} VAE-encoded, {len(pairs) - encoded} from stored latents) "
                       f"and {n_prompts} prompts prepared in {time.perf_counter() - t0:.1f} s")
     policy = Policy(config, pipe, accelerator)
+    perf.set_attention_backend(pipe.transformer, config.attention_backend)
+    if config.compile_transformer:
+        perf.compile_transformer_blocks(pipe.transformer, config.compile_backend)
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
     run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
@@ -189,8 +198,17 @@ def train(config: Config):
         pair_prompts = [p["prompt"] for p in batch for _ in range(2)]
         metrics = dpo_update(policy, chosen_rejected_latents, pair_prompts, len(batch), prompt_cache, step)
         score_gap = sum(p["chosen_score"] - p["rejected_score"] for p in batch)
+        update_s = time.perf_counter() - t0
+        update_flops = perf.update_step_flops(
+            pipe.transformer.config, perf.image_tokens_for(config.height, config.width),
+            perf.text_lengths(prompt_cache, pair_prompts), config.micro_batch_pairs, 1, config.train_mode,
+            config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing)
+        achieved = perf.throughput(update_flops, update_s, config.peak_tflops)
+        metrics.update({"perf/update_tflop": update_flops / 1e12, "perf/update_tflops_per_s": achieved["tflops_per_device"]})
+        if "mfu" in achieved:
+            metrics["perf/mfu"] = achieved["mfu"]
         metrics.update({"pairs/score_gap": tu.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
-                        "time/update_s": time.perf_counter() - t0, "lr": policy.lr_scheduler.get_last_lr()[0],
+                        "time/update_s": update_s, "lr": policy.lr_scheduler.get_last_lr()[0],
                         "data/epoch": step * config.pairs_per_step / len(pairs)})
         metrics_log.log(metrics, step + 1)
         progress.update(1)

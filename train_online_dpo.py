@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+import perf
 import qwen_image as qi
 import trainer_utils as tu
 
@@ -40,6 +41,9 @@ class Config:
     lora_init: str = "gaussian"
     gradient_checkpointing: bool = True
     sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
+    attention_backend: str = "native"  # diffusers dispatcher backend: native (torch SDPA), flash, _flash_3, sage, ...
+    compile_transformer: bool = False  # torch.compile the repeated blocks (regional) for rollout and training
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": capture only, for tests)
     # data
     train_data: str = "data/ocr/train.parquet"  # parquet / jsonl / txt, a directory of them, or a Hub dataset id
     split: str = "train"  # split of a Hub dataset id in train_data (eval_data: `owner/name:split`, default test)
@@ -59,6 +63,7 @@ class Config:
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     # objective: "dpo" (Diffusion-DPO on pairs), "dgpo", "nft" (DiffusionNFT) or "awm" (objectives.py)
     objective: str = "dpo"
+    reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
     beta: float = 100.0
     pair_strategy: str = "best_worst"  # or "top_bottom": floor(K/2) pairs per group
@@ -105,6 +110,7 @@ class Config:
     checkpoints_total_limit: int = 3
     sample_grid_every: int = 20
     log_with: str = "wandb"  # "wandb" (offline without API key), "tensorboard" or "none"
+    peak_tflops: float = 0.0  # the device's dense bf16 peak (README table): logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-online-dpo"
     # sharing: lora/README.md (model card) is always written; the upload needs a token and network
     push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
@@ -133,6 +139,7 @@ def validate(config: Config, world_size: int = 1):
     from trainer_utils import require, validate_policy_config
 
     validate_policy_config(config, world_size)
+    perf.validate_config(config, require)
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt to make a pair")
     require(config.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
     require(config.prompts_per_step % world_size == 0, "prompts_per_step",
@@ -215,6 +222,10 @@ def train(config: Config):
     # LoRA (or full) + reference (+ the old adapter when the objective has one) + optimizer
     policy = Policy(config, pipe, accelerator, old_adapter=objective.uses_old_adapter)
     transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
+    perf.set_attention_backend(transformer, config.attention_backend)
+    if config.compile_transformer:  # after LoRA, before the first forward
+        perf.compile_transformer_blocks(transformer, config.compile_backend)
+    compile_counter = perf.CompileCounter()
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
 
@@ -236,13 +247,27 @@ def train(config: Config):
         group_ids = [f"{rank * len(rows) + i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
         seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
+        # NFT samples with its old adapter (the paper's behaviour policy); the other objectives with the trained one
         with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
-            latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
-        transformer.train()
-        t1 = time.perf_counter()
+            if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
+                reward_parts = {}
 
-        # 4. rewards
-        combined, reward_parts = tu.score_rows_with_components(reward_fn, images, flat_rows)  # parts: multi-reward
+                def score_chunk(chunk_images, start):
+                    combined, parts = tu.score_rows_with_components(reward_fn, chunk_images,
+                                                                    flat_rows[start:start + len(chunk_images)])
+                    for name, scores in parts.items():  # one worker thread: chunks arrive in order
+                        reward_parts.setdefault(name, []).extend(scores)
+                    return combined
+                with perf.OverlappedScorer(score_chunk) as scorer:
+                    latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer)
+                    t1 = time.perf_counter()
+                    combined = scorer.results()
+            else:
+                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
+                t1 = time.perf_counter()
+                # 4. rewards
+                combined, reward_parts = tu.score_rows_with_components(reward_fn, images, flat_rows)  # parts: multi-reward
+        transformer.train()
         rewards = torch.tensor(combined, dtype=torch.float64)  # pairs are selected on the combined value
         t2 = time.perf_counter()
 
@@ -262,6 +287,17 @@ def train(config: Config):
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
         metrics.update(tu.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
+        # perf/*: the FLOP model covers the rollout and the DPO update (not yet the group objectives' updates)
+        trained = [prompts[i] for i in shown_pairs.reshape(-1).tolist()] if objective.name == "dpo" else []
+        step_perf = perf.step_metrics(config, transformer.config, prompt_cache, prompts, trained, len(trained) // 2,
+                                      t1 - t0, t3 - t2, t3 - t0)
+        metrics.update(step_perf if objective.name == "dpo" else
+                       {k: v for k, v in step_perf.items() if k.startswith("perf/rollout")})
+        if config.compile_transformer:  # compiles during this step (and the eval before it); 0 after warm-up
+            metrics["compile/new_graphs"] = compile_counter.new()
+            if step > start_step + 1 and metrics["compile/new_graphs"]:
+                accelerator.print(f"step {step}: torch.compile compiled {metrics['compile/new_graphs']} new graph(s) "
+                                  "after warm-up (a shape or mode changed)")
         if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and len(shown_pairs):
             shown = shown_pairs[:8]  # dpo: its pairs; group objectives: best over worst of each group
             grid = tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
