@@ -34,6 +34,20 @@ CPU_TINY_OVERRIDES = dict(
     eval_samples_per_prompt=4, rollout_chunk_size=32, reward="brightness", learning_rate=3e-2, log_with="none",
 )
 
+# The shipped text-rendering world (build_text_world.py): a tiny Qwen-Image pretrained to draw
+# 3-letter capital words at 32x64, scored by the real PP-OCRv5 reward. What the trainers' and
+# make_offline_pairs' `text_world` presets share.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TEXT_WORLD = os.path.join(ROOT, "worlds", "text_world")
+TEXT_WORLD_DATA = os.path.join(ROOT, "data", "text_world")
+TEXT_WORLD_OVERRIDES = dict(
+    pretrained=TEXT_WORLD, dtype="float32", gradient_checkpointing=False,
+    eval_data=os.path.join(TEXT_WORLD_DATA, "eval.txt"),
+    height=32, width=64, max_sequence_length=64, eval_inference_steps=8,
+    eval_samples_per_prompt=4, rollout_chunk_size=32, reward="ocr", log_with="none",
+    lora_rank=8, lora_alpha=8, lora_targets=",".join(qwen_image.TINY_LORA_TARGETS),
+)
+
 
 def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None):
     """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `--preset NAME` applies
@@ -397,11 +411,20 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     values = torch.tensor(scores + [float("nan")] * (per_rank - n_real), dtype=torch.float64, device=accelerator.device)
     gathered = accelerator.gather(values).cpu()
     gathered = gathered[~torch.isnan(gathered)]
+    n = gathered.numel()
     metrics = {"eval/reward_mean": gathered.mean().item(), "eval/reward_std": gathered.std(unbiased=False).item(),
-               "eval/images": float(gathered.numel())}
+               "eval/reward_sem": standard_error(gathered), "eval/images": float(n)}
     if exact_match:
-        metrics["eval/exact_match"] = (gathered >= 1.0 - 1e-9).double().mean().item()
+        exact = (gathered >= 1.0 - 1e-9).double()
+        metrics["eval/exact_match"] = exact.mean().item()
+        metrics["eval/exact_match_sem"] = standard_error(exact)
     return metrics, images[:n_real], scores
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of `values` (sample std / sqrt(n)); 0 for fewer than 2 values."""
+    n = values.numel()
+    return values.double().std(unbiased=True).item() / math.sqrt(n) if n > 1 else 0.0
 
 
 def rollout_settings(config, num_inference_steps: int):
@@ -435,6 +458,10 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
         image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]]).save(
             os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
     metrics_log.log(metrics, step)
+    summary = f"eval at step {step}: reward_mean {metrics['eval/reward_mean']:.4f} +- {metrics['eval/reward_sem']:.4f}"
+    if "eval/exact_match" in metrics:
+        summary += f", exact_match {metrics['eval/exact_match']:.4f} +- {metrics['eval/exact_match_sem']:.4f}"
+    accelerator.print(f"{summary} ({int(metrics['eval/images'])} images; +- one standard error)")
     return metrics
 
 
