@@ -1,7 +1,14 @@
 """Base model vs a trained LoRA on a prompt file, same seeds: rewards as JSON and an image grid.
 
+    python evaluate.py --run_dir outputs/demo       # a trainer's run: its config.json gives every default
+    python evaluate.py --preset cpu_tiny --lora_dir outputs/demo/lora --output_dir outputs/demo/eval
     python evaluate.py --pretrained tiny --lora_dir outputs/demo/lora --prompts data/tiny_prompts.txt \\
         --reward brightness --height 64 --width 64 --num_inference_steps 4 --output_dir outputs/demo/eval
+
+With `--run_dir`, the run's config.json sets the defaults (model, dtype, eval prompts and their
+count, reward, samples per prompt, eval sampling steps, resolution, CFG, sequence length, chunk
+size; lora_dir = RUN_DIR/lora, output_dir = RUN_DIR/eval): the numbers reproduce the trainer's
+eval rows in metrics.jsonl. Explicit flags still win.
 
 Writes OUTPUT_DIR/eval.json ({"base": {...}, "lora": {...}, "per_prompt": [...]}) and
 OUTPUT_DIR/grid.png (base on top, LoRA below, each with its reward). Runs under accelerate launch
@@ -12,9 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
+
+import trainer_utils as tu
 
 
 @dataclass
@@ -23,8 +33,8 @@ class EvalConfig:
     lora_dir: str = ""  # a directory with pytorch_lora_weights.safetensors; "" evaluates the base only
     prompts: str = "data/ocr/test.parquet"  # parquet from data_process, a directory of them, or .txt
     max_prompts: int = 0  # 0 = all
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     samples_per_prompt: int = 1  # sample j of prompt i uses seed i * 1000 + j (as the trainers' eval)
     height: int = 512
     width: int = 512
@@ -36,19 +46,46 @@ class EvalConfig:
     dtype: str = "bfloat16"
     grid_images: int = 16
     output_dir: str = "outputs/eval"
+    run_dir: str = ""  # a trainer's output_dir: its config.json sets the defaults above (see the docstring)
+    preset: str = ""  # the trainers' presets, mapped onto these fields
+
+
+# trainer Config field -> EvalConfig field, for --run_dir and the presets
+FROM_TRAINER = {"pretrained": "pretrained", "dtype": "dtype", "eval_data": "prompts", "max_eval_prompts": "max_prompts",
+                "reward": "reward", "reward_kwargs": "reward_kwargs", "eval_samples_per_prompt": "samples_per_prompt",
+                "height": "height", "width": "width", "eval_inference_steps": "num_inference_steps",
+                "true_cfg_scale": "true_cfg_scale", "negative_prompt": "negative_prompt",
+                "max_sequence_length": "max_sequence_length", "rollout_chunk_size": "chunk_size"}
+
+
+def from_trainer(values: dict) -> dict:
+    """The eval settings of a trainer config (a dict: config.json or a preset)."""
+    return {FROM_TRAINER[k]: v for k, v in values.items() if k in FROM_TRAINER}
+
+
+PRESETS = {"cpu_tiny": from_trainer(tu.CPU_TINY_OVERRIDES)}
+
+
+def run_dir_defaults(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.json")
+    tu.require(os.path.isfile(path), "run_dir", f"{run_dir!r} has no config.json (not a trainer output_dir)")
+    with open(path) as f:
+        values = from_trainer(json.load(f))
+    return values | {"lora_dir": os.path.join(run_dir, "lora"), "output_dir": os.path.join(run_dir, "eval")}
 
 
 def main(argv=None):
-    from trainer_utils import parse_config, require
-    from rewards import REWARDS
+    from trainer_utils import _flag_value, parse_config, require, require_writable_dir, validate_reward
 
-    config = parse_config(EvalConfig, {}, argv)
-    require(os.path.exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
+    run_dir = _flag_value(list(sys.argv[1:] if argv is None else argv), "run_dir")
+    config = parse_config(EvalConfig, PRESETS, argv, defaults=run_dir_defaults(run_dir) if run_dir else None)
+    require(tu.data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
     require(not config.lora_dir or os.path.isfile(os.path.join(config.lora_dir, "pytorch_lora_weights.safetensors")),
             "lora_dir", f"{config.lora_dir!r} has no pytorch_lora_weights.safetensors")
-    require(config.reward in REWARDS, "reward", f"unknown reward {config.reward!r}; known: {', '.join(REWARDS)}")
+    validate_reward(config.reward, config.reward_kwargs)
     require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
+    require_writable_dir(config.output_dir, "output_dir")  # fail now, not after all the sampling
     return run(config)
 
 
@@ -57,11 +94,11 @@ def run(config: EvalConfig) -> dict:
 
     import qwen_image as qi
     import trainer_utils as tu
-    from rewards import OCR_REWARDS, build_reward
+    from rewards import OCR_REWARDS, build_reward, uses_ocr_target
 
     accelerator = Accelerator()
     is_ocr = config.reward in OCR_REWARDS
-    rows = tu.load_prompts(config.prompts, need_ocr_target=is_ocr)
+    rows = tu.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward), split="test")
     if config.max_prompts:
         rows = rows[: config.max_prompts]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
@@ -75,7 +112,7 @@ def run(config: EvalConfig) -> dict:
     variants = ["base"] + (["lora"] if config.lora_dir else [])
     for variant in variants:
         if variant == "lora":
-            pipe.load_lora_weights(config.lora_dir)
+            qi.load_lora(pipe, config.lora_dir)  # LoRA kept in fp32, as the trainer keeps it
         metrics, images, scores = tu.evaluate(pipe, cache, rows, reward_fn, settings, config.samples_per_prompt,
                                               accelerator, exact_match=is_ocr)
         all_scores = [s for part in tu.gather_object(accelerator, scores) for s in part]
@@ -105,4 +142,4 @@ def run(config: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)  # a config error: one line on stderr, exit status 2

@@ -63,6 +63,11 @@ TINY_SIZES = {
                   text_layers=2, vae_base_dim=32),
 }
 
+# peft `init_lora_weights` values that leave the base weights untouched (B = 0: the adapter starts as a
+# no-op), so "adapters disabled" is the base model, i.e. the reference, and the saved LoRA fits the
+# stock base model. pissa / olora / corda / loftq rewrite the base weights and are refused.
+LORA_INITS = {"gaussian": "gaussian", "default": True}  # "default": peft's kaiming-uniform A, zero B
+
 # The system prompt diffusers wraps every prompt in; its first 34 tokens are dropped after encoding.
 _TEMPLATE_PREFIX_TOKENS = 34
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -200,7 +205,9 @@ def add_lora(transformer, rank: int = 64, alpha: int = 128, target_modules=RECIP
 
     transformer.requires_grad_(False)
     dead = [m for m in dead_text_stream_modules(transformer) if any(m.endswith("." + t) for t in target_modules)]
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+    if init not in LORA_INITS:
+        raise ValueError(f"LoRA init {init!r} is not one of {sorted(LORA_INITS)} (those leave the base weights untouched)")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=LORA_INITS[init],
                                        target_modules=list(target_modules), exclude_modules=dead or None))
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
     for p in params:
@@ -255,6 +262,25 @@ def save_lora(transformer, output_dir: str, state_dict: dict | None = None):
                                         transformer_lora_adapter_metadata=metadata)
 
 
+def load_lora(pipe: QwenImagePipeline, lora_dir: str, adapter_name: str = "default_0"):
+    """`pipe.load_lora_weights(lora_dir)` with the LoRA weights kept in fp32 whatever the pipeline's
+    dtype, as the trainer keeps them (diffusers casts them to the transformer's dtype): a bf16
+    pipeline then computes exactly what the trainer's evaluation computed."""
+    import os
+
+    from safetensors.torch import load_file
+
+    pipe.load_lora_weights(lora_dir, adapter_name=adapter_name)
+    saved = load_file(os.path.join(lora_dir, "pytorch_lora_weights.safetensors"))
+    loaded = 0
+    for name, param in pipe.transformer.named_parameters():
+        if f".{adapter_name}." in name:
+            key = "transformer." + name.replace(f".{adapter_name}.", ".")
+            param.data = saved[key].to(device=param.device, dtype=torch.float32)
+            loaded += 1
+    assert loaded == len(saved), f"{lora_dir}: {loaded} LoRA tensors placed, file holds {len(saved)}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompt encoding
 
@@ -262,9 +288,11 @@ def save_lora(transformer, output_dir: str, state_dict: dict | None = None):
 class PromptCache:
     """Text embeddings per distinct prompt string: each prompt hits the text encoder once.
 
-    Embeddings are stored unpadded ([L_i, D], the pipeline's template tokens already dropped) and
-    padded per request. After everything needed is encoded, `offload_text_encoder()` moves the text
-    encoder off the accelerator.
+    Embeddings are stored unpadded ([L_i, D], the pipeline's template tokens already dropped) as
+    compact copies in CPU memory (pinned when CUDA is available), not on the accelerator and not as
+    views of their padded encoder batch, and padded and moved per request. With `rank`/`world_size`
+    each process encodes its share of the prompts and the processes exchange them. After everything
+    needed is encoded, `offload_text_encoder()` moves the text encoder off the accelerator.
     """
 
     def __init__(self, pipe: QwenImagePipeline, max_sequence_length: int = 1024):
@@ -272,25 +300,41 @@ class PromptCache:
         self.max_sequence_length = max_sequence_length
         self.embeds: dict[str, torch.Tensor] = {}
         self.encoder_calls = 0  # batches sent to the text encoder (tests and logs read it)
+        self.pin = torch.cuda.is_available()
+
+    def _store(self, prompt: str, embedding: torch.Tensor):
+        # clone: a slice would keep its whole padded batch alive
+        embedding = embedding.to("cpu").clone()
+        self.embeds[prompt] = embedding.pin_memory() if self.pin else embedding
 
     @torch.no_grad()
-    def warm(self, prompts, batch_size: int = 16):
+    def warm(self, prompts, batch_size: int = 16, rank: int = 0, world_size: int = 1):
+        """Encodes the prompts not cached yet. With world_size > 1 it is collective (every rank passes
+        the same prompts): rank r encodes every world_size-th missing prompt, then all ranks gather."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self.embeds))
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start:start + batch_size]
+        mine = missing[rank::world_size]
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
             embeds, mask = self.pipe._get_qwen_prompt_embeds(chunk, device=self.pipe._execution_device)
             self.encoder_calls += 1
             for prompt, e, m in zip(chunk, embeds, mask):
-                self.embeds[prompt] = e[: int(m.sum())][: self.max_sequence_length]
+                self._store(prompt, e[: int(m.sum())][: self.max_sequence_length])
+        if world_size > 1:
+            shared = [None] * world_size
+            torch.distributed.all_gather_object(shared, {p: self.embeds[p] for p in mine})
+            for part in shared:
+                for prompt, embedding in part.items():
+                    if prompt not in self.embeds:
+                        self._store(prompt, embedding)
 
     def __call__(self, prompts, device=None, dtype=None):
-        """-> (embeds [B, L, D], mask [B, L]) with L the longest prompt in `prompts`."""
+        """-> (embeds [B, L, D], mask [B, L]) on `device` (default CPU), L the longest prompt."""
         self.warm(prompts)
         rows = [self.embeds[p] for p in prompts]
         length = max(r.shape[0] for r in rows)
         embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
-        mask = torch.stack([torch.arange(length, device=r.device) < r.shape[0] for r in rows]).long()
-        device = device or embeds.device
+        mask = torch.stack([torch.arange(length) < r.shape[0] for r in rows]).long()
+        device = device or "cpu"
         return embeds.to(device=device, dtype=dtype or embeds.dtype), mask.to(device)
 
     def offload_text_encoder(self, device="cpu"):
@@ -316,7 +360,7 @@ class RolloutSettings:
 
 @torch.no_grad()
 def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[str], seeds: list[int],
-            settings: RolloutSettings, decode: bool = True):
+            settings: RolloutSettings, decode: bool = True, on_chunk=None):
     """One image per (prompt, seed) with the pipeline's own sampler, in chunks.
 
     For K samples per prompt pass each prompt K times with K seeds (prompts are never expanded with
@@ -324,13 +368,16 @@ def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[st
     generator and every chunk has the same shape, so an image depends on its seed only, not on the
     chunk it was made in (bit for bit when the chunk's prompts have equal token lengths; mixed
     lengths pad the text and agree to ~1e-6).
+    Each chunk is decoded as soon as it is sampled (the same batches as decoding at the end, so the
+    same images) and, if given, handed to `on_chunk(start, latents [n, S, 64], images or None)`
+    before the next chunk starts: a caller can score chunk i while chunk i+1 is sampled.
     Returns (packed latents [N, S, 64] float32 on CPU, PIL images or None).
     """
     assert len(prompts) == len(seeds)
     transformer_dtype = pipe.transformer.dtype
     do_cfg = settings.true_cfg_scale > 1.0
     prompt_cache.warm(list(prompts) + ([settings.negative_prompt] if do_cfg else []))
-    all_latents = []
+    all_latents, all_images = [], []
     for start in range(0, len(prompts), settings.chunk_size):
         chunk = prompts[start:start + settings.chunk_size]
         chunk_seeds = seeds[start:start + settings.chunk_size]
@@ -349,10 +396,15 @@ def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[st
                        height=settings.height, width=settings.width,
                        num_inference_steps=settings.num_inference_steps, generator=generators,
                        output_type="latent", return_dict=False, **kwargs)[0]
-        all_latents.append(latents[:n_real].float().cpu())
-    latents = torch.cat(all_latents)
-    images = decode_latents(pipe, latents, settings.height, settings.width, settings.chunk_size) if decode else None
-    return latents, images
+        chunk_latents = latents[:n_real].float().cpu()
+        all_latents.append(chunk_latents)
+        chunk_images = None
+        if decode:
+            chunk_images = decode_latents(pipe, chunk_latents, settings.height, settings.width, settings.chunk_size)
+            all_images += chunk_images
+        if on_chunk is not None:
+            on_chunk(start, chunk_latents, chunk_images)
+    return torch.cat(all_latents), (all_images if decode else None)
 
 
 def _latent_stats(pipe, device, dtype):
@@ -401,18 +453,37 @@ def encode_images(pipe: QwenImagePipeline, images: list[Image.Image], height: in
 
 
 def predict_velocity(transformer, noisy_latents: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
-                     prompt_mask: torch.Tensor | None, height: int, width: int) -> torch.Tensor:
-    """v_theta(x_sigma, sigma, c) for packed latents [B, S, 64] at sigmas [B] in [0, 1] -> [B, S, 16*4].
+                     prompt_mask: torch.Tensor | None, height: int, width: int,
+                     negative_prompt_embeds: torch.Tensor | None = None, negative_prompt_mask: torch.Tensor | None = None,
+                     true_cfg_scale: float = 1.0) -> torch.Tensor:
+    """v_theta(x_sigma, sigma, c) for packed latents [B, S, 64] at sigmas [B] in [0, 1] -> [B, S, 16*4],
+    computed exactly as QwenImagePipeline's sampler computes it at that latent and sigma.
 
-    `timestep` is sigma itself (the model scales by 1000 inside; sigma*1000 is silently wrong), and
-    `img_shapes` describes one resolution for the whole batch.
+    The model takes `timestep` = sigma (it scales by 1000 inside; sigma*1000 is silently wrong), but
+    rounded as the pipeline rounds it: its timestep 1000*sigma cast to the latents' dtype, then / 1000
+    (in bf16 that differs from bf16(sigma) for about a quarter of sigmas). `img_shapes` describes one
+    resolution for the whole batch. With `true_cfg_scale` > 1 and negative embeddings: the pipeline's
+    true CFG, neg + scale * (cond - neg), rescaled to the conditional prediction's norm per token.
     """
     vae_scale = 8
     img_shapes = [[(1, height // vae_scale // 2, width // vae_scale // 2)]] * noisy_latents.shape[0]
-    if prompt_mask is not None and bool(prompt_mask.all()):
-        prompt_mask = None  # the pipeline drops an all-ones mask: train on what sampling saw
     inner = getattr(transformer, "module", transformer)  # DDP wraps; FSDP2 shards in place
     dtype = inner.time_text_embed.timestep_embedder.linear_1.weight.dtype  # the frozen weights' dtype
-    return transformer(hidden_states=noisy_latents.to(dtype), timestep=sigmas.to(dtype),
-                       encoder_hidden_states=prompt_embeds.to(dtype), encoder_hidden_states_mask=prompt_mask,
-                       img_shapes=img_shapes, return_dict=False)[0]
+    latents = noisy_latents.to(dtype)
+    timestep = (sigmas.float() * 1000).to(dtype) / 1000  # the pipeline: t.to(latents.dtype), then timestep / 1000
+
+    def forward(embeds, mask):
+        if mask is not None and bool(mask.all()):
+            mask = None  # the pipeline drops an all-ones mask: train on what sampling saw
+        return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds.to(dtype),
+                           encoder_hidden_states_mask=mask, img_shapes=img_shapes, return_dict=False)[0]
+
+    noise_pred = forward(prompt_embeds, prompt_mask)
+    if true_cfg_scale > 1.0 and negative_prompt_embeds is not None:
+        # the same expressions, in the same order and dtype, as QwenImagePipeline.__call__
+        neg_noise_pred = forward(negative_prompt_embeds, negative_prompt_mask)
+        comb_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
+        cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
+        noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
+        noise_pred = comb_pred * (cond_norm / noise_norm)
+    return noise_pred

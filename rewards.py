@@ -7,6 +7,9 @@ Imports nothing from this project. Heavy back ends (onnxruntime, transformers) l
     build_reward("ocr_server", base_url=URL, model=NAME)   same question to an OpenAI-compatible server
     build_reward("jpeg_compressibility")  DDPO's compressibility: learnable on a random tiny model
     build_reward("brightness")            mean brightness: the steadiest signal for CPU tests
+    build_reward("pickscore")             PickScore_v1 (CLIP-H fine-tuned on Pick-a-Pic): 100 * cos(image, text)
+    build_reward("clipscore")             CLIP image-text cosine similarity (openai/clip-vit-large-patch14)
+    build_reward("ocr:1.0,pickscore:0.2") a weighted sum of rewards (WeightedReward; components kept)
 
 The OCR score (Flow-GRPO / VeRL-Omni): target = first double-quoted span of the prompt; both strings
 NFKC-normalised, lower-cased, all whitespace removed; 1.0 if the target is inside the transcription,
@@ -22,6 +25,7 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -199,15 +203,19 @@ class ServerOcrReward:
     Qwen/Qwen3-VL-8B-Instruct`). base_url / model default to $OCR_SERVER_URL / $OCR_SERVER_MODEL;
     the API key comes from $OCR_SERVER_API_KEY (or $OPENAI_API_KEY) only and is never logged.
     Requests run concurrently; each has a timeout; failures (connection errors, 429, 5xx) are
-    retried with exponential backoff, then raise RuntimeError naming the URL."""
+    retried with exponential backoff, then raise RuntimeError naming the URL. One call waits at most
+    `deadline` seconds over all its requests and retries (then TimeoutError naming the URL), says
+    every `progress_every` seconds what it is waiting for, and Ctrl-C interrupts it at once."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff: float = 1.0, concurrency: int = 16, max_tokens: int = 128,
-                 strict: bool = False):
+                 strict: bool = False, deadline: float = 600.0, progress_every: float = 30.0):
         self.base_url = (base_url or os.environ.get("OCR_SERVER_URL") or "http://127.0.0.1:8000/v1").rstrip("/")
         self.model = model or os.environ.get("OCR_SERVER_MODEL") or "Qwen/Qwen3-VL-8B-Instruct"
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.concurrency, self.max_tokens, self.strict = concurrency, max_tokens, strict
+        # one call (all its images, all retries) never waits longer than `deadline` seconds
+        self.deadline, self.progress_every = deadline, progress_every
 
     def __repr__(self):  # no key in logs
         return f"ServerOcrReward(base_url={self.base_url!r}, model={self.model!r})"
@@ -216,7 +224,7 @@ class ServerOcrReward:
     def url(self) -> str:
         return self.base_url + "/chat/completions"
 
-    def _request(self, image: Image.Image) -> str:
+    def _request(self, image: Image.Image, give_up_at: float = float("inf")) -> str:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
         data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -233,10 +241,14 @@ class ServerOcrReward:
         last_error = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), max(0.0, give_up_at - time.monotonic())))
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:  # the call's deadline: no further attempt
+                last_error = last_error or "deadline reached"
+                break
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with urllib.request.urlopen(request, timeout=min(self.timeout, remaining)) as response:
                     return json.loads(response.read())["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as error:
                 last_error = f"HTTP {error.code}"
@@ -244,11 +256,53 @@ class ServerOcrReward:
                     break  # a client error does not get better by retrying
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 last_error = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+        if time.monotonic() >= give_up_at:
+            raise TimeoutError(f"OCR server {self.url}: no answer by the deadline of {self.deadline:g} s (reward kwarg "
+                               f"`deadline`; last error: {last_error})")
         raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s): {last_error}")
 
     def transcribe(self, images: list[Image.Image]) -> list[str]:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._request, images))
+        # Daemon worker threads (a hung request never holds up the process's exit) and a main thread
+        # that waits in short slices, never in a blocking join: Ctrl-C (KeyboardInterrupt) reaches it
+        # within a slice, and the deadline holds over all requests and retries together.
+        start = time.monotonic()
+        give_up_at = start + self.deadline
+        futures = [concurrent.futures.Future() for _ in images]
+        work, stop = queue.SimpleQueue(), threading.Event()
+        for i in range(len(images)):
+            work.put(i)
+
+        def worker():
+            while not stop.is_set():
+                try:
+                    i = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    futures[i].set_result(self._request(images[i], give_up_at))
+                except BaseException as error:  # handed to the waiting thread
+                    futures[i].set_exception(error)
+
+        for _ in range(min(self.concurrency, len(images))):
+            threading.Thread(target=worker, daemon=True, name="ocr-server-request").start()
+        try:
+            pending, next_report = set(futures), start + self.progress_every
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.25,
+                                                        return_when=concurrent.futures.FIRST_EXCEPTION)
+                for future in done:
+                    future.result()  # a request that failed for good raises here
+                now = time.monotonic()
+                if pending and now >= give_up_at:
+                    raise TimeoutError(f"OCR server {self.url}: {len(pending)} of {len(images)} image(s) unanswered "
+                                       f"at the deadline of {self.deadline:g} s (reward kwarg `deadline`)")
+                if pending and now >= next_report:
+                    print(f"waiting for OCR server {self.url}: {len(images) - len(pending)}/{len(images)} images "
+                          f"answered, {now - start:.0f} s elapsed (deadline {self.deadline:g} s)", flush=True)
+                    next_report = now + self.progress_every
+            return [future.result() for future in futures]
+        finally:
+            stop.set()  # on an error or Ctrl-C: no new requests; running ones end by the deadline
 
     def __call__(self, images, prompts):
         _targets(prompts)  # fail on a prompt without target before any request
@@ -276,12 +330,128 @@ def brightness(images, prompts=None) -> list[float]:
     return [float(np.asarray(image.convert("RGB"), dtype=np.float64).mean() / 255.0) for image in images]
 
 
-REWARDS = ("ocr", "ocr_vlm", "ocr_server", "jpeg_compressibility", "brightness")
+# ----------------------------------------------------------------------------------------------
+# CLIP-based rewards: PickScore and CLIPScore
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
+
+
+class ClipReward:
+    """Image-text agreement of a CLIP model (transformers `CLIPModel`), batched.
+
+    score = scale * cos(image_embeds, text_embeds), with the projected embeddings of the image and of
+    its own prompt (truncated to the text model's 77 positions). `pickscore` uses the model's learnt
+    logit scale (exp(logit_scale) = 100 for PickScore_v1, so scores sit around 18-23), as in the
+    PickScore model card; `clipscore` uses scale 1, the raw cosine in [-1, 1] (Hessel et al.'s
+    CLIPScore is 2.5 * max(cos, 0): the same ordering for positive similarities)."""
+
+    def __init__(self, model: str, processor: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 batch_size: int = 32, use_logit_scale: bool = False):
+        self.model_path, self.processor_path = model, processor or model
+        self.device, self.dtype, self.batch_size, self.use_logit_scale = device, dtype, batch_size, use_logit_scale
+        self._model = None
+
+    def __repr__(self):
+        return f"ClipReward(model={self.model_path!r}, processor={self.processor_path!r})"
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoProcessor, CLIPModel
+
+            self._processor = AutoProcessor.from_pretrained(self.processor_path)
+            self._model = CLIPModel.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+            self._model.to(self.device).eval()
+        return self._model
+
+    def __call__(self, images, prompts) -> list[float]:
+        import torch
+
+        model = self._load()
+        max_length = model.config.text_config.max_position_embeddings
+        scale = model.logit_scale.exp().item() if self.use_logit_scale else 1.0
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [im.convert("RGB") for im in images[start:start + self.batch_size]]
+            inputs = self._processor(text=list(prompts[start:start + len(batch)]), images=batch, padding=True,
+                                     truncation=True, max_length=max_length, return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.no_grad():
+                out = model(**inputs)  # image_embeds / text_embeds [B, D], already L2-normalised
+            cosine = (out.image_embeds.float() * out.text_embeds.float()).sum(-1)
+            scores += (scale * cosine).tolist()
+        return [float(s) for s in scores]
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and weighted combinations
+
+REWARDS = ("ocr", "ocr_vlm", "ocr_server", "jpeg_compressibility", "brightness", "pickscore", "clipscore")
 OCR_REWARDS = ("ocr", "ocr_vlm", "ocr_server")
 
 
-def build_reward(name: str, **kwargs):
-    """-> reward_fn(images, prompts) -> list[float]. Back ends load lazily on first call."""
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """"ocr" -> [("ocr", 1.0)]; "ocr:1.0,pickscore:0.2" -> [("ocr", 1.0), ("pickscore", 0.2)].
+    Weights are finite and >= 0 (0 = computed and logged, not trained on); at least one is > 0."""
+    import math
+
+    components = []
+    for part in (spec or "").split(","):
+        name, _, weight_text = part.strip().partition(":")
+        name = name.strip()
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {', '.join(REWARDS)}")
+        try:
+            weight = float(weight_text) if weight_text.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"weight of {name!r} is not a number: {weight_text!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {name!r} must be finite and >= 0, got {weight_text!r}")
+        if name in dict(components):
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}")
+        components.append((name, weight))
+    if not any(weight > 0 for _, weight in components):
+        raise ValueError(f"at least one weight must be > 0 in {spec!r}")
+    return components
+
+
+def uses_ocr_target(spec: str) -> bool:
+    """True when any component of the spec reads the quoted text of the prompt."""
+    return any(name in OCR_REWARDS for name, _ in parse_reward_spec(spec))
+
+
+class WeightedReward:
+    """sum_i weight_i * reward_i(image, prompt): the raw weighted sum, no per-group normalisation.
+
+    Why raw: pairing only compares samples of one prompt group, and the weights are then the exchange
+    rate the user chose ("0.2 PickScore points are worth 1.0 OCR point"), fixed for the whole run.
+    Normalising each component per group (z-scores) would turn a component that is nearly constant in
+    a group (OCR all 1.0 but one 0.98) into a +-1 signal as strong as any other, amplifying noise
+    into preferences, and would make the combined reward's level meaningless across steps (its mean
+    is 0 by construction), so it could not be evaluated. Set the weights from the components' scales:
+    OCR in [0, 1], clipscore ~0.2-0.35, pickscore ~18-23 with within-prompt spreads of ~0.5-1."""
+
+    def __init__(self, components: list[tuple[str, float, object]]):
+        self.components = components  # (name, weight, reward_fn)
+        self.weights = {name: weight for name, weight, _ in components}
+
+    def __repr__(self):
+        return "WeightedReward(" + ", ".join(f"{n}:{w:g}" for n, w, _ in self.components) + ")"
+
+    def score(self, images, prompts) -> tuple[list[float], dict[str, list[float]]]:
+        """-> (combined per image, {component name: its scores per image})."""
+        parts = {name: [float(s) for s in fn(images, prompts)] for name, _, fn in self.components}
+        combined = [sum(self.weights[name] * parts[name][i] for name in parts) for i in range(len(images))]
+        return combined, parts
+
+    def __call__(self, images, prompts) -> list[float]:
+        return self.score(images, prompts)[0]
+
+
+def _build_one(name: str, **kwargs):
     if name == "ocr":
         return PaddleOcrReward(**kwargs)
     if name == "ocr_vlm":
@@ -292,4 +462,36 @@ def build_reward(name: str, **kwargs):
         return lambda images, prompts=None: jpeg_compressibility(images, prompts, **kwargs)
     if name == "brightness":
         return brightness
+    if name == "pickscore":
+        return ClipReward(**{"model": PICKSCORE_MODEL, "processor": PICKSCORE_PROCESSOR, "use_logit_scale": True,
+                             **kwargs})
+    if name == "clipscore":
+        return ClipReward(**{"model": CLIPSCORE_MODEL, "use_logit_scale": False, **kwargs})
     raise ValueError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
+
+
+def build_reward(spec: str, **kwargs):
+    """-> reward_fn(images, prompts) -> list[float]. Back ends load lazily on first call.
+
+    `spec` is one reward name, or weighted components "name:weight,name:weight" (-> WeightedReward,
+    whose `.score` also returns each component). kwargs go to the reward itself when the spec has
+    one component, else they are keyed by component name: {"pickscore": {"device": "cuda"}}."""
+    components = parse_reward_spec(spec)
+    if len(components) == 1 and components[0][1] == 1.0 and ":" not in spec:
+        return _build_one(components[0][0], **kwargs)
+    if len(components) == 1:
+        per_name = {components[0][0]: kwargs}
+    else:
+        unknown = set(kwargs) - {name for name, _ in components}
+        if unknown:
+            raise ValueError(f"reward kwargs for a weighted reward are keyed by component name; "
+                             f"{sorted(unknown)} is not one of {[name for name, _ in components]}")
+        per_name = kwargs
+    return WeightedReward([(name, weight, _build_one(name, **per_name.get(name, {}))) for name, weight in components])
+
+
+def score_components(reward_fn, images, prompts) -> tuple[list[float], dict[str, list[float]]]:
+    """(combined scores, per-component scores; {} for a single reward)."""
+    if isinstance(reward_fn, WeightedReward):
+        return reward_fn.score(images, prompts)
+    return [float(s) for s in reward_fn(images, prompts)], {}

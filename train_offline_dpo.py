@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import perf
 import qwen_image as qi
 import trainer_utils as tu
 
@@ -38,8 +39,13 @@ class Config:
     lora_init: str = "gaussian"
     gradient_checkpointing: bool = True
     sharding: str = "none"
+    attention_backend: str = "native"  # diffusers dispatcher backend (see the online trainer)
+    compile_transformer: bool = False  # torch.compile the repeated blocks for the training forward
+    compile_backend: str = "inductor"
     # data
-    pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet or a directory of them
+    pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet, a directory of them, or a Hub dataset id (pairs or Pick-a-Pic columns)
+    split: str = "train"  # split of a Hub dataset id in pairs_path (streamed)
+    max_pairs: int = 0  # read only the first N usable pairs (0 = all): Hub sets too big to hold
     strict: bool = False  # corrupt image bytes: error instead of skipping the row
     eval_data: str = "data/ocr/test.parquet"  # prompts for evaluation
     height: int = 512  # training resolution: images are resized / centre-cropped to it
@@ -64,8 +70,8 @@ class Config:
     max_steps: int = 2000
     max_nonfinite_in_a_row: int = 3
     # evaluation (rollouts of the eval prompts, scored by `reward`), logging, checkpoints
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     eval_every: int = 100
     eval_samples_per_prompt: int = 1
     eval_inference_steps: int = 50
@@ -76,9 +82,15 @@ class Config:
     checkpoint_every: int = 100
     checkpoints_total_limit: int = 3
     log_with: str = "wandb"
+    peak_tflops: float = 0.0  # the device's dense bf16 peak: logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-offline-dpo"
+    # sharing: lora/README.md (model card) is always written; the upload needs a token and network
+    push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
+    hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
+    hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
     output_dir: str = "outputs/offline_dpo"
     resume_from_checkpoint: str = ""
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
 
@@ -87,7 +99,7 @@ PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset text_world (PP-OCRv5 on the text world).
     "text_world": dict(
         tu.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
-        micro_batch_pairs=16, beta=100.0, learning_rate=1e-2, max_steps=40, eval_every=20, max_eval_prompts=0,
+        micro_batch_pairs=16, beta=100.0, learning_rate=1e-3, max_steps=40, eval_every=20, max_eval_prompts=0,
         checkpoint_every=20,
     ),
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
@@ -102,7 +114,9 @@ def validate(config: Config, world_size: int = 1):
     from trainer_utils import require, validate_policy_config
 
     validate_policy_config(config, world_size)
-    require(os.path.exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    perf.validate_config(config, require)
+    require(tu.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")
 
@@ -139,27 +153,37 @@ def train(config: Config):
     from tqdm.auto import tqdm
 
     from data_process.pairs_format import read_pairs
-    from rewards import OCR_REWARDS, build_reward
+    from rewards import build_reward, uses_ocr_target
 
     accelerator, stop = tu.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    is_ocr = config.reward in OCR_REWARDS
+    is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model; latents and prompt embeddings computed once
-    pairs, counts = read_pairs(config.pairs_path, strict=config.strict)
-    if counts["corrupt_images_skipped"]:
-        accelerator.print(f"skipped {counts['corrupt_images_skipped']} pair(s) with undecodable images")
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
+    t0 = time.perf_counter()
+    pairs, counts = read_pairs(config.pairs_path, strict=config.strict, split=config.split, max_pairs=config.max_pairs)
+    accelerator.print(f"read {len(pairs)} pairs from {config.pairs_path} in {time.perf_counter() - t0:.1f} s "
+                      f"(skipped: {counts['corrupt_images_skipped']} undecodable, {counts.get('ties_dropped', 0)} Pick-a-Pic "
+                      f"ties, {counts.get('bad_label_dropped', 0)} bad labels)")
+    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
+    t0 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
+    accelerator.print(f"pipeline {config.pretrained} ({config.dtype}) on {device} loaded in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     encoded = load_pair_latents(pipe, pairs, config.height, config.width)
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
-    prompt_cache.warm([p["prompt"] for p in pairs] + [r["prompt"] for r in eval_rows] + [config.negative_prompt])
+    prompt_cache.warm([p["prompt"] for p in pairs] + [r["prompt"] for r in eval_rows] + [config.negative_prompt],
+                      rank=rank, world_size=world)  # each rank encodes its share, then they share
     prompt_cache.offload_text_encoder("cpu")
+    n_prompts = len({p["prompt"] for p in pairs} | {r["prompt"] for r in eval_rows})  # the negative prompt is not one
     accelerator.print(f"{len(pairs)} pairs ({encoded} VAE-encoded, {len(pairs) - encoded} from stored latents) "
-                      f"and {len(prompt_cache.embeds)} prompts prepared in {time.perf_counter() - t0:.1f} s")
+                      f"and {n_prompts} prompts prepared in {time.perf_counter() - t0:.1f} s")
     policy = tu.DPOPolicy(config, pipe, accelerator)
+    perf.set_attention_backend(pipe.transformer, config.attention_backend)
+    if config.compile_transformer:
+        perf.compile_transformer_blocks(pipe.transformer, config.compile_backend)
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
     run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
@@ -179,12 +203,22 @@ def train(config: Config):
         pair_prompts = [p["prompt"] for p in batch for _ in range(2)]
         metrics = policy.update(chosen_rejected_latents, pair_prompts, len(batch), prompt_cache, step)
         score_gap = sum(p["chosen_score"] - p["rejected_score"] for p in batch)
+        update_s = time.perf_counter() - t0
+        update_flops = perf.update_step_flops(
+            pipe.transformer.config, perf.image_tokens_for(config.height, config.width),
+            perf.text_lengths(prompt_cache, pair_prompts), config.micro_batch_pairs, 1, config.train_mode,
+            config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing)
+        achieved = perf.throughput(update_flops, update_s, config.peak_tflops)
+        metrics.update({"perf/update_tflop": update_flops / 1e12, "perf/update_tflops_per_s": achieved["tflops_per_device"]})
+        if "mfu" in achieved:
+            metrics["perf/mfu"] = achieved["mfu"]
         metrics.update({"pairs/score_gap": tu.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
-                        "time/update_s": time.perf_counter() - t0, "lr": policy.lr_scheduler.get_last_lr()[0],
+                        "time/update_s": update_s, "lr": policy.lr_scheduler.get_last_lr()[0],
                         "data/epoch": step * config.pairs_per_step / len(pairs)})
         metrics_log.log(metrics, step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}",
+                             gap=f"{metrics['pairs/score_gap']:.3f}",
                              acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
         if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
@@ -193,4 +227,4 @@ def train(config: Config):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)  # a config error: one line on stderr, exit status 2

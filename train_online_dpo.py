@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+import perf
 import qwen_image as qi
 import trainer_utils as tu
 
@@ -37,8 +38,12 @@ class Config:
     lora_init: str = "gaussian"
     gradient_checkpointing: bool = True
     sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
+    attention_backend: str = "native"  # diffusers dispatcher backend: native (torch SDPA), flash, _flash_3, sage, ...
+    compile_transformer: bool = False  # torch.compile the repeated blocks (regional) for rollout and training
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": capture only, for tests)
     # data
-    train_data: str = "data/ocr/train.parquet"  # data_process parquet, a directory of them, or a .txt
+    train_data: str = "data/ocr/train.parquet"  # parquet / jsonl / txt, a directory of them, or a Hub dataset id
+    split: str = "train"  # split of a Hub dataset id in train_data (eval_data: `owner/name:split`, default test)
     eval_data: str = "data/ocr/test.parquet"
     prompts_per_step: int = 32  # global, over all ranks
     samples_per_prompt: int = 16  # K rollouts per prompt (all on one rank)
@@ -51,8 +56,9 @@ class Config:
     max_sequence_length: int = 256
     rollout_chunk_size: int = 16  # images per pipeline call
     # reward
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"  # JSON, passed to rewards.build_reward
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
+    reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
     beta: float = 100.0
     pair_strategy: str = "best_worst"  # or "top_bottom": floor(K/2) pairs per group
@@ -82,9 +88,15 @@ class Config:
     checkpoints_total_limit: int = 3
     sample_grid_every: int = 20
     log_with: str = "wandb"  # "wandb" (offline without API key), "tensorboard" or "none"
+    peak_tflops: float = 0.0  # the device's dense bf16 peak (README table): logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-online-dpo"
+    # sharing: lora/README.md (model card) is always written; the upload needs a token and network
+    push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
+    hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
+    hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
     output_dir: str = "outputs/online_dpo"
     resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint directory
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
 
@@ -95,7 +107,7 @@ PRESETS = {
     "text_world": dict(
         tu.TEXT_WORLD_OVERRIDES, train_data=os.path.join(tu.TEXT_WORLD_DATA, "train.txt"), prompts_per_step=8,
         samples_per_prompt=8, num_inference_steps=8, updates_per_rollout=2, micro_batch_pairs=8, beta=100.0,
-        learning_rate=1e-2, max_steps=30, eval_every=15, checkpoint_every=15, sample_grid_every=5,
+        learning_rate=1e-3, max_steps=30, eval_every=15, checkpoint_every=15, sample_grid_every=5,
     ),
     # The tiny random Qwen-Image on a CPU with a reward it can learn (tu.CPU_TINY_OVERRIDES), 8 prompts
     # x 8 samples, 4 sampling steps, two updates per rollout batch.
@@ -112,6 +124,7 @@ def validate(config: Config, world_size: int = 1):
     from trainer_utils import require, validate_policy_config
 
     validate_policy_config(config, world_size)
+    perf.validate_config(config, require)
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt to make a pair")
     require(config.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
     require(config.prompts_per_step % world_size == 0, "prompts_per_step",
@@ -120,7 +133,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.rollout_chunk_size >= 1, "rollout_chunk_size", "must be >= 1")
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
-    require(os.path.exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
+    require(tu.data_source_exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
 
 
 def main(argv=None):
@@ -137,23 +150,35 @@ def train(config: Config):
     from tqdm.auto import tqdm
 
     from pairing import interleave, pair_stats, select_pairs
-    from rewards import OCR_REWARDS, build_reward
+    from rewards import build_reward, uses_ocr_target
 
     accelerator, stop = tu.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    is_ocr = config.reward in OCR_REWARDS
+    is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model
-    train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr)
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr)[: config.max_eval_prompts or None]
+    t0 = time.perf_counter()
+    train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr, split=config.split)
+    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
+    t1 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
+    t2 = time.perf_counter()
     prompt_cache = qi.PromptCache(pipe, config.max_sequence_length)
     # every prompt this run will see is encoded once; then the text encoder leaves the accelerator
-    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt])
+    prompt_cache.warm([r["prompt"] for r in train_rows + eval_rows] + [config.negative_prompt],
+                      rank=rank, world_size=world)  # each rank encodes its share, then they share
     prompt_cache.offload_text_encoder("cpu")
+    accelerator.print(f"loaded {len(train_rows)} train / {len(eval_rows)} eval prompts and reward {config.reward} "
+                      f"in {t1 - t0:.1f} s; pipeline {config.pretrained} ({config.dtype}) on {device} in {t2 - t1:.1f} s; "
+                      f"{len(prompt_cache.embeds)} prompts encoded in {time.perf_counter() - t2:.1f} s")
     policy = tu.DPOPolicy(config, pipe, accelerator)  # LoRA (or full) + reference + optimizer
     transformer = pipe.transformer  # the policy samples with the same (possibly sharded) module
+    perf.set_attention_backend(transformer, config.attention_backend)
+    if config.compile_transformer:  # after LoRA, before the first forward
+        perf.compile_transformer_blocks(transformer, config.compile_backend)
+    compile_counter = perf.CompileCounter()
 
     start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
 
@@ -172,14 +197,28 @@ def train(config: Config):
         flat_rows = [row for row in rows for _ in range(K)]
         prompts = [row["prompt"] for row in flat_rows]
         group_ids = [f"{i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
-        seeds = [tu.derived_seed(config.seed, step, rank, j) % 2**31 for j in range(len(prompts))]
+        seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
-        latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
-        transformer.train()
-        t1 = time.perf_counter()
+        if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
+            reward_parts = {}
 
-        # 4. rewards
-        rewards = torch.tensor(tu.score_rows(reward_fn, images, flat_rows), dtype=torch.float64)
+            def score_chunk(chunk_images, start):
+                combined, parts = tu.score_rows_with_components(reward_fn, chunk_images,
+                                                                flat_rows[start:start + len(chunk_images)])
+                for name, scores in parts.items():  # one worker thread: chunks arrive in order
+                    reward_parts.setdefault(name, []).extend(scores)
+                return combined
+            with perf.OverlappedScorer(score_chunk) as scorer:
+                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer)
+                t1 = time.perf_counter()
+                combined = scorer.results()
+        else:
+            latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
+            t1 = time.perf_counter()
+            # 4. rewards
+            combined, reward_parts = tu.score_rows_with_components(reward_fn, images, flat_rows)  # parts: multi-reward
+        transformer.train()
+        rewards = torch.tensor(combined, dtype=torch.float64)  # pairs are selected on the combined value
         t2 = time.perf_counter()
 
         # 5. pairs per prompt group (ties give none), interleaved [c0, r0, c1, r1, ...]
@@ -214,15 +253,25 @@ def train(config: Config):
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
+        metrics.update(tu.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
+        metrics.update(perf.step_metrics(config, transformer.config, prompt_cache, prompts, pair_prompts, n_pairs,
+                                         t1 - t0, t3 - t2, t3 - t0))
+        if config.compile_transformer:  # compiles during this step (and the eval before it); 0 after warm-up
+            metrics["compile/new_graphs"] = compile_counter.new()
+            if step > start_step + 1 and metrics["compile/new_graphs"]:
+                accelerator.print(f"step {step}: torch.compile compiled {metrics['compile/new_graphs']} new graph(s) "
+                                  "after warm-up (a shape or mode changed)")
         if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and n_pairs:
             shown = pairs[:8]
-            tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
-                         rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist()).save(
-                os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
+            grid = tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
+                                rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
+            grid.save(os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
+            metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['dpo/loss']:.4f}" if "dpo/loss" in metrics else "skip",
-                             reward=f"{metrics['reward/mean']:.4f}")
+                             reward=f"{metrics['reward/mean']:.4f}",
+                             acc=f"{metrics['dpo/implicit_acc']:.2f}" if "dpo/implicit_acc" in metrics else "-")
         if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()
@@ -230,4 +279,4 @@ def train(config: Config):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)  # a config error: one line on stderr, exit status 2

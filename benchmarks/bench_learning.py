@@ -49,7 +49,7 @@ def run(variant: str, seed: int, steps: int, workdir: str) -> dict:
     images = steps * config["prompts_per_step"] * config["samples_per_prompt"]
     return {"exact_gain": evals[-1]["eval/exact_match"] - evals[0]["eval/exact_match"],
             "reward_gain": evals[-1]["eval/reward_mean"] - evals[0]["eval/reward_mean"],
-            "exact_before": evals[0]["eval/exact_match"], "eval_sem": evals[0]["eval/exact_match_sem"],
+            "exact_before": evals[0]["eval/exact_match"], "eval_sem": evals[0]["eval/exact_match_se"],
             "images": images, "wall_s": wall, "pairs": sum(r.get("pairs/kept", 0) for r in rows)}
 
 

@@ -37,8 +37,8 @@ class PairsConfig:
     negative_prompt: str = " "
     max_sequence_length: int = 256
     chunk_size: int = 16
-    reward: str = "ocr"
-    reward_kwargs: str = "{}"
+    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     pair_strategy: str = "best_worst"
     min_reward_margin: float = 0.0
     store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
@@ -61,16 +61,16 @@ PRESETS = {
 
 def validate(config: PairsConfig):
     from pairing import PAIR_STRATEGIES
-    from rewards import REWARDS
-    from trainer_utils import require
+    from trainer_utils import data_source_exists, require, validate_reward
 
-    require(os.path.exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
+    require(data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt")
-    require(config.reward in REWARDS, "reward", f"unknown reward {config.reward!r}; known: {', '.join(REWARDS)}")
+    validate_reward(config.reward, config.reward_kwargs)  # a name or weighted components
     require(config.pair_strategy in PAIR_STRATEGIES, "pair_strategy", f"must be one of {PAIR_STRATEGIES}")
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
     require(config.min_reward_margin >= 0, "min_reward_margin", "must be >= 0")
     require(bool(config.output), "output", "must be a file path")
+    tu.require_writable_dir(os.path.dirname(os.path.abspath(config.output)), "output")  # fail now, not after the rollouts
 
 
 def main(argv=None):
@@ -87,10 +87,10 @@ def generate(config: PairsConfig) -> dict:
     import qwen_image as qi
     from data_process.pairs_format import image_to_png_bytes, latents_to_bytes, write_pairs
     from pairing import pair_stats, select_pairs
-    from rewards import OCR_REWARDS, build_reward
+    from rewards import build_reward, uses_ocr_target
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = tu.load_prompts(config.prompts, need_ocr_target=config.reward in OCR_REWARDS)[: config.max_prompts or None]
+    rows = tu.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward), max_rows=config.max_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
     cache = qi.PromptCache(pipe, config.max_sequence_length)
@@ -103,7 +103,7 @@ def generate(config: PairsConfig) -> dict:
     for start in tqdm(range(0, len(rows), prompts_per_batch), desc="pairs"):
         batch = rows[start:start + prompts_per_batch]
         flat = [row for row in batch for _ in range(K)]
-        seeds = [tu.derived_seed(config.seed, start + i, j) % 2**31 for i in range(len(batch)) for j in range(K)]
+        seeds = [tu.derived_seed("offline_pairs", config.seed, start + i, j) for i in range(len(batch)) for j in range(K)]
         group_ids = [start + i for i in range(len(batch)) for _ in range(K)]
         latents, images = qi.rollout(pipe, cache, [r["prompt"] for r in flat], seeds, settings)
         scores = torch.tensor(tu.score_rows(reward_fn, images, flat), dtype=torch.float64)
@@ -128,4 +128,6 @@ def generate(config: PairsConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from trainer_utils import cli
+
+    cli(main)  # a config error: one line on stderr, exit status 2

@@ -19,6 +19,7 @@ float32 bytes with their shape.
 from __future__ import annotations
 
 import io
+import math
 import os
 
 import numpy as np
@@ -71,6 +72,22 @@ def write_pairs(rows: list[dict], path: str):
     os.replace(tmp, path)
 
 
+def image_problem(data: bytes | None) -> str | None:
+    """None if the bytes decode to a whole image, else why not. Decodes every pixel: verify() alone
+    passes a truncated JPEG, which then fails in the trainer after the model has loaded."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data or b"")) as image:
+            image.load()
+    except Exception as error:  # PIL raises many types for bad bytes
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
 def pair_files(path: str) -> list[str]:
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
@@ -82,45 +99,86 @@ def pair_files(path: str) -> list[str]:
     return [path]
 
 
-def read_pairs(path: str, strict: bool = False) -> tuple[list[dict], dict]:
-    """-> (rows, counts). Each row: prompt, chosen/rejected image bytes, scores, and the latents as
-    numpy arrays when present. A missing column or chosen_score < rejected_score is an error naming
-    the file (and row); undecodable images skip the row (counted), or raise with strict."""
-    import pyarrow.parquet as pq
-    from PIL import Image
+def open_pair_parts(path: str, split: str = "train", columns=None):
+    """[(name, IterableDataset)] through `datasets` (data_process/records.py): a pairs parquet, a
+    directory of them, or a Hub dataset id (streamed)."""
+    from data_process.records import is_hub_id, open_parts
 
-    rows, counts = [], {"rows": 0, "corrupt_images_skipped": 0}
-    for file in pair_files(path):
-        table = pq.read_table(file)
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-        if missing:
-            raise PairsDataError(f"{file}: missing column(s) {', '.join(missing)} (has {', '.join(table.column_names)})")
-        has_latents = all(c in table.column_names for c in LATENT_COLUMNS)
-        for i, row in enumerate(table.to_pylist()):
+    if not is_hub_id(path):
+        pair_files(path)  # the existing "does not exist" / "no .parquet files" errors
+    return open_parts(path, split, extensions=(".parquet",), columns=columns)
+
+
+def pickapic_pair(row: dict) -> dict | str:
+    """A Pick-a-Pic v2 row (caption, jpg_0, jpg_1, label_0) -> a pair row, or "tie" (label 0.5) /
+    "bad_label". label_0 = 1: jpg_0 preferred, 0: jpg_1 preferred; chosen scores 1.0, rejected 0.0."""
+    from data_process.records import as_bytes
+
+    label = row["label_0"]
+    if label == 0.5:
+        return "tie"
+    if label not in (0, 1, 0.0, 1.0):
+        return "bad_label"
+    chosen, rejected = ("jpg_0", "jpg_1") if label == 1 else ("jpg_1", "jpg_0")
+    return {"prompt": row["caption"], "chosen_image": as_bytes(row[chosen]), "rejected_image": as_bytes(row[rejected]),
+            "chosen_score": 1.0, "rejected_score": 0.0, "chosen_seed": -1, "rejected_seed": -1}
+
+
+def read_pairs(path: str, strict: bool = False, split: str = "train", max_pairs: int = 0) -> tuple[list[dict], dict]:
+    """-> (rows, counts). Each row: prompt, chosen/rejected image bytes, scores, and the latents as
+    numpy arrays when present. Reads the pairs format, or Pick-a-Pic v2 rows converted on the fly
+    (ties dropped and counted): local files or a Hub dataset id (`split`, streamed; max_pairs > 0
+    stops after that many pairs). A missing column or chosen_score < rejected_score is an error naming
+    the file (and row); undecodable images skip the row (counted), or raise with strict."""
+
+    from data_process.records import as_bytes, column_names
+
+    rows = []
+    counts = {"rows": 0, "corrupt_images_skipped": 0}  # + ties_dropped, bad_label_dropped for Pick-a-Pic rows
+    for file, dataset in open_pair_parts(path, split):
+        names = column_names(dataset)
+        pickapic = names is not None and all(c in names for c in PICKAPIC_COLUMNS) and "chosen_image" not in names
+        if pickapic:
+            dataset = dataset.select_columns(list(PICKAPIC_COLUMNS))
+            counts.setdefault("ties_dropped", 0), counts.setdefault("bad_label_dropped", 0)
+        elif names is not None:
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            if missing:
+                raise PairsDataError(f"{file}: missing column(s) {', '.join(missing)} (has {', '.join(names)})")
+        has_latents = names is not None and all(c in names for c in LATENT_COLUMNS)
+        label = os.path.basename(file) if os.path.exists(file) else file
+        for i, row in enumerate(dataset):
             where = f"{file}: row {i}"
+            if pickapic:
+                row = pickapic_pair(row)
+                if isinstance(row, str):
+                    counts["ties_dropped" if row == "tie" else "bad_label_dropped"] += 1
+                    continue
             if not isinstance(row["prompt"], str) or not row["prompt"].strip():
                 raise PairsDataError(f"{where}: empty prompt")
             if row["chosen_score"] is None or row["rejected_score"] is None:
                 raise PairsDataError(f"{where}: missing score")
+            if not (math.isfinite(row["chosen_score"]) and math.isfinite(row["rejected_score"])):
+                raise PairsDataError(f"{where}: non-finite score (chosen {row['chosen_score']}, rejected "
+                                     f"{row['rejected_score']})")
             if row["chosen_score"] < row["rejected_score"]:
                 raise PairsDataError(f"{where}: chosen_score {row['chosen_score']} < rejected_score "
                                      f"{row['rejected_score']}")
+            images = {side: as_bytes(row[side]) for side in ("chosen_image", "rejected_image")}
             bad = None
-            for side in ("chosen_image", "rejected_image"):
-                try:
-                    with Image.open(io.BytesIO(row[side] or b"")) as image:
-                        image.verify()
-                except Exception as error:  # PIL raises many types for bad bytes
-                    bad = f"{where}: {side} is not a decodable image ({type(error).__name__})"
+            for side, data in images.items():
+                problem = image_problem(data)
+                if problem:
+                    bad = f"{where}: {side} is not a decodable image ({problem})"
                     break
             if bad:
                 if strict:
                     raise PairsDataError(bad)
                 counts["corrupt_images_skipped"] += 1
                 continue
-            out = {"prompt": row["prompt"], "chosen_image": row["chosen_image"], "rejected_image": row["rejected_image"],
+            out = {"prompt": row["prompt"], **images,
                    "chosen_score": row["chosen_score"], "rejected_score": row["rejected_score"],
-                   "uid": f"{os.path.basename(file)}:{i}"}
+                   "uid": f"{label}:{i}"}
             if has_latents and row["chosen_latents"] is not None:
                 try:
                     out.update(chosen_latents=latents_from_bytes(row["chosen_latents"], row["latents_shape"]),
@@ -130,6 +188,10 @@ def read_pairs(path: str, strict: bool = False) -> tuple[list[dict], dict]:
                     raise PairsDataError(f"{where}: latents do not match latents_shape "
                                          f"{row['latents_shape']} ({error})") from None
             rows.append(out)
+            if max_pairs and len(rows) >= max_pairs:
+                break
+        if max_pairs and len(rows) >= max_pairs:
+            break
     counts["rows"] = len(rows)
     if not rows:
         raise PairsDataError(f"{path}: no usable pairs")

@@ -9,6 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# datasets (and its lock files) stay out of ~/.cache: a per-session temporary cache
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(__import__("tempfile").mkdtemp(prefix="hf-datasets-"), "cache"))
 
 
 @pytest.fixture(scope="session")

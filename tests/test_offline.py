@@ -120,9 +120,101 @@ def test_pickapic_conversion_drops_ties(tmp_path):
     assert rows[0]["chosen_image"] == red.getvalue() and rows[1]["chosen_image"] == blue.getvalue()
     assert all(r["chosen_score"] == 1.0 and r["rejected_score"] == 0.0 for r in rows)
     counts = pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), out)
-    assert counts == {"rows_in": 4, "pairs": 3, "ties_dropped": 1, "bad_label_dropped": 0}
+    assert counts == {"rows_in": 4, "pairs": 3, "ties_dropped": 1, "bad_label_dropped": 0, "corrupt_images_dropped": 0}
     pq.write_table(table.drop(["label_0"]), tmp_path / "bad.parquet")
     assert pickapic_to_pairs.main(["--input", str(tmp_path / "bad.parquet"), "--output", out]) == 2
+
+
+# ---------------------------------------------------------------------------------- through `datasets`
+
+def test_prompts_load_through_datasets_from_parquet_jsonl_txt_and_directories(tmp_path):
+    import datasets
+
+    import trainer_utils as tu
+    from data_process.records import is_hub_id
+
+    assert datasets.config.HF_DATASETS_OFFLINE  # tests never reach the Hub
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ['a sign "OPEN"', 'a mug "CAFE"'], "ground_truth": ["OPEN", None]}),
+                   folder / "a.parquet")
+    (folder / "b.jsonl").write_text(json.dumps({"caption": 'a cap "HAT"'}) + "\n" + json.dumps({"caption": "a dog"}) + "\n")
+    (folder / "c.txt").write_text('first "ONE"\n\n  second "TWO"  \n')
+    (folder / "ignored.csv").write_text("prompt\nnot read\n")
+    rows = tu.load_prompts(str(folder))
+    assert [r["prompt"] for r in rows] == ['a sign "OPEN"', 'a mug "CAFE"', 'a cap "HAT"', "a dog", 'first "ONE"',
+                                           'second "TWO"']
+    assert [r["uid"] for r in rows] == ["a.parquet:0", "a.parquet:1", "b.jsonl:0", "b.jsonl:1", "c.txt:1", "c.txt:3"]
+    assert [r["ground_truth"] for r in rows[:3]] == ["OPEN", None, None]
+    assert len(tu.load_prompts(str(folder), max_rows=3)) == 3
+    with pytest.raises(ValueError, match=r"b.jsonl: prompt has no quoted text|b.jsonl:1: prompt has no quoted text"):
+        tu.load_prompts(str(folder), need_ocr_target=True)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": " "}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl: row 1: empty or non-string prompt"):
+        tu.load_prompts(str(tmp_path / "bad.jsonl"))
+    pq.write_table(pa.table({"title": ["x"]}), tmp_path / "nocol.parquet")
+    with pytest.raises(ValueError, match=r"nocol.parquet: missing column 'prompt' \(has \['title'\]\)"):
+        tu.load_prompts(str(tmp_path / "nocol.parquet"))
+    # Hub ids: recognised (validation accepts them), loaded through the same function when online
+    assert is_hub_id("yuvalkirstain/pickapic_v2") and is_hub_id("someone/prompts:test")
+    assert not is_hub_id("outputs/pairs.parquet") and not is_hub_id(str(folder)) and not is_hub_id("/abs/x")
+    with pytest.raises(ConnectionError, match="someone/not-cached"):
+        tu.load_prompts("someone/not-cached")
+
+
+def test_offline_trainer_reads_pickapic_rows_directly_ties_dropped_and_counted(tmp_path):
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    labels = [1.0, 0.5, 0.0, 1.0, 0.5]
+    pq.write_table(pa.table({"caption": list("abcde"), "jpg_0": [red] * 5, "jpg_1": [blue] * 5, "label_0": labels}),
+                   tmp_path / "pickapic.parquet")
+    rows, counts = read_pairs(str(tmp_path / "pickapic.parquet"))
+    assert [r["prompt"] for r in rows] == ["a", "c", "d"] and counts == {
+        "rows": 3, "corrupt_images_skipped": 0, "ties_dropped": 2, "bad_label_dropped": 0}
+    assert rows[0]["chosen_image"] == red and rows[1]["chosen_image"] == blue
+    rows, _ = read_pairs(str(tmp_path / "pickapic.parquet"), max_pairs=2)
+    assert [r["prompt"] for r in rows] == ["a", "c"]
+    assert pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), str(tmp_path / "out.parquet"), max_rows=3) == {
+        "rows_in": 3, "pairs": 2, "ties_dropped": 1, "bad_label_dropped": 0, "corrupt_images_dropped": 0}
+    config = train_offline_dpo.Config(pairs_path="yuvalkirstain/pickapic_v2", eval_data=str(tmp_path / "pickapic.parquet"))
+    train_offline_dpo.validate(config)  # a Hub id passes validation; it is streamed at run time
+
+
+def truncated_jpeg():
+    """A real JPEG cut after 60 % of its bytes: PIL's verify() accepts it, decoding fails."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()[: int(len(buffer.getvalue()) * 0.6)]
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()  # the check the importer used to rely on
+    return data
+
+
+def test_truncated_jpegs_and_nan_scores_are_caught_when_reading(tmp_path):
+    write_pairs([pair_row(), pair_row(chosen_image=truncated_jpeg()), pair_row()], str(tmp_path / "cut.parquet"))
+    rows, counts = read_pairs(str(tmp_path / "cut.parquet"))
+    assert counts == {"rows": 2, "corrupt_images_skipped": 1}
+    with pytest.raises(PairsDataError, match="cut.parquet: row 1: chosen_image is not a decodable image"):
+        read_pairs(str(tmp_path / "cut.parquet"), strict=True)
+    write_pairs([pair_row(), pair_row(chosen_score=float("nan"))], str(tmp_path / "nan.parquet"))
+    with pytest.raises(PairsDataError, match="nan.parquet: row 1: non-finite score"):
+        read_pairs(str(tmp_path / "nan.parquet"))
+    # the Pick-a-Pic importer drops (and counts) such rows, or names them with --strict
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(good, format="JPEG")
+    table = pa.table({"caption": ["a", "b"], "jpg_0": [good.getvalue()] * 2, "jpg_1": [good.getvalue(), truncated_jpeg()],
+                      "label_0": [1.0, 1.0]})
+    pq.write_table(table, tmp_path / "pickapic.parquet")
+    counts = pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), str(tmp_path / "pairs.parquet"))
+    assert counts["pairs"] == 1 and counts["corrupt_images_dropped"] == 1
+    with pytest.raises(PairsDataError, match="pickapic.parquet: row 1: image does not decode \\(jpg_1"):
+        pickapic_to_pairs.convert(str(tmp_path / "pickapic.parquet"), str(tmp_path / "p2.parquet"), strict=True)
+
+
+def test_data_ocr_is_ignored_by_git():
+    """The README's output location for data_process/qwenimage_ocr.py must not end up in commits."""
+    ignored = [line.strip() for line in open(os.path.join(os.path.dirname(__file__), "..", ".gitignore"))]
+    assert "data/ocr/" in ignored
 
 
 # ---------------------------------------------------------------------------------- generation and training
@@ -169,7 +261,7 @@ def test_offline_latents_are_encoded_when_the_file_has_none(tiny_pairs, tiny_dir
 
 @pytest.mark.slow
 def test_offline_dpo_learns_and_reversed_pairs_unlearn(tiny_pairs, tmp_path):
-    """Measured: eval brightness 0.5049 -> 0.5162 (30 steps); reversed -> 0.5001."""
+    """Measured: eval brightness 0.5049 -> 0.5135 (30 steps); reversed -> 0.5002."""
     up, down = str(tmp_path / "up"), str(tmp_path / "down")
     train_offline_dpo.main(["--preset", "cpu_tiny", "--pairs_path", tiny_pairs, "--output_dir", up])
     train_offline_dpo.main(["--preset", "cpu_tiny", "--pairs_path", tiny_pairs, "--output_dir", down,
@@ -185,12 +277,15 @@ def test_offline_dpo_learns_and_reversed_pairs_unlearn(tiny_pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_resume_is_exact(tiny_pairs, tmp_path):
+def test_offline_resume_is_exact(tiny_pairs, tmp_path, capsys):
     from safetensors.torch import load_file
 
     common = ["--preset", "cpu_tiny", "--pairs_path", tiny_pairs, "--max_steps", "6", "--eval_every", "0",
               "--checkpoint_every", "3"]
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "a")])
+    assert "64 pairs (0 VAE-encoded, 64 from stored latents) and 16 prompts prepared" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="already holds a run .*checkpoint-6"):  # a fresh run into it
+        train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "a")])
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--max_steps", "3"])
     train_offline_dpo.main(common + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
     a = load_file(str(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors"))
@@ -210,3 +305,5 @@ def test_offline_config_validation(flag, value, field, tiny_pairs):
 def test_make_pairs_config_validation():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         make_offline_pairs.main(["--preset", "cpu_tiny", "--samples_per_prompt", "1", "--output", "/tmp/x.parquet"])
+    with pytest.raises(ValueError, match="config field `output`: folder '/dev/null/pairs' is not writable"):
+        make_offline_pairs.main(["--preset", "cpu_tiny", "--output", "/dev/null/pairs/x.parquet"])

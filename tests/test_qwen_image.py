@@ -251,3 +251,99 @@ def test_vae_encode_decode_are_inverse_up_to_the_vaes_own_error(tiny_pipe):
     big = images[0].resize((96, 64))
     assert qi.encode_images(tiny_pipe, [big], H, W).shape == (1, 16, 64)
     assert torch.equal(qi.encode_images(tiny_pipe, images, H, W), z_back)
+
+
+def _capture_pipeline_steps(pipe, cache, prompts, steps, **kw):
+    """Runs the pipeline with the cache's embeddings (as `rollout` does) and records, per step, the
+    conditional transformer call's inputs and the prediction the scheduler stepped with."""
+    calls, stepped = [], []
+
+    def pre_hook(module, args, kwargs):
+        calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+
+    handle = pipe.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    scheduler_step = pipe.scheduler.step
+    pipe.scheduler.step = lambda output, *a, **k: (stepped.append(output.clone()), scheduler_step(output, *a, **k))[1]
+    dtype = pipe.transformer.dtype
+    embeds, mask = cache(prompts, dtype=dtype)
+    extra = {}
+    if kw.get("true_cfg_scale", 1.0) > 1:
+        neg, neg_mask = cache([kw.pop("negative_prompt")] * len(prompts), dtype=dtype)
+        extra = dict(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
+    try:
+        pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, height=H, width=W, num_inference_steps=steps,
+             generator=[torch.Generator().manual_seed(s) for s in range(len(prompts))], output_type="latent",
+             **extra, **kw)
+    finally:
+        handle.remove()
+        pipe.scheduler.step = scheduler_step
+    cond_calls = calls[::2] if extra else calls
+    return cond_calls, stepped, pipe.scheduler.sigmas
+
+
+def test_bf16_training_forward_equals_the_pipelines_transformer_call_bit_for_bit(tiny_dir):
+    """The timestep is rounded as the sampler rounds it: bf16(1000 sigma) / 1000, not bf16(sigma)."""
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.bfloat16)
+    cache = qi.PromptCache(pipe, max_sequence_length=256)
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    calls, stepped, sigmas = _capture_pipeline_steps(pipe, cache, prompts, 8, true_cfg_scale=1.0)
+    embeds, mask = cache(prompts, dtype=torch.bfloat16)
+    rounded_differently = 0
+    with torch.no_grad():
+        for step, call in enumerate(calls):
+            sigma = sigmas[step].expand(2)
+            rounded_differently += int(not torch.equal(sigma.to(torch.bfloat16), call["timestep"]))
+            pred = qi.predict_velocity(pipe.transformer, call["hidden_states"], sigma, embeds, mask, H, W)
+            assert pred.dtype == torch.bfloat16 and torch.equal(pred, stepped[step]), step
+    assert rounded_differently > 0  # the test covers sigmas where the two roundings differ
+
+
+def test_training_forward_with_true_cfg_equals_the_pipelines_combined_prediction(tiny_pipe):
+    cache = qi.PromptCache(tiny_pipe, max_sequence_length=256)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    calls, stepped, sigmas = _capture_pipeline_steps(tiny_pipe, cache, prompts, 3, true_cfg_scale=4.0,
+                                                     negative_prompt="blurry")
+    embeds, mask = cache(prompts)
+    neg, neg_mask = cache(["blurry"] * 2)
+    with torch.no_grad():
+        for step, call in enumerate(calls):
+            sigma = sigmas[step].expand(2)
+            pred = qi.predict_velocity(tiny_pipe.transformer, call["hidden_states"], sigma, embeds, mask, H, W,
+                                       negative_prompt_embeds=neg, negative_prompt_mask=neg_mask, true_cfg_scale=4.0)
+            assert torch.equal(pred, stepped[step]), step
+            cond = qi.predict_velocity(tiny_pipe.transformer, call["hidden_states"], sigma, embeds, mask, H, W)
+            assert (cond - pred).abs().max() > 1e-3  # CFG changes the prediction
+
+
+def test_prompt_cache_stores_compact_cpu_copies(tiny_pipe):
+    cache = qi.PromptCache(tiny_pipe, max_sequence_length=256)
+    cache.warm(PROMPTS)
+    lengths = set()
+    for prompt, e in cache.embeds.items():
+        assert e.device.type == "cpu" and e.is_contiguous()
+        assert e.untyped_storage().nbytes() == e.numel() * e.element_size(), prompt  # not a view of the padded batch
+        lengths.add(e.shape[0])
+    assert len(lengths) > 1  # the batch was padded: views would hold the longest length
+    embeds, mask = cache(PROMPTS, device="cpu")
+    assert embeds.shape[:2] == mask.shape and mask.sum(1).tolist() == [cache.embeds[p].shape[0] for p in PROMPTS]
+
+
+def test_prompt_cache_encodes_each_prompt_once_across_two_processes(tmp_path):
+    """2 CPU processes (gloo): each encodes its share, both end with every embedding, bit-identical."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    worker = os.path.join(ROOT, "tests", "prompt_cache_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    encoded = [r["encoded_prompts"] for r in ranks]
+    assert sum(encoded) == len(ranks[0]["embeds"]) == 7 and min(encoded) >= 3  # 7 distinct prompts, split
+    assert ranks[0]["embeds"].keys() == ranks[1]["embeds"].keys()
+    for prompt, e in ranks[0]["embeds"].items():
+        assert torch.equal(e, ranks[1]["embeds"][prompt])

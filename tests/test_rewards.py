@@ -1,6 +1,7 @@
 import base64
 import io
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -254,3 +255,145 @@ def test_jpeg_compressibility_and_brightness():
     bright = build_reward("brightness")
     assert bright([Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("RGB", (8, 8), (0, 0, 0)),
                    Image.new("RGB", (8, 8), (51, 102, 153))], None) == [1.0, 0.0, pytest.approx(0.4)]
+
+
+# ---------------------------------------------------------------------------------- CLIP rewards
+
+def save_tiny_clip(path, seed=0):
+    """A tiny random CLIPModel with its processor (a byte-level BPE trained here, the PIL image
+    processor), saved like a hub checkpoint: the same loading code as PickScore_v1 / CLIP-L."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([prompt_for(w) for w in WORDS] + ["a photo of a cat", "a red square"],
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                                show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    tokenizer = CLIPTokenizer(vocab=model["vocab"], merges=merges)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                    crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16, logit_scale_init_value=4.6052)  # exp = 100, PickScore_v1's learnt scale
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def clip_images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)) for _ in range(5)]
+
+
+def test_pickscore_and_clipscore_are_scaled_cosines_of_the_clip_embeddings(tiny_clip_dir):
+    import torch
+    from transformers import AutoProcessor, CLIPModel
+
+    images, prompts = clip_images(), [prompt_for(w) for w in WORDS[:5]]
+    pick = build_reward("pickscore", model=tiny_clip_dir, processor=tiny_clip_dir, batch_size=2)
+    clip = build_reward("clipscore", model=tiny_clip_dir, batch_size=8)
+    pick_scores, clip_scores = pick(images, prompts), clip(images, prompts)
+    # independently: normalised projected features, cosine per (image, its own prompt)
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        def features(out):
+            out = out if isinstance(out, torch.Tensor) else out.pooler_output
+            return torch.nn.functional.normalize(out, dim=-1)
+        image_features = features(model.get_image_features(**processor(images=images, return_tensors="pt")))
+        text_features = features(model.get_text_features(**processor(text=prompts, padding=True, return_tensors="pt")))
+    cosine = (image_features * text_features).sum(-1)
+    assert clip_scores == pytest.approx(cosine.tolist(), abs=1e-5)
+    assert pick_scores == pytest.approx((100.0 * cosine).tolist(), rel=1e-4, abs=1e-3)
+    assert all(-1 <= s <= 1 for s in clip_scores) and len(set(round(s, 6) for s in clip_scores)) == 5
+    # the score depends on the prompt: the same image against another prompt scores differently
+    assert clip(images[:1], [prompts[1]]) != clip_scores[:1]
+    # batching does not change a score; bf16 is close to fp32
+    assert clip([images[3]], [prompts[3]]) == pytest.approx(clip_scores[3:4], abs=1e-5)
+    bf16 = build_reward("clipscore", model=tiny_clip_dir, dtype="bfloat16")(images, prompts)
+    assert bf16 == pytest.approx(clip_scores, abs=0.05)
+
+
+def test_weighted_reward_is_the_raw_weighted_sum_and_keeps_each_component(tiny_clip_dir):
+    images = clip_images()[:3] + [Image.new("RGB", (8, 8), (255, 255, 255))]
+    prompts = [prompt_for(w) for w in WORDS[:4]]
+    fn = build_reward("brightness:1.0,clipscore:0.5", clipscore={"model": tiny_clip_dir})
+    combined, parts = rewards.score_components(fn, images, prompts)
+    assert set(parts) == {"brightness", "clipscore"} and fn(images, prompts) == combined
+    assert parts["brightness"] == rewards.brightness(images) and parts["brightness"][3] == 1.0
+    assert parts["clipscore"] == build_reward("clipscore", model=tiny_clip_dir)(images, prompts)
+    assert combined == pytest.approx([b + 0.5 * c for b, c in zip(parts["brightness"], parts["clipscore"])])
+    # a zero weight: computed and reported, not trained on
+    monitor = build_reward("brightness,clipscore:0", clipscore={"model": tiny_clip_dir})
+    assert monitor(images, prompts) == parts["brightness"]
+    assert rewards.score_components(rewards.brightness, images, prompts) == (parts["brightness"], {})
+    assert rewards.parse_reward_spec("ocr:1.0, pickscore:0.2") == [("ocr", 1.0), ("pickscore", 0.2)]
+    assert rewards.uses_ocr_target("brightness,ocr:0.5") and not rewards.uses_ocr_target("pickscore")
+    for bad, message in [("ocr:x", "not a number"), ("ocr:-1", ">= 0"), ("ocr:nan", "finite"), ("ocr,ocr", "twice"),
+                         ("ocr:0", "at least one"), ("ocr:1,pick", "unknown reward 'pick'"), ("", "unknown reward")]:
+        with pytest.raises(ValueError, match=message):
+            rewards.parse_reward_spec(bad)
+    with pytest.raises(ValueError, match="keyed by component name"):
+        build_reward("brightness,clipscore:0.5", model=tiny_clip_dir)
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers (a hung inference server)."""
+
+    def __enter__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_server_reward_that_never_answers_fails_at_the_deadline(capsys):
+    """Today's code waits timeout x (max_retries + 1) per image and says nothing; the deadline bounds
+    the whole call and names the URL."""
+    with SilentServer() as server:
+        reward = build_reward("ocr_server", base_url=server.url, timeout=2, max_retries=3, backoff=0.05,
+                              concurrency=2, deadline=1.5, progress_every=0.5)
+        start = time.perf_counter()
+        with pytest.raises(TimeoutError, match="127.0.0.1:.*/v1/chat/completions: .*deadline of 1.5 s"):
+            reward([render("Hi")] * 4, [prompt_for("Hi")] * 4)
+        assert time.perf_counter() - start < 3
+    assert "waiting for OCR server http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_ctrl_c_interrupts_a_hung_server_reward():
+    import signal
+
+    with SilentServer() as server:
+        reward = build_reward("ocr_server", base_url=server.url, timeout=3, max_retries=1, concurrency=1)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        start = time.perf_counter()
+        try:
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                reward([render("Hi")] * 2, [prompt_for("Hi")] * 2)
+            elapsed = time.perf_counter() - start
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)
+    assert elapsed < 1.5

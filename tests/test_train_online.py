@@ -72,6 +72,16 @@ def lora(output_dir):
     ("train_data", "/nonexistent/prompts.parquet", "train_data"),
     ("eval_data", "/nonexistent/test.txt", "eval_data"),
     ("preset", "gpu_huge", "preset"),
+    ("lora_init", "pissa", "lora_init"),  # rewrites the base weights: "adapters disabled" != base
+    ("lora_init", "olora", "lora_init"),
+    ("lora_init", "anything", "lora_init"),
+    ("learning_rate", "inf", "learning_rate"),
+    ("weight_decay", "inf", "weight_decay"),  # torch accepts inf (and rejects -0.1 only after the model loads)
+    ("adam_beta1", "1", "adam_beta1"),
+    ("adam_beta2", "-0.5", "adam_beta2"),
+    ("adam_epsilon", "0", "adam_epsilon"),
+    ("resume_from_checkpoint", "/nonexistent/checkpoint-5", "resume_from_checkpoint"),
+    ("output_dir", "/dev/null/run", "output_dir"),  # a folder below a file: not writable, even for root
 ])
 def test_invalid_config_fails_before_any_model_loads(flag, value, field):
     start = time.perf_counter()
@@ -104,7 +114,7 @@ def test_recipe_defaults():
 @pytest.mark.slow
 def test_online_dpo_learns_and_the_reversed_preference_unlearns(tmp_path):
     """cpu_tiny (20 steps): the eval reward (64 images, fixed seeds) rises; reversing chosen and
-    rejected makes it fall. Measured: 0.5049 -> 0.5227 and -> 0.4970; eval std <= 0.0013 (64 images)."""
+    rejected makes it fall. Measured: 0.5049 -> 0.5301 and -> 0.4991; eval std <= 0.0013 (64 images)."""
     forward, backward = str(tmp_path / "forward"), str(tmp_path / "reversed")
     train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", forward])
     train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", backward, "--reverse_preference", "true"])
@@ -199,6 +209,27 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_second_ctrl_c_forces_the_exit(tmp_path):
+    """First SIGINT: a clean stop is requested (message); a second one exits at once: one line, 130."""
+    out = str(tmp_path / "int")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "500",
+                             "--eval_every", "0", "--checkpoint_every", "0"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: stopping after this step with a checkpoint" in err
+    assert "interrupted (second SIGINT: stopping now, without a checkpoint)" in err and "Traceback" not in err, err
+    assert not [d for d in os.listdir(out) if d.startswith("checkpoint-")]  # forced: no checkpoint written
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["none", "fsdp2"])
 def test_two_process_launch(tmp_path, tiny_dir, sharding):
     """2 CPU processes (gloo): DDP through accelerate, or FSDP2 fully_shard."""
@@ -206,12 +237,14 @@ def test_two_process_launch(tmp_path, tiny_dir, sharding):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
            "--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "2", "--eval_every", "2",
-           "--checkpoint_every", "2", "--sharding", sharding]
+           "--checkpoint_every", "2", "--sharding", sharding, "--lr_warmup_steps", "8"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
     steps = [r for r in rows if "data/prompt_uids" in r]
     assert len(steps) == 2
+    # warm-up counts optimizer steps (2 per rollout batch), not optimizer steps x processes
+    assert [r["lr"] for r in steps] == pytest.approx([3e-2 * 2 / 8, 3e-2 * 4 / 8], rel=1e-12)
     for r in steps:  # 8 prompts per step: rank 0 took 4, rank 1 the other 4
         uids = r["data/prompt_uids"]
         assert len(uids) == 8 and not set(uids[:4]) & set(uids[4:])
@@ -233,21 +266,30 @@ def test_two_process_launch(tmp_path, tiny_dir, sharding):
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_trainers_eval_through_diffusers_lora_loading(tmp_path):
+    """In bf16 (frozen weights bf16, LoRA fp32 in both): the harder case; fp32 is the same code path."""
     import evaluate
 
     out = str(tmp_path / "run")
-    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "3", "--eval_every", "3"])
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "3", "--eval_every", "3",
+                           "--dtype", "bfloat16"])
     trainer_eval = eval_rewards(read_metrics(out))
-    results = evaluate.main(["--pretrained", "tiny", "--dtype", "float32", "--lora_dir", os.path.join(out, "lora"),
-                             "--prompts", os.path.join(ROOT, "data", "tiny_prompts.txt"), "--reward", "brightness",
-                             "--height", "64", "--width", "64", "--num_inference_steps", "4",
-                             "--samples_per_prompt", "4", "--max_sequence_length", "64",
-                             "--output_dir", str(tmp_path / "eval")])
+    # --run_dir alone: the run's config.json gives every eval setting, lora_dir and output_dir
+    results = evaluate.main(["--run_dir", out])
     assert results["base"]["reward_mean"] == pytest.approx(trainer_eval[0], abs=1e-6)
     assert results["lora"]["reward_mean"] == pytest.approx(trainer_eval[-1], abs=1e-6)
-    saved = json.load(open(tmp_path / "eval" / "eval.json"))
+    saved = json.load(open(os.path.join(out, "eval", "eval.json")))
     assert len(saved["per_prompt"]) == 64 and saved["reward_gain"] == pytest.approx(trainer_eval[-1] - trainer_eval[0], abs=1e-6)
-    assert os.path.exists(tmp_path / "eval" / "grid.png")
+    assert os.path.exists(os.path.join(out, "eval", "grid.png"))
+    # the trainer's preset reproduces the same numbers; explicit flags win over the run's config
+    from trainer_utils import parse_config
+
+    config = parse_config(evaluate.EvalConfig, evaluate.PRESETS, ["--preset", "cpu_tiny"])
+    assert (config.pretrained, config.num_inference_steps, config.samples_per_prompt, config.height) == ("tiny", 4, 4, 64)
+    flagged = parse_config(evaluate.EvalConfig, evaluate.PRESETS, ["--run_dir", out, "--max_prompts", "3"],
+                           defaults=evaluate.run_dir_defaults(out))
+    assert (flagged.max_prompts, flagged.lora_dir, flagged.reward) == (3, os.path.join(out, "lora"), "brightness")
+    with pytest.raises(ValueError, match="config field `run_dir`"):
+        evaluate.main(["--run_dir", str(tmp_path)])
 
 
 def test_readme_documents_every_knob_and_ci_runs_its_test_command():
@@ -304,17 +346,215 @@ def test_full_parameter_mode_saves_a_diffusers_transformer(tmp_path, tiny_dir):
 
 
 @pytest.mark.slow
-def test_trackers_wandb_offline_without_key_and_tensorboard(tmp_path, monkeypatch):
+def test_trackers_get_images_and_tables_and_the_lora_folder_has_a_model_card(tmp_path, monkeypatch, tiny_dir):
+    """wandb (offline without a key) and tensorboard each get the eval grid, the chosen-vs-rejected
+    grid and the eval table; the tensorboard run also trains on a weighted two-component reward."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ["--preset", "cpu_tiny", "--max_steps", "1", "--eval_every", "1", "--max_eval_prompts", "2",
+              "--sample_grid_every", "1", "--hub_model_id", "someone/tiny-dpo", "--hub_token", "hf_secret123"]
     for tracker in ("wandb", "tensorboard"):
         out = tmp_path / tracker
-        train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", str(out), "--max_steps", "1", "--eval_every", "0",
-                               "--log_with", tracker])
+        extra = ["--reward", "brightness:1.0,jpeg_compressibility:0.5"] if tracker == "tensorboard" else []
+        train_online_dpo.main(common + ["--output_dir", str(out), "--log_with", tracker] + extra)
         files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
         if tracker == "wandb":
-            assert any("offline-run-" in f for f in files), files
             assert os.environ["WANDB_MODE"] == "offline"
+            run_dir = next(d for d, _, _ in os.walk(out) if os.path.basename(d).startswith("offline-run-"))
+            media = [os.path.relpath(f, run_dir) for f in files if f.startswith(run_dir) and "/media/" in f]
+            for expected in ("media/images/eval/grid_", "media/images/train/pairs_", "media/table/eval/samples_"):
+                assert any(m.startswith(os.path.join("files", expected)) for m in media), (expected, media)
+            assert any(m.endswith(".png") and "eval/grid" in m for m in media)
         else:
-            assert any("events.out.tfevents" in f for f in files), files
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            events = next(f for f in files if "events.out.tfevents" in f)
+            accumulator = EventAccumulator(events, size_guidance={"images": 0, "tensors": 0})
+            accumulator.Reload()
+            assert {"eval/grid", "train/pairs"} <= set(accumulator.Tags()["images"])
+            grids = accumulator.Images("eval/grid")
+            assert [g.step for g in grids] == [0, 1]  # the step-0 eval and the one after step 1
+            assert (grids[-1].width, grids[-1].height) == (8 * 128, 142)  # 2 prompts x 4 samples: one row
+            assert "eval/samples/text_summary" in accumulator.Tags()["tensors"]
+            row = [r for r in read_metrics(out) if "reward/mean" in r][0]
+            for name in ("brightness", "jpeg_compressibility"):
+                assert f"reward/{name}/mean" in row and f"eval/{name}/reward_mean" in read_metrics(out)[0]
+            assert row["reward/mean"] == pytest.approx(row["reward/brightness/mean"]
+                                                       + 0.5 * row["reward/jpeg_compressibility/mean"], abs=1e-9)
+    # the model card next to the LoRA; the token never lands on disk
+    lora_dir = tmp_path / "wandb" / "lora"
+    card = open(lora_dir / "README.md").read()
+    metadata = card.split("---")[1]
+    assert "library_name: diffusers" in metadata and "base_model: tiny" in metadata and "- diffusion-dpo" in metadata
+    assert "url: eval_grid.png" in metadata and (lora_dir / "eval_grid.png").exists()
+    evals = eval_rewards(read_metrics(tmp_path / "wandb"))
+    assert f"| before | 0 | {evals[0]:.4f}" in card and f"| after | 1 | {evals[-1]:.4f}" in card
+    assert '"learning_rate": 0.03' in card and 'pipe.load_lora_weights("someone/tiny-dpo")' in card
+    for d, _, fs in os.walk(tmp_path):
+        for f in fs:
+            if f.endswith((".json", ".md", ".jsonl", ".yaml")):
+                assert "hf_secret123" not in open(os.path.join(d, f), errors="ignore").read(), f
+    import qwen_image as qi
+
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    pipe.load_lora_weights(str(lora_dir))  # diffusers reads the folder with the card in it
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_push_to_hub_needs_a_repository_id_and_without_a_token_says_why_it_did_not_upload(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="config field `hub_model_id`: push_to_hub needs"):
+        train_online_dpo.main(["--preset", "cpu_tiny", "--push_to_hub", "true"])
+    import model_card
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert model_card.push_to_hub(str(tmp_path), "someone/tiny-dpo") is None
+    assert "push_to_hub: no Hugging Face token" in capsys.readouterr().out
+
+
+def test_derived_seeds_never_collide_over_the_recipe_grid_nor_between_run_seeds():
+    """Recipe: 300 steps x 4 ranks x 32/4 prompts x 16 samples = 128 rollouts per rank and step."""
+    import trainer_utils as tu
+
+    def grid(seed):
+        return [s for step in range(300) for rank in range(4) for s in tu.rollout_seeds(seed, step, rank, 128)]
+
+    run0, run1 = grid(0), grid(1)
+    assert len(set(run0)) == len(run0) == 300 * 4 * 128
+    assert not set(run0) & set(run1)
+    noise = {tu.dpo_noise_seed(seed, step, rank, 0, u) for seed in (0, 1) for step in range(300) for rank in range(4)
+             for u in range(2)}
+    assert len(noise) == 2 * 300 * 4 * 2 and not noise & (set(run0) | set(run1))
+    assert all(0 <= s < 2**63 for s in run0[:1000])
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_policy_and_reference_agree_exactly_at_step_0(tiny_dir, train_mode, dtype):
+    """Same precision for policy and reference in every mode: the DPO margin starts at exactly 0."""
+    from accelerate import Accelerator
+
+    import dpo_loss
+    import qwen_image as qi
+    import trainer_utils as tu
+
+    config = tu.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
+                             ["--preset", "cpu_tiny", "--train_mode", train_mode, "--dtype", dtype])
+    pipe = qi.load_pipeline(tiny_dir, dtype=getattr(torch, dtype))
+    cache = qi.PromptCache(pipe, 64)
+    policy = tu.DPOPolicy(config, pipe, Accelerator(cpu=True))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 16, 64, generator=g)
+    noise, sigmas = torch.randn(x0.shape, generator=g), torch.rand(4, generator=g)
+    embeds, mask = cache(["a cat", "a cat", 'A sign that says "Open"', 'A sign that says "Open"'], dtype=policy.dtype)
+    args = (x0, noise, sigmas, embeds, mask)
+    ref = policy.reference_velocity(*args)
+    pred = policy._velocity(policy.model, *args)
+    _, metrics = dpo_loss.diffusion_dpo_loss(pred, ref, dpo_loss.velocity_target(x0, noise), beta=2000.0)
+    assert torch.equal(pred, ref) and metrics["inside_mean"] == 0.0
+
+
+# ---------------------------------------------------------------------------------- run folder and resume rules
+
+SMALL = ["--preset", "cpu_tiny", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--eval_every", "0"]
+
+
+def test_resume_and_overwrite_exclude_each_other_and_bad_prompt_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        train_online_dpo.main(SMALL + ["--output_dir", str(tmp_path / "x"), "--overwrite_output_dir", "true",
+                                       "--resume_from_checkpoint", "latest"])
+    import trainer_utils
+
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a cat\nlatin-1 caf\xe9\n")
+    with pytest.raises(ValueError, match="prompts.txt: line 2 is not UTF-8"):
+        trainer_utils.load_prompts(str(bad))
+
+
+def test_evaluate_checks_its_output_folder_first():
+    import evaluate
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="config field `output_dir`: folder '/dev/null/eval' is not writable"):
+        evaluate.main(["--pretrained", "tiny", "--prompts", os.path.join(ROOT, "data", "tiny_prompts.txt"),
+                       "--reward", "brightness", "--output_dir", "/dev/null/eval"])
+    assert time.perf_counter() - start < 5
+
+
+def test_second_stop_signal_interrupts_at_once():
+    from trainer_utils import StopFlag
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        flag = StopFlag()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+def test_run_folder_rules_config_check_and_damaged_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = SMALL + ["--output_dir", out, "--checkpoint_every", "1"]
+    # `latest` with nothing to resume says so, then starts fresh
+    train_online_dpo.main(base + ["--max_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "no complete checkpoint in" in capsys.readouterr().out
+    # a fresh run into the folder refuses, naming what is there
+    with pytest.raises(FileExistsError, match=r"holds a run \(config.json, metrics.jsonl, lora, samples, checkpoint-1, "
+                                              r"checkpoint-2\)"):
+        train_online_dpo.main(base + ["--max_steps", "3"])
+    # a resume that changes what the weights mean is refused, naming every changed field
+    with pytest.raises(ValueError, match=r"lora_rank: 8 -> 4; lora_alpha: 8 -> 16"):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--lora_rank", "4",
+                                      "--lora_alpha", "16"])
+    # a checkpoint without its config (older versions): the strict load names the mismatch in one line
+    os.rename(os.path.join(out, "checkpoint-2", "config.json"), os.path.join(out, "config-2.json"))
+    with pytest.raises(ValueError, match=r"does not fit the trainable parameters .*saved \(8, "):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--lora_rank", "4"])
+    os.rename(os.path.join(out, "config-2.json"), os.path.join(out, "checkpoint-2", "config.json"))
+    # a cut-off newest checkpoint: named, skipped by `latest`, refused as an explicit path
+    optimizer = os.path.join(out, "checkpoint-2", "optimizer.pt")
+    data = open(optimizer, "rb").read()
+    open(optimizer, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint.*checkpoint-2/optimizer.pt is damaged"):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", os.path.join(out, "checkpoint-2")])
+    os.makedirs(os.path.join(out, ".checkpoint-3-abcd"))  # left by a kill while saving
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "dpo/lo')  # cut off mid-write
+    capsys.readouterr()
+    train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest"])
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "checkpoint-2/optimizer.pt is damaged" in printed
+    assert "resumed from" in printed and "checkpoint-1 at step 1" in printed
+    assert not [d for d in os.listdir(out) if d.startswith(".checkpoint")]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "final/param_checksums" in r] == [3]  # the first leg's final row is gone
+    # an explicit overwrite replaces the old run
+    train_online_dpo.main(SMALL + ["--output_dir", out, "--max_steps", "1", "--overwrite_output_dir", "true"])
+    assert sorted(os.listdir(out)) == ["config.json", "lora", "metrics.jsonl", "samples"]
+    assert [r["step"] for r in read_metrics(out)] == [1, 1]
+
+
+@pytest.mark.slow
+def test_nonfinite_weights_stop_the_run_and_nothing_is_saved(tmp_path, monkeypatch):
+    """adam_epsilon 0 (validation now refuses it; bypassed here) makes Adam divide 0 by 0 for lora_A,
+    whose gradient is 0 while lora_B is 0: NaN weights after the first update."""
+    monkeypatch.setattr(train_online_dpo, "validate", lambda config, world_size=1: None)
+    from trainer_utils import parse_config
+
+    out = str(tmp_path / "nan")
+    config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
+                          SMALL + ["--output_dir", out, "--max_steps", "2", "--checkpoint_every", "1",
+                                   "--adam_epsilon", "0"])
+    with pytest.raises(FloatingPointError, match="step 0: trainable weights are non-finite"):
+        train_online_dpo.train(config)
+    assert not [d for d in os.listdir(out) if d.startswith(("checkpoint", ".checkpoint", "lora"))]
