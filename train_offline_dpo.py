@@ -96,6 +96,12 @@ class Config:
 
 
 PRESETS = {
+    # Pairs from data_process/make_offline_pairs.py --preset text_world (PP-OCRv5 on the text world).
+    "text_world": dict(
+        tu.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
+        micro_batch_pairs=16, beta=100.0, learning_rate=1e-3, max_steps=40, eval_every=20, max_eval_prompts=0,
+        checkpoint_every=20,
+    ),
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
     "cpu_tiny": dict(
         tu.CPU_TINY_OVERRIDES, pairs_per_step=16, micro_batch_pairs=16, beta=100.0, max_steps=30, eval_every=15,

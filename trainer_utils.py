@@ -35,6 +35,20 @@ CPU_TINY_OVERRIDES = dict(
     eval_samples_per_prompt=4, rollout_chunk_size=32, reward="brightness", learning_rate=3e-2, log_with="none",
 )
 
+# The shipped text-rendering world (build_text_world.py): a tiny Qwen-Image pretrained to draw
+# 3-letter capital words at 32x64, scored by the real PP-OCRv5 reward. What the trainers' and
+# make_offline_pairs' `text_world` presets share.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TEXT_WORLD = os.path.join(ROOT, "worlds", "text_world")
+TEXT_WORLD_DATA = os.path.join(ROOT, "data", "text_world")
+TEXT_WORLD_OVERRIDES = dict(
+    pretrained=TEXT_WORLD, dtype="float32", gradient_checkpointing=False,
+    eval_data=os.path.join(TEXT_WORLD_DATA, "eval.txt"),
+    height=32, width=64, max_sequence_length=64, eval_inference_steps=8,
+    eval_samples_per_prompt=4, rollout_chunk_size=32, reward="ocr", log_with="none",
+    lora_rank=8, lora_alpha=8, lora_targets=",".join(qwen_image.TINY_LORA_TARGETS),
+)
+
 
 class ConfigError(ValueError):
     """An invalid flag or value: `cli` prints its one-line message and exits with status 2."""
@@ -832,7 +846,9 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     for k, name in enumerate(names):
         metrics[f"eval/{name}/reward_mean"] = gathered[:, 1 + k].mean().item()
     if exact_match:
-        metrics["eval/exact_match"] = (values >= 1.0 - 1e-9).double().mean().item()
+        exact = (values >= 1.0 - 1e-9).double()
+        metrics["eval/exact_match"] = exact.mean().item()
+        metrics["eval/exact_match_se"] = (exact.std(unbiased=True) / math.sqrt(len(exact))).item() if len(exact) > 1 else 0.0
     if components is not None:
         components.update(parts)
     return metrics, images[:n_real], scores
@@ -844,7 +860,7 @@ def format_eval(metrics: dict) -> str:
            f"({int(metrics['eval/images'])} images)"
     extra = [f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.endswith("/reward_mean") and k.count("/") == 2]
     if "eval/exact_match" in metrics:
-        extra.append(f"exact match {metrics['eval/exact_match']:.3f}")
+        extra.append(f"exact match {metrics['eval/exact_match']:.3f} ± {metrics.get('eval/exact_match_se', 0.0):.2g}")
     return text + (f" [{', '.join(extra)}]" if extra else "")
 
 
