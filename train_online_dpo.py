@@ -106,8 +106,8 @@ PRESETS = {
     # (worlds/text_world, built by build_text_world.py), 8 prompts x 8 samples, 8 sampling steps.
     "text_world": dict(
         tu.TEXT_WORLD_OVERRIDES, train_data=os.path.join(tu.TEXT_WORLD_DATA, "train.txt"), prompts_per_step=8,
-        samples_per_prompt=8, num_inference_steps=8, updates_per_rollout=2, micro_batch_pairs=8, beta=100.0,
-        learning_rate=1e-3, max_steps=30, eval_every=15, checkpoint_every=15, sample_grid_every=5,
+        samples_per_prompt=8, num_inference_steps=8, updates_per_rollout=2, micro_batch_pairs=16, beta=100.0,
+        pair_strategy="top_bottom", learning_rate=5e-4, max_steps=30, eval_every=15, checkpoint_every=15, sample_grid_every=5,
     ),
     # The tiny random Qwen-Image on a CPU with a reward it can learn (tu.CPU_TINY_OVERRIDES), 8 prompts
     # x 8 samples, 4 sampling steps, two updates per rollout batch.
