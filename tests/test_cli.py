@@ -49,7 +49,7 @@ CONFIG_ERRORS = [
     (["--preset", "cpu_tiny", "--beat", "3"], "unknown flag `--beat`; did you mean `--beta`?"),
     (["--preset", "cpu_tiny", "--beta", "abc"], "config field `beta`: invalid float value: 'abc'"),
     (["--preset", "cpu_tiny", "--reward", "ocr:1,pickscor:0.2"], "config field `reward`: unknown reward 'pickscor'"),
-    (["--preset", "cpu_tinny"], "config field `preset`: unknown preset 'cpu_tinny'; known: cpu_tiny"),
+    (["--preset", "cpu_tinny"], "config field `preset`: unknown preset 'cpu_tinny'; known: cpu_tiny, text_world"),
 ]
 
 
