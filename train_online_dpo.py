@@ -129,8 +129,8 @@ PRESETS = {
     # x 8 samples, 4 sampling steps, two updates per rollout batch.
     "cpu_tiny": dict(
         tu.CPU_TINY_OVERRIDES, train_data=tu.TINY_PROMPTS, prompts_per_step=8, samples_per_prompt=8,
-        num_inference_steps=4, updates_per_rollout=2, micro_batch_pairs=8, micro_batch_groups=2, max_steps=20, eval_every=10,
-        checkpoint_every=10, sample_grid_every=10,
+        num_inference_steps=4, updates_per_rollout=2, micro_batch_pairs=8, micro_batch_groups=2, max_steps=20,
+        eval_every=10, checkpoint_every=10, sample_grid_every=10,
     ),
     # Online DPO with the real PP-OCRv5 reward on the shipped text world (worlds/text_world, built by
     # build_text_world.py), 8 prompts x 8 samples, 8 sampling steps; the best recipe found so far.
