@@ -1,7 +1,6 @@
 """Performance accounting and levers: the FLOP formula against torch's FLOP counter, the planner's
 LoRA count on the real architecture and its memory model against a measured peak."""
 
-import ctypes
 import importlib.util
 import os
 
@@ -114,60 +113,23 @@ def test_planner_counts_recipe_lora_exactly_on_the_real_architecture():
         plan.build_meta_transformer(dict(qi.QWEN_IMAGE_TRANSFORMER_CONFIG, num_layers=1), "lora", 4, 4, ("to_q", "to_qkv"))
 
 
-def _resident(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-
 def test_planner_activation_memory_matches_measured_peak():
     """Predicted vs measured peak of one DPO micro-batch (reference forward, policy forward,
-    backward) on a small model, with and without gradient checkpointing. Measured as the rise of
-    the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) with glibc told to
-    serve and return every allocation over 64 KiB by mmap, so freed tensors leave the resident set."""
-    from diffusers import QwenImageTransformer2DModel
+    backward) on a small model, with and without gradient checkpointing, measured in a fresh
+    process (tests/memory_worker.py): the peak resident set of a process that has run other tests
+    (tracker threads, OCR sessions, allocator caches) moves by more than the 20 % tolerance."""
+    import json
+    import subprocess
+    import sys
 
-    plan = load_benchmark("plan")
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    assert libc.mallopt(M_MMAP_THRESHOLD, 1 << 16) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 16) == 1
-    config = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
-                  num_attention_heads=4, joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
-    try:
-        for size, text_tokens, pairs, checkpointing in ((512, 20, 2, False), (384, 40, 1, True)):
-            image_tokens = perf.image_tokens_for(size, size)
-            meta = plan.build_meta_transformer(config, "lora", 8, 8, qi.RECIPE_LORA_TARGETS, torch.float32)
-            saved = plan.saved_activation_bytes(meta, 2 * pairs, image_tokens, text_tokens, size, size)
-            lora_grads = plan.count_params(meta)["trainable"] * 4
-            predicted = plan.activation_peak_bytes(saved, checkpointing) + lora_grads
-
-            torch.manual_seed(0)
-            transformer = QwenImageTransformer2DModel(**config)
-            params = qi.add_lora(transformer, 8, 8, qi.RECIPE_LORA_TARGETS)
-            qi.set_gradient_checkpointing(transformer, checkpointing)
-            x = torch.randn(2 * pairs, image_tokens, 64)
-            embeds = torch.randn(2 * pairs, text_tokens, 32)
-            sigmas = torch.rand(2 * pairs)
-
-            def micro_batch():
-                with torch.no_grad(), qi.lora_disabled(transformer):
-                    reference = qi.predict_velocity(transformer, x, sigmas, embeds, None, size, size)
-                policy = qi.predict_velocity(transformer, x, sigmas, embeds, None, size, size)
-                (policy - reference).float().square().mean().backward()
-
-            micro_batch()  # first call: one-time allocations
-            measured = []
-            for _ in range(2):
-                for p in params:
-                    p.grad = None
-                before = _resident("VmRSS")
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset VmHWM to the current resident set
-                micro_batch()
-                measured.append(_resident("VmHWM") - before)
-            measured = min(measured)
-            assert abs(predicted - measured) / measured < 0.20, (size, checkpointing, predicted, measured)
-    finally:  # back to glibc's default thresholds
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024), libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "memory_worker.py")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cases = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(cases) == 2
+    for case in cases:
+        assert abs(case["predicted"] - case["measured"]) / case["measured"] < 0.20, case
 
 
 # ---------------------------------------------------------------------------------- levers
