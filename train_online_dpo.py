@@ -137,8 +137,8 @@ PRESETS = {
     "text_world": dict(
         tu.TEXT_WORLD_OVERRIDES, train_data=os.path.join(tu.TEXT_WORLD_DATA, "train.txt"), prompts_per_step=8,
         samples_per_prompt=8, num_inference_steps=8, updates_per_rollout=2, micro_batch_pairs=16, beta=100.0,
-        pair_strategy="top_bottom", learning_rate=5e-4, max_steps=30, eval_every=15, checkpoint_every=15,
-        sample_grid_every=5,
+        pair_strategy="top_bottom", learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=40, eval_every=20,
+        checkpoint_every=20, sample_grid_every=10,
     ),
 }
 
