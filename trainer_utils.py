@@ -253,7 +253,7 @@ def validate_output_and_resume(config):
             "cannot be combined with resume_from_checkpoint (one continues the run in output_dir, the other deletes it)")
     spec = config.resume_from_checkpoint
     if spec and spec != "latest":
-        problem = checkpoint_problem(spec) if os.path.isdir(spec) else "no such directory"
+        problem = checkpoint_problem(spec)
         require(problem is None, "resume_from_checkpoint", f"{spec!r} is not a complete checkpoint: {problem}")
     require_writable_dir(config.output_dir, "output_dir")
 
@@ -295,6 +295,14 @@ def _require_utf8_lines(path: str):
                                  f"{error.start})") from None
 
 
+def _prompt_column(name: str, columns: list[str]) -> str:
+    """The first of PROMPT_COLUMN_NAMES that `columns` holds; an error naming the source otherwise."""
+    found = next((c for c in PROMPT_COLUMN_NAMES if c in columns), None)
+    if found is None:
+        raise ValueError(f"{name}: missing column 'prompt' (has {columns})")
+    return found
+
+
 def load_prompts(path: str, need_ocr_target: bool = False, split: str = "train", max_rows: int = 0) -> list[dict]:
     """Rows {prompt, ground_truth, uid} through `datasets` (data_process/records.py): a
     data_process/qwenimage_ocr.py parquet, a .jsonl, a .txt with one prompt per line (blank lines
@@ -315,20 +323,20 @@ def load_prompts(path: str, need_ocr_target: bool = False, split: str = "train",
                 if row["text"].strip():
                     rows.append({"prompt": row["text"].strip(), "ground_truth": None, "uid": f"{label}:{line_number}"})
             continue
-        columns = column_names(dataset)
+        columns = column_names(dataset)  # None when a streamed source does not say before its first row
+        prompt_column = None
         for i, row in enumerate(dataset):
-            columns = columns or list(row)
-            prompt_column = next((c for c in PROMPT_COLUMN_NAMES if c in columns), None)
             if prompt_column is None:
-                raise ValueError(f"{name}: missing column 'prompt' (has {columns})")
+                columns = columns or list(row)
+                prompt_column = _prompt_column(name, columns)
             prompt = row[prompt_column]
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"{name}: row {i}: empty or non-string prompt")
             rows.append({"prompt": prompt, "ground_truth": row.get("ground_truth"), "uid": f"{label}:{i}"})
             if max_rows and len(rows) >= max_rows:
                 break
-        if columns is not None and not any(c in columns for c in PROMPT_COLUMN_NAMES):
-            raise ValueError(f"{name}: missing column 'prompt' (has {columns})")
+        if columns is not None:  # also a source without rows must have the column
+            _prompt_column(name, columns)
     if not rows:
         raise ValueError(f"{path}: no prompts")
     if need_ocr_target:
@@ -477,6 +485,8 @@ def checkpoint_problem(path: str) -> str | None:
 
     from safetensors import safe_open
 
+    if not os.path.isdir(path):
+        return "no such directory"
     for name in CHECKPOINT_FILES:
         if not os.path.isfile(os.path.join(path, name)):
             return f"{os.path.join(path, name)} is missing"
@@ -509,7 +519,7 @@ def resolve_checkpoint(spec: str, output_dir: str, report=print) -> str | None:
             report(f"resume_from_checkpoint latest: skipping {path}: {problem}")
         report(f"resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}; starting a fresh run")
         return None
-    problem = checkpoint_problem(spec) if os.path.isdir(spec) else "no such directory"
+    problem = checkpoint_problem(spec)
     if problem:
         raise FileNotFoundError(f"resume_from_checkpoint: {spec!r} is not a complete checkpoint: {problem}")
     return spec
@@ -841,17 +851,22 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     gathered = gathered[~torch.isnan(gathered[:, 0])]
     values = gathered[:, 0]
     metrics = {"eval/reward_mean": values.mean().item(), "eval/reward_std": values.std(unbiased=False).item(),
-               "eval/reward_se": (values.std(unbiased=True) / math.sqrt(len(values))).item() if len(values) > 1 else 0.0,
+               "eval/reward_se": standard_error(values),
                "eval/images": float(values.numel())}
     for k, name in enumerate(names):
         metrics[f"eval/{name}/reward_mean"] = gathered[:, 1 + k].mean().item()
     if exact_match:
         exact = (values >= 1.0 - 1e-9).double()
         metrics["eval/exact_match"] = exact.mean().item()
-        metrics["eval/exact_match_se"] = (exact.std(unbiased=True) / math.sqrt(len(exact))).item() if len(exact) > 1 else 0.0
+        metrics["eval/exact_match_se"] = standard_error(exact)
     if components is not None:
         components.update(parts)
     return metrics, images[:n_real], scores
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of `values` (sample std / sqrt(n)); 0 for fewer than 2 values."""
+    return (values.std(unbiased=True) / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
 
 
 def format_eval(metrics: dict) -> str:
