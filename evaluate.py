@@ -115,7 +115,9 @@ def run(config: EvalConfig) -> dict:
             qi.load_lora(pipe, config.lora_dir)  # LoRA kept in fp32, as the trainer keeps it
         metrics, images, scores = tu.evaluate(pipe, cache, rows, reward_fn, settings, config.samples_per_prompt,
                                               accelerator, exact_match=is_ocr)
-        all_scores = [s for part in tu.gather_object(accelerator, scores) for s in part]
+        all_scores = metrics.pop("eval/rewards")  # every rank's, in (prompt, seed) order
+        if variant == "lora":
+            metrics.update(tu.paired_gain(all_scores, results["base"]["scores"], exact_match=is_ocr))
         results[variant] = {k.removeprefix("eval/"): v for k, v in metrics.items()} | {"scores": all_scores}
         grids[variant] = (images[: config.grid_images], scores[: config.grid_images])
 
@@ -142,4 +144,4 @@ def run(config: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    tu.cli(main)  # a config error: one line on stderr, exit status 2
+    tu.cli(main)  # a config or data error: one line on stderr, exit status 2

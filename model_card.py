@@ -35,9 +35,13 @@ def _eval_table(evals: list[dict]) -> str:
     for label, row in (("before", first), ("after", last)) if len(evals) > 1 else (("final", last),):
         lines.append(f"| {label} | {row['step']} | {row['eval/reward_mean']:.4f} | {row.get('eval/reward_se', 0.0):.2g} "
                      f"| {int(row['eval/images'])} |")
-    extra = sorted(k for k in last if k.startswith("eval/") and k not in ("eval/reward_mean", "eval/reward_se",
-                                                                            "eval/images", "eval/reward_std"))
+    extra = sorted(k for k, v in last.items() if k.startswith("eval/") and isinstance(v, (int, float)) and "_gain" not in k
+                   and k not in ("eval/reward_mean", "eval/reward_se", "eval/images", "eval/reward_std"))
     lines += [f"\n{k}: {first.get(k, float('nan')):.4f} -> {last[k]:.4f}" for k in extra]
+    gains = [f"{k.removeprefix('eval/').removesuffix('_gain')} {last[k]:+.4f} ± {last[k + '_se']:.2g}"
+             for k in ("eval/reward_gain", "eval/exact_match_gain") if k in last]
+    if gains:
+        lines.append(f"\nGain before -> after, paired image by image (same prompts and seeds): {', '.join(gains)}")
     return "\n".join(lines)
 
 

@@ -99,8 +99,8 @@ PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset text_world (PP-OCRv5 on the text world).
     "text_world": dict(
         tu.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
-        micro_batch_pairs=16, beta=100.0, learning_rate=1e-3, max_steps=40, eval_every=20, max_eval_prompts=0,
-        checkpoint_every=20,
+        micro_batch_pairs=16, beta=100.0, learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=60,
+        eval_every=20, max_eval_prompts=0, checkpoint_every=20,
     ),
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
     "cpu_tiny": dict(
@@ -228,4 +228,6 @@ def train(config: Config):
 
 
 if __name__ == "__main__":
-    tu.cli(main)  # a config error: one line on stderr, exit status 2
+    from data_process.pairs_format import PairsDataError
+
+    tu.cli(main, input_errors=(PairsDataError,))  # a config or data error: one line on stderr, exit status 2

@@ -1,7 +1,7 @@
 """Learning per rollout image and per second: every online objective at the same rollout budget
 (steps x prompts x K images), each tuned by a small sweep of its main knob, over several seeds.
 
-    python benchmarks/bench_learning.py [--preset text_world] [--steps 20] [--seeds 0 1 2]
+    python benchmarks/bench_learning.py [--preset text_world] [--steps 40] [--seeds 0 1 2]
                                         [--variants best_worst top_bottom dgpo nft awm] [--no_sweep]
                                         [--knob dgpo=10 ...]  (a variant's knob value: no sweep for it)
 
@@ -68,9 +68,13 @@ def run(variant, seed, steps, preset, workdir, knob=None, extra=()):
               "reward_gain": evals[-1]["eval/reward_mean"] - evals[0]["eval/reward_mean"],
               "final_reward": evals[-1]["eval/reward_mean"], "images": images, "train_seconds": train_seconds,
               "wall_seconds": wall}
+    if "eval/reward_gain_se" in evals[-1]:  # this run's own eval noise: paired image by image with step 0
+        result["reward_gain_paired_se"] = evals[-1]["eval/reward_gain_se"]
     if "eval/exact_match" in evals[0]:
         result["exact_match_gain"] = evals[-1]["eval/exact_match"] - evals[0]["eval/exact_match"]
         result["final_exact_match"] = evals[-1]["eval/exact_match"]
+        if "eval/exact_match_gain_se" in evals[-1]:
+            result["exact_match_gain_paired_se"] = evals[-1]["eval/exact_match_gain_se"]
     print(json.dumps(result), flush=True)
     return result
 
@@ -90,16 +94,36 @@ def score(result):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="text_world", choices=["text_world", "cpu_tiny"])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no_sweep", action="store_true", help="every variant at its defaults")
     parser.add_argument("--knob", nargs="+", default=[], metavar="VARIANT=VALUE",
                         help="run VARIANT at this value of its main knob instead of sweeping it")
+    parser.add_argument("--results", nargs="+", default=[], metavar="LOG",
+                        help="run nothing: summarise the per-run JSON lines of earlier bench logs (e.g. seeds run "
+                             "as parallel 1-thread processes, or on several machines); the last line per "
+                             "(variant, seed) counts, --variants / --knob must match the runs")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     args = parser.parse_args()
     sweep, chosen, runs = {}, {}, {v: [] for v in args.variants}
     given = {v: float(x) for v, x in (item.split("=") for item in args.knob)}
+    if args.results:
+        found = {}
+        for path in args.results:
+            with open(path) as f:
+                for line in f:
+                    row = json.loads(line) if line.startswith('{"variant"') else None
+                    if row and row["variant"] in runs:
+                        found[(row["variant"], row["seed"])] = row
+        for (variant, seed), row in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            runs[variant].append(row)
+            chosen[variant] = tuple(row["knob"]) if row["knob"] else None
+        args.seeds = sorted({seed for _, seed in found})
+        args.variants = [v for v in args.variants if runs[v]]
+        runs = {v: runs[v] for v in args.variants}
+        print(json.dumps(summarise(args, runs, chosen, sweep)))
+        return
     with tempfile.TemporaryDirectory() as workdir:
         for variant in args.variants:  # the sweep, on the first seed
             if variant in given:
@@ -119,6 +143,12 @@ def main():
                 if any(r["seed"] == seed for r in runs[variant]):
                     continue
                 runs[variant].append(run(variant, seed, args.steps, args.preset, workdir, chosen[variant], args.extra))
+    print(json.dumps(summarise(args, runs, chosen, sweep)))
+
+
+def summarise(args, runs: dict, chosen: dict, sweep: dict) -> dict:
+    """Per variant: mean and standard error over seeds of each gain, gain per rollout image and per
+    training second, and the differences to best_worst (Welch) with their significance."""
     summary = {"preset": args.preset, "steps": args.steps, "seeds": args.seeds,
                "rollout_images_per_run": runs[args.variants[0]][0]["images"],
                "knobs": {v: list(k) if k else None for v, k in chosen.items()},
@@ -148,7 +178,7 @@ def main():
                     summary[f"{variant}_minus_best_worst/{key}"] = round(diff, 5)
                     summary[f"{variant}_minus_best_worst/{key}_se"] = round(se, 5)
                     summary[f"{variant}_minus_best_worst/{key}_significant"] = bool(abs(diff) > 2 * se)
-    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ PRESETS = {
     # Pairs for train_offline_dpo.py --preset text_world: the shipped text world, PP-OCRv5 reward.
     "text_world": dict(pretrained=tu.TEXT_WORLD, dtype="float32", prompts=os.path.join(tu.TEXT_WORLD_DATA, "train.txt"),
                        samples_per_prompt=8, height=32, width=64, num_inference_steps=8, chunk_size=32,
-                       max_sequence_length=64, reward="ocr", pair_strategy="best_worst",
+                       max_sequence_length=64, reward="ocr", pair_strategy="top_bottom",
                        output="outputs/pairs/text_world.parquet"),
     "cpu_tiny": dict(pretrained="tiny", dtype="float32", prompts=tu.TINY_PROMPTS,
                      samples_per_prompt=8, height=64, width=64, num_inference_steps=4, chunk_size=32,

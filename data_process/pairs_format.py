@@ -105,7 +105,13 @@ def open_pair_parts(path: str, split: str = "train", columns=None):
     from data_process.records import is_hub_id, open_parts
 
     if not is_hub_id(path):
-        pair_files(path)  # the existing "does not exist" / "no .parquet files" errors
+        import pyarrow.parquet as pq
+
+        for file in pair_files(path):  # "does not exist" / "no .parquet files" errors
+            try:
+                pq.read_schema(file)  # a damaged file is named here, not deep inside `datasets`
+            except Exception as error:  # pyarrow raises several types for bad bytes
+                raise PairsDataError(f"{file}: not a readable parquet file ({type(error).__name__}: {error})") from None
     return open_parts(path, split, extensions=(".parquet",), columns=columns)
 
 

@@ -81,3 +81,30 @@ def test_in_process_errors_are_value_errors_naming_the_field():
                              ["--preset", "cpu_tiny", "--reward", "brightness:1.0,clipscore:0.2",
                               "--reward_kwargs", '{"clipscore": {"model": "x"}}'])
     train_online_dpo.validate(config)  # the weighted spec and per-component kwargs are accepted
+
+
+def test_bad_input_and_a_refused_run_folder_print_one_line_and_exit_2(tmp_path, capsys):
+    """Errors that name a file, line or row (not only config fields) get the same one-line treatment."""
+    from data_process.pairs_format import PairsDataError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red apple\nbad \xff byte\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    pairs = tmp_path / "pairs.parquet"
+    pairs.write_bytes(b"not parquet")
+    cases = [
+        (train_online_dpo.main, ["--preset", "cpu_tiny", "--train_data", str(prompts), "--output_dir", str(tmp_path / "a")],
+         (), f"{prompts}: line 2 is not UTF-8 text"),
+        (train_online_dpo.main, ["--preset", "cpu_tiny", "--output_dir", str(run)], (),
+         f"output_dir {str(run)!r} already holds a run (metrics.jsonl)"),
+        (train_offline_dpo.main, ["--preset", "cpu_tiny", "--pairs_path", str(pairs), "--output_dir", str(tmp_path / "b")],
+         (PairsDataError,), str(pairs)),
+    ]
+    for main, args, extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            tu.cli(main, args, input_errors=extra)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
