@@ -128,6 +128,14 @@ def _check(model_pred, others, target, advantages, name):
         raise ValueError(f"{name}: advantages must be finite")
 
 
+def _check_sigmas_and_reference(sigmas, target, kl_weight, ref_pred, name):
+    """The per-sample losses (NFT, AWM): one sigma per row, and the reference when its KL is on."""
+    if sigmas.shape != (target.shape[0],):
+        raise ValueError(f"{name}: sigmas {tuple(sigmas.shape)} must be [{target.shape[0]}]")
+    if kl_weight > 0 and ref_pred is None:
+        raise ValueError(f"{name}: kl_weight > 0 needs ref_pred")
+
+
 def _positive(value, name):
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -239,10 +247,7 @@ def nft_loss(model_pred: torch.Tensor, old_pred: torch.Tensor, target: torch.Ten
     _positive(beta, "beta")
     _positive(adv_clip, "adv_clip")
     _non_negative(kl_weight, "kl_weight")
-    if sigmas.shape != (target.shape[0],):
-        raise ValueError(f"nft_loss: sigmas {tuple(sigmas.shape)} must be [{target.shape[0]}]")
-    if kl_weight > 0 and ref_pred is None:
-        raise ValueError("nft_loss: kl_weight > 0 needs ref_pred")
+    _check_sigmas_and_reference(sigmas, target, kl_weight, ref_pred, "nft_loss")
     model, old, v_star = model_pred.float(), old_pred.detach().float(), target.float()
     advantages = advantages.to(target.device).float()
     s = sigmas.to(target.device).float().view(-1, *([1] * (target.dim() - 1)))
@@ -321,10 +326,7 @@ def awm_loss(model_pred: torch.Tensor, old_pred: torch.Tensor, target: torch.Ten
     _positive(advantage_max, "advantage_max")
     _non_negative(kl_weight, "kl_weight")
     _non_negative(old_kl_weight, "old_kl_weight")
-    if sigmas.shape != (target.shape[0],):
-        raise ValueError(f"awm_loss: sigmas {tuple(sigmas.shape)} must be [{target.shape[0]}]")
-    if kl_weight > 0 and ref_pred is None:
-        raise ValueError("awm_loss: kl_weight > 0 needs ref_pred")
+    _check_sigmas_and_reference(sigmas, target, kl_weight, ref_pred, "awm_loss")
     advantages = advantages.to(target.device).float()
     logp = awm_log_likelihood(model_pred, target, sigmas, weighting, ghuber_power)
     with torch.no_grad():
