@@ -2,6 +2,9 @@
 reward: it loads as a user's --pretrained directory and renders what its README states before DPO,
 and online DPO on it raises the eval OCR exact match, while the reversed preference lowers it."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -40,14 +43,6 @@ def test_world_loads_and_renders_its_stated_quality():
     assert abs(metrics["eval/reward_mean"] - STATED_REWARD_MEAN) <= 0.02, metrics
 
 
-def eval_rows(output_dir):
-    import json
-    import os
-
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [row for row in map(json.loads, f) if "eval/reward_mean" in row]
-
-
 @pytest.mark.slow
 def test_online_dpo_on_the_world_raises_exact_match_and_the_reversed_preference_lowers_it(tmp_path):
     """The text_world preset (PP-OCRv5 reward), shortened: FORWARD_STEPS steps, and REVERSED_STEPS
@@ -55,8 +50,6 @@ def test_online_dpo_on_the_world_raises_exact_match_and_the_reversed_preference_
     (same prompts and seeds), so its standard error is the gain's own. Measured on this machine:
     forward exact match +0.094 +- 0.03, reward +0.082 +- 0.016 (0.339 -> 0.432); reversed -0.104 +-
     0.03, -0.083 +- 0.018 (-> 0.234)."""
-    import os
-
     import train_online_dpo
 
     run = ["--preset", "text_world", "--sample_grid_every", "0", "--checkpoint_every", "0"]
@@ -65,7 +58,7 @@ def test_online_dpo_on_the_world_raises_exact_match_and_the_reversed_preference_
                                  str(FORWARD_STEPS), "--sample_grid_every", str(FORWARD_STEPS)])
     train_online_dpo.main(run + ["--output_dir", backward, "--max_steps", str(REVERSED_STEPS),
                                  "--eval_every", str(REVERSED_STEPS), "--reverse_preference", "true"])
-    (start, up), (start_again, down) = eval_rows(forward), eval_rows(backward)
+    (start, up), (start_again, down) = tu.eval_history(forward), tu.eval_history(backward)
     assert start["eval/rewards"] == start_again["eval/rewards"]  # the same model and eval seeds
     assert len(up["eval/rewards"]) == up["eval/images"] == 192
     print("forward", {k: round(v, 4) for k, v in up.items() if "gain" in k},
@@ -76,7 +69,7 @@ def test_online_dpo_on_the_world_raises_exact_match_and_the_reversed_preference_
     assert up["eval/reward_gain"] == pytest.approx(up["eval/reward_mean"] - start["eval/reward_mean"], abs=1e-12)
     # what a step logs, and what the run leaves behind
     with open(os.path.join(forward, "metrics.jsonl")) as f:
-        rows = [row for row in map(__import__("json").loads, f) if "dpo/loss" in row]
+        rows = [row for row in map(json.loads, f) if "dpo/loss" in row]
     assert len(rows) == FORWARD_STEPS and sum(r["dpo/implicit_acc"] for r in rows[-10:]) / 10 > 0.5
     for key in ("reward/mean", "reward/std", "reward/max", "reward/min", "pairs/kept", "pairs/tie_groups_dropped",
                 "dpo/implicit_reward_margin", "time/rollout_s", "time/reward_s", "time/update_s", "lr"):
