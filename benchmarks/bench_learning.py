@@ -40,6 +40,7 @@ VARIANTS = {
 # each variant's main knob and the values swept (3 each: the same budget for every method)
 KNOBS = {
     "best_worst": ("beta", [30.0, 100.0, 300.0]),
+    "top_bottom": ("beta", [30.0, 100.0, 300.0]),
     "dgpo": ("dgpo_beta", [10.0, 30.0, 100.0]),
     "nft": ("nft_beta", [0.1, 0.3, 1.0]),
     "awm": ("awm_old_kl_weight", [0.01, 0.1, 1.0]),
