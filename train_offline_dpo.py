@@ -99,8 +99,8 @@ PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset text_world (PP-OCRv5 on the text world).
     "text_world": dict(
         tu.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
-        micro_batch_pairs=16, beta=100.0, learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=60,
-        eval_every=20, max_eval_prompts=0, checkpoint_every=20,
+        micro_batch_pairs=16, beta=100.0, learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=120,
+        eval_every=40, max_eval_prompts=0, checkpoint_every=40,
     ),
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
     "cpu_tiny": dict(
