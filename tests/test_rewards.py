@@ -105,13 +105,15 @@ def test_paddle_ocr_keeps_its_cache_out_of_the_working_directory(paddle_ocr, tmp
 
 def test_paddle_ocr_batched_recognition_equals_the_engines_own_per_image_pipeline(paddle_ocr):
     """transcribe() sends the crops of all images through the recogniser together; the engine's own
-    ocr() runs one image at a time. Same detections, same crops, same 48x320 recogniser inputs: the
-    same texts, for one-line, two-line (reading order), blank, noisy and small images."""
+    ocr() runs one image at a time. Same detections, same crops, the same recogniser input per crop:
+    the same texts, for one-line, two-line (reading order), blank, noisy, small and wide (a line
+    longer than the recogniser's 320/48, which goes alone) images."""
     two_lines = render("Coffee Shop")
     ImageDraw.Draw(two_lines).text((60, 60), "OPEN 9 TO 5", fill=(10, 10, 10), font=ImageFont.load_default(size=40))
+    wide = [render(text, font_size=40) for text in ("Grand Opening Sale Today", "Fresh Bread Every Morning")]
     images = ([render(w) for w in WORDS] + [two_lines, Image.new("RGB", (512, 512), (250, 250, 245))]
               + [render(w, noise=40, seed=i) for i, w in enumerate(WORDS)]
-              + [render(w, size=64, font_size=12) for w in ("CAT", "DOG", "Hi 2")])
+              + [render(w, size=64, font_size=12) for w in ("CAT", "DOG", "Hi 2")] + wide)
     engine = paddle_ocr._load()
     one_at_a_time, boxes = [], []
     for image in images:
@@ -121,6 +123,9 @@ def test_paddle_ocr_batched_recognition_equals_the_engines_own_per_image_pipelin
     assert paddle_ocr.transcribe(images) == one_at_a_time
     assert boxes[len(WORDS)] == 2 and one_at_a_time[len(WORDS)] == "OPEN 9 TO 5 Coffee Shop"  # top line first
     assert boxes[len(WORDS) + 1] == 0 and one_at_a_time[len(WORDS) + 1] == ""
+    assert one_at_a_time[-2:] == ["Grand Opening Sale Today", "Fresh Bread Every Morning"]
+    crops = [crop for image in wide for crop in engine.text_detector(np.asarray(image)[:, :, ::-1].copy())]
+    assert all(max(c[:, 0]) - min(c[:, 0]) > 320 / 48 * (max(c[:, 1]) - min(c[:, 1])) for c in crops)  # wide
 
 
 # ---------------------------------------------------------------------------------- VLM
