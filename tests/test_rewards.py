@@ -128,6 +128,18 @@ def test_paddle_ocr_batched_recognition_equals_the_engines_own_per_image_pipelin
     assert all(max(c[:, 0]) - min(c[:, 0]) > 320 / 48 * (max(c[:, 1]) - min(c[:, 1])) for c in crops)  # wide
 
 
+def test_paddle_ocr_with_the_angle_classifier_batches_alike_and_reads_upside_down_text(tmp_path):
+    """use_angle_cls=True: the classifier turns all images' crops in one call, the engine per image;
+    the same texts, and the upside-down sign reads right."""
+    reward = build_reward("ocr", cache_dir=str(tmp_path), use_angle_cls=True)
+    images = [render(w) for w in WORDS[:3]] + [render("Quantum Leap").rotate(180), render("", noise=20)]
+    engine = reward._load()
+    one_at_a_time = [" ".join(line[1][0] for line in (engine.ocr(np.asarray(image)[:, :, ::-1].copy())[0] or []))
+                     for image in images]
+    assert reward.transcribe(images) == one_at_a_time
+    assert one_at_a_time[3] == "Quantum Leap" and one_at_a_time[4] == ""
+
+
 # ---------------------------------------------------------------------------------- VLM
 
 def _save_tiny_qwen3_vl(path, tokenizer):
