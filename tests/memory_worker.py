@@ -35,7 +35,7 @@ def main():
     config = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
                   num_attention_heads=4, joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
     cases = []
-    for size, text_tokens, pairs, checkpointing in ((512, 20, 2, False), (384, 40, 1, True)):
+    for size, text_tokens, pairs, checkpointing in ((512, 20, 2, False), (512, 40, 2, True)):
         image_tokens = perf.image_tokens_for(size, size)
         meta = plan.build_meta_transformer(config, "lora", 8, 8, qi.RECIPE_LORA_TARGETS, torch.float32)
         saved = plan.saved_activation_bytes(meta, 2 * pairs, image_tokens, text_tokens, size, size)
