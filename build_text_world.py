@@ -25,7 +25,6 @@ from seeded generators. Fonts: DejaVu (system-installed); Pillow's scalable defa
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -35,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import qwen_image as qi
+import trainer_utils as tu
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -241,11 +241,10 @@ def ocr_eval(pipe, prompt_cache, prompts, reward_fn, config: BuildConfig) -> dic
     flat = [prompts[i] for i, _ in jobs]
     _, images = qi.rollout(pipe, prompt_cache, flat, [i * 1000 + j for i, j in jobs], settings)
     scores = torch.tensor(reward_fn(images, flat), dtype=torch.float64)
-    exact = (scores >= 1.0 - 1e-9).double()
-    n = len(scores)
-    return {"exact_match": exact.mean().item(), "exact_match_sem": exact.std().item() / math.sqrt(n),
-            "reward_mean": scores.mean().item(), "reward_sem": scores.std().item() / math.sqrt(n),
-            "images": n}, images
+    exact = tu.exact_matches(scores)
+    return {"exact_match": exact.mean().item(), "exact_match_sem": tu.standard_error(exact),
+            "reward_mean": scores.mean().item(), "reward_sem": tu.standard_error(scores),
+            "images": len(scores)}, images
 
 
 def train_transformer(config: BuildConfig, pipe, prompt_cache, latents, prompts, eval_prompts, reward_fn, log):
@@ -335,7 +334,7 @@ def main(argv=None):
     recon = qi.decode_latents(pipe, qi.encode_images(pipe, check, config.height, config.width),
                               config.height, config.width)
     recon_scores = torch.tensor(reward_fn(recon, check_prompts), dtype=torch.float64)
-    recon_metrics = {"exact_match": (recon_scores >= 1 - 1e-9).double().mean().item(),
+    recon_metrics = {"exact_match": tu.exact_matches(recon_scores).mean().item(),
                      "reward_mean": recon_scores.mean().item(), "images": len(check)}
     log(f"VAE reconstructions: {json.dumps(recon_metrics)}")
 

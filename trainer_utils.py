@@ -867,12 +867,17 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     for k, name in enumerate(names):
         metrics[f"eval/{name}/reward_mean"] = gathered[:, 1 + k].mean().item()
     if exact_match:
-        exact = (values >= 1.0 - 1e-9).double()
+        exact = exact_matches(values)
         metrics["eval/exact_match"] = exact.mean().item()
         metrics["eval/exact_match_se"] = standard_error(exact)
     if components is not None:
         components.update(parts)
     return metrics, images[:n_real], scores
+
+
+def exact_matches(rewards: torch.Tensor) -> torch.Tensor:
+    """1.0 where the OCR reward is a full match (1.0, up to float rounding), else 0.0 (float64)."""
+    return (rewards >= 1.0 - 1e-9).double()
 
 
 def standard_error(values: torch.Tensor) -> float:
@@ -889,7 +894,7 @@ def paired_gain(rewards: list[float], baseline: list[float], exact_match: bool) 
     diff = after - before
     gain = {"eval/reward_gain": diff.mean().item(), "eval/reward_gain_se": standard_error(diff)}
     if exact_match:
-        exact_diff = (after >= 1.0 - 1e-9).double() - (before >= 1.0 - 1e-9).double()
+        exact_diff = exact_matches(after) - exact_matches(before)
         gain.update({"eval/exact_match_gain": exact_diff.mean().item(), "eval/exact_match_gain_se": standard_error(exact_diff)})
     return gain
 
