@@ -50,12 +50,11 @@ class EvalConfig:
     preset: str = ""  # the trainers' presets, mapped onto these fields
 
 
-# trainer Config field -> EvalConfig field, for --run_dir and the presets
-FROM_TRAINER = {"pretrained": "pretrained", "dtype": "dtype", "eval_data": "prompts", "max_eval_prompts": "max_prompts",
-                "reward": "reward", "reward_kwargs": "reward_kwargs", "eval_samples_per_prompt": "samples_per_prompt",
-                "height": "height", "width": "width", "eval_inference_steps": "num_inference_steps",
-                "true_cfg_scale": "true_cfg_scale", "negative_prompt": "negative_prompt",
-                "max_sequence_length": "max_sequence_length", "rollout_chunk_size": "chunk_size"}
+# trainer Config field -> EvalConfig field, for --run_dir and the presets: every eval setting of a
+# trainer (tu.EVAL_SETTINGS), under its own name unless renamed here
+RENAMED = {"eval_data": "prompts", "max_eval_prompts": "max_prompts", "eval_samples_per_prompt": "samples_per_prompt",
+           "eval_inference_steps": "num_inference_steps", "rollout_chunk_size": "chunk_size"}
+FROM_TRAINER = {name: RENAMED.get(name, name) for name in tu.EVAL_SETTINGS}
 
 
 def from_trainer(values: dict) -> dict:

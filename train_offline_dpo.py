@@ -76,6 +76,7 @@ class Config:
     eval_samples_per_prompt: int = 1
     eval_inference_steps: int = 50
     max_eval_prompts: int = 64
+    eval_baseline: str = ""  # a run folder whose step-0 eval (same model, eval settings) this run takes as its own
     true_cfg_scale: float = 1.0
     negative_prompt: str = " "
     rollout_chunk_size: int = 16

@@ -222,7 +222,43 @@ def validate_policy_config(config, world_size: int = 1):
     require(config.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
     require(config.log_with in ("wandb", "tensorboard", "none"), "log_with", "must be wandb, tensorboard or none")
     require(data_source_exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+    check_eval_baseline(config)
     validate_output_and_resume(config)
+
+
+# The trainer fields an eval depends on (evaluate.py --run_dir takes these from a run). With the same
+# values and `attention_backend`, two runs' step-0 evals are the same per-image rewards (at step 0 the
+# policy is the base model: LoRA starts at B = 0 and `lora_init` only allows inits that keep the base
+# weights), so a run may take another's (`eval_baseline`) instead of spending the eval again.
+EVAL_SETTINGS = ("pretrained", "dtype", "eval_data", "max_eval_prompts", "reward", "reward_kwargs",
+                 "eval_samples_per_prompt", "height", "width", "eval_inference_steps", "true_cfg_scale",
+                 "negative_prompt", "max_sequence_length", "rollout_chunk_size")
+
+
+def check_eval_baseline(config):
+    """`eval_baseline`, before any model loads: a run folder whose metrics.jsonl holds a step-0 eval
+    with per-image rewards, and whose config.json agrees on EVAL_SETTINGS and `attention_backend`."""
+    where = config.eval_baseline
+    if not where:
+        return
+    path = os.path.join(where, "config.json")
+    require(os.path.isfile(path), "eval_baseline", f"{path!r} does not exist (a run folder is expected)")
+    require(baseline_eval(where) is not None, "eval_baseline",
+            f"{os.path.join(where, 'metrics.jsonl')!r} has no step-0 eval with per-image rewards (eval/rewards)")
+    with open(path) as f:
+        saved = json.load(f)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    fields = [name for name in EVAL_SETTINGS + ("attention_backend",) if name in defaults]
+    there = {name: saved.get(name, defaults[name]) for name in fields}
+    changes = [f"{name}: {value!r} there, {getattr(config, name)!r} here" for name, value in there.items()
+               if value != getattr(config, name)]
+    require(not changes, "eval_baseline", f"{where!r} evaluated under other settings ({'; '.join(changes)})")
+
+
+def baseline_eval(run_dir: str) -> dict | None:
+    """The step-0 eval row of run_dir/metrics.jsonl (its eval/* values), or None."""
+    rows = [row for row in eval_history(run_dir) if row.get("step") == 0 and "eval/rewards" in row]
+    return {k: v for k, v in rows[0].items() if k.startswith("eval/")} if rows else None
 
 
 def data_source_exists(spec: str) -> bool:
@@ -937,8 +973,13 @@ def make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, met
     first = {"rewards": earlier[0]["eval/rewards"] if earlier else None}
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate_and_log(pipe, prompt_cache, eval_rows, reward_fn, settings, config.eval_samples_per_prompt,
-                                   accelerator, is_ocr, metrics_log, step, config.output_dir, baseline=first["rewards"])
+        if step == 0 and config.eval_baseline:  # checked by check_eval_baseline: the same eval, already run
+            metrics = {**baseline_eval(config.eval_baseline), "eval/taken_from": os.path.abspath(config.eval_baseline)}
+            metrics_log.log(metrics, 0)
+            accelerator.print(f"eval @ step 0: taken from {config.eval_baseline}: {format_eval(metrics)}")
+        else:
+            metrics = evaluate_and_log(pipe, prompt_cache, eval_rows, reward_fn, settings, config.eval_samples_per_prompt,
+                                       accelerator, is_ocr, metrics_log, step, config.output_dir, baseline=first["rewards"])
         if first["rewards"] is None:
             first["rewards"] = metrics["eval/rewards"]
         return metrics

@@ -3,6 +3,7 @@ handling, exact resume, SIGTERM, and 2-process DDP / FSDP2 launches."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,34 @@ def test_resume_continues_exactly(tmp_path):
     assert sum(float(v.double().sum()) for v in a.values()) == pytest.approx(DPO_FINGERPRINT[1], rel=1e-5)
     losses = lambda d: [r["dpo/loss"] for r in read_metrics(d) if "dpo/loss" in r]
     assert losses(split) == pytest.approx(losses(straight), abs=1e-6)
+
+
+def test_a_run_takes_another_runs_step_0_eval_and_logs_the_same_gains(tmp_path):
+    from trainer_utils import ConfigError
+
+    common = ["--preset", "cpu_tiny", "--max_steps", "2", "--eval_every", "2", "--checkpoint_every", "0",
+              "--sample_grid_every", "0", "--max_eval_prompts", "4", "--eval_samples_per_prompt", "2"]
+    own, taken = str(tmp_path / "own"), str(tmp_path / "taken")
+    train_online_dpo.main(common + ["--output_dir", own])
+    train_online_dpo.main(common + ["--output_dir", taken, "--eval_baseline", own, "--seed", "1"])
+    (own_start, own_end), (start, end) = [[r for r in read_metrics(d) if "eval/rewards" in r] for d in (own, taken)]
+    assert start["eval/rewards"] == own_start["eval/rewards"] and start["eval/taken_from"] == os.path.abspath(own)
+    assert not os.path.exists(os.path.join(taken, "samples", "eval-000000.png"))  # no eval ran at step 0
+    assert end["eval/rewards"] != own_end["eval/rewards"]  # another seed trained another policy
+    diffs = [a - b for a, b in zip(end["eval/rewards"], own_start["eval/rewards"])]
+    # ... and its gain is paired with the taken eval
+    assert end["eval/reward_gain"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
+    for flag, value, named in (("--eval_samples_per_prompt", "1", "eval_samples_per_prompt: 2 there, 1 here"),
+                               ("--height", "32", "height: 64 there, 32 here")):
+        with pytest.raises(ConfigError, match="eval_baseline") as error:
+            train_online_dpo.main(common + ["--output_dir", str(tmp_path / "x"), "--eval_baseline", own, flag, value])
+        assert named in str(error.value)
+    bare = tmp_path / "bare"  # a run folder without a step-0 eval, and no run folder at all
+    bare.mkdir()
+    shutil.copy(os.path.join(own, "config.json"), bare / "config.json")
+    for where, says in ((bare, "no step-0 eval"), (tmp_path / "nowhere", "does not exist")):
+        with pytest.raises(ConfigError, match=f"eval_baseline.*{says}"):
+            train_online_dpo.main(common + ["--output_dir", str(tmp_path / "x"), "--eval_baseline", str(where)])
 
 
 @pytest.mark.slow
