@@ -363,10 +363,34 @@ def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], 
     return updates * total
 
 
-def step_metrics(config, model_config, prompt_cache, prompts, pair_prompts, n_pairs: int, rollout_s: float,
+def group_update_flops(model_config, image_tokens: int, row_lengths: list[int], group_size: int,
+                       micro_batch_groups: int, updates: int = 1, train_mode: str = "lora", lora_rank: int = 0,
+                       lora_targets=(), gradient_checkpointing: bool = False, reference: bool = True,
+                       old: bool = True) -> int:
+    """FLOPs of objectives.GroupObjective.update on this rank: row_lengths holds the prompt lengths of
+    the kept groups' rows (whole groups in a row, group_size each); a micro-batch of
+    micro_batch_groups groups runs at its longest prompt. Per row: the reference forward (LoRA off)
+    when `reference`, the old adapter's forward when `old`, the policy forward and its backward."""
+    rank = lora_rank if train_mode == "lora" else 0
+    total = 0
+    rows = group_size * micro_batch_groups
+    for start in range(0, len(row_lengths), rows):
+        micro = row_lengths[start:start + rows]
+        text = max(micro)
+        per_row = (forward_flops(model_config, image_tokens, text, rank, lora_targets)
+                   + backward_flops(model_config, image_tokens, text, train_mode, rank, lora_targets,
+                                    gradient_checkpointing))
+        per_row += forward_flops(model_config, image_tokens, text) if reference else 0
+        per_row += forward_flops(model_config, image_tokens, text, rank, lora_targets) if old else 0
+        total += len(micro) * per_row
+    return updates * total
+
+
+def step_metrics(config, model_config, prompt_cache, prompts, update_tflop: float, rollout_s: float,
                  update_s: float, step_s: float) -> dict:
     """perf/* metrics of one online step on this rank: FLOPs, achieved TFLOP/s per device of the
-    rollout, the update and the whole step, and MFU when config.peak_tflops is set."""
+    rollout, the update (its TFLOP as the objective counted them: update_step_flops or
+    group_update_flops) and the whole step, and MFU when config.peak_tflops is set."""
     targets = tuple(config.lora_targets.split(","))
     image_tokens = image_tokens_for(config.height, config.width)
     cfg = config.true_cfg_scale > 1.0
@@ -374,9 +398,7 @@ def step_metrics(config, model_config, prompt_cache, prompts, pair_prompts, n_pa
                                  config.rollout_chunk_size, config.num_inference_steps, cfg,
                                  text_lengths(prompt_cache, [config.negative_prompt])[0] if cfg else 0,
                                  config.lora_rank if config.train_mode == "lora" else 0, targets)
-    update = update_step_flops(model_config, image_tokens, text_lengths(prompt_cache, pair_prompts),
-                               config.micro_batch_pairs, config.updates_per_rollout, config.train_mode,
-                               config.lora_rank, targets, config.gradient_checkpointing) if n_pairs else 0
+    update = update_tflop * 1e12
     metrics = {"perf/rollout_tflop": rollout / 1e12, "perf/update_tflop": update / 1e12,
                "perf/rollout_tflops_per_s": throughput(rollout, rollout_s)["tflops_per_device"],
                "perf/update_tflops_per_s": throughput(update, update_s)["tflops_per_device"],

@@ -299,12 +299,9 @@ def train(config: Config):
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
         metrics.update(tu.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
-        # perf/*: the FLOP model covers the rollout and the DPO update (not yet the group objectives' updates)
-        trained = [prompts[i] for i in shown_pairs.reshape(-1).tolist()] if objective.name == "dpo" else []
-        step_perf = perf.step_metrics(config, transformer.config, prompt_cache, prompts, trained, len(trained) // 2,
-                                      t1 - t0, t3 - t2, t3 - t0)
-        metrics.update(step_perf if objective.name == "dpo" else
-                       {k: v for k, v in step_perf.items() if k.startswith("perf/rollout")})
+        # perf/*: the rollout's FLOPs and the update's as the objective counted them (perf.py)
+        metrics.update(perf.step_metrics(config, transformer.config, prompt_cache, prompts,
+                                         metrics.get("perf/update_tflop", 0.0), t1 - t0, t3 - t2, t3 - t0))
         if config.compile_transformer:  # compiles during this step (and the eval before it); 0 after warm-up
             metrics["compile/new_graphs"] = compile_counter.new()
             if step > start_step + 1 and metrics["compile/new_graphs"]:
