@@ -80,11 +80,8 @@ class DPO:
             chosen_rejected_latents, pair_prompts = latents[:2].to(device), prompts[:2]
         metrics = dpo_update(policy, chosen_rejected_latents, pair_prompts, n_pairs, prompt_cache, step,
                              updates=config.updates_per_rollout)
-        metrics["perf/update_tflop"] = perf.update_step_flops(
-            policy.transformer.config, perf.image_tokens_for(config.height, config.width),
-            perf.text_lengths(prompt_cache, pair_prompts), config.micro_batch_pairs, config.updates_per_rollout,
-            config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")),
-            config.gradient_checkpointing) / 1e12 if n_pairs else 0.0
+        metrics["perf/update_tflop"] = perf.update_tflop(config, policy.transformer.config, prompt_cache, pair_prompts,
+                                                         2 * config.micro_batch_pairs) if n_pairs else 0.0
         if "update/skipped_no_pairs" in metrics:
             accelerator.print(f"step {step}: no pairs (every group tied or below min_reward_margin); update skipped")
         pairs_total, tie_groups, no_pair_groups, gap_sum = all_sum(
@@ -199,11 +196,9 @@ class GroupObjective:
                 good_updates += 1
                 for key, value in sums.items():
                     totals[key] = totals.get(key, 0.0) + value
-        metrics["perf/update_tflop"] = perf.group_update_flops(
-            policy.transformer.config, perf.image_tokens_for(config.height, config.width),
-            perf.text_lengths(prompt_cache, prompts), config.samples_per_prompt, per_micro, config.updates_per_rollout,
-            config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing,
-            reference=self.needs_reference, old=self.uses_old_adapter) / 1e12 if n_groups else 0.0
+        metrics["perf/update_tflop"] = perf.update_tflop(
+            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * per_micro,
+            reference=self.needs_reference, old=self.uses_old_adapter) if n_groups else 0.0
         if self.uses_old_adapter:
             decay = ema_decay(self.ema, step)
             policy.update_old(decay)

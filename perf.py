@@ -348,34 +348,18 @@ def rollout_step_flops(model_config, image_tokens: int, lengths: list[int], chun
     return total
 
 
-def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], micro_batch_pairs: int,
-                      updates: int = 1, train_mode: str = "lora", lora_rank: int = 0, lora_targets=(),
-                      gradient_checkpointing: bool = False) -> int:
-    """FLOPs of policy.dpo_update on this rank: pair_lengths holds the 2P interleaved rows' prompt
-    lengths; each micro-batch runs at its longest prompt."""
+def update_flops(model_config, image_tokens: int, row_lengths: list[int], rows_per_micro: int, updates: int = 1,
+                 train_mode: str = "lora", lora_rank: int = 0, lora_targets=(), gradient_checkpointing: bool = False,
+                 reference: bool = True, old: bool = False) -> int:
+    """FLOPs of an update on this rank, any objective: row_lengths holds its rows' prompt lengths in
+    micro-batch order (DPO: the 2P interleaved rows, 2 x micro_batch_pairs a micro-batch; the group
+    objectives: whole groups, K x micro_batch_groups), each micro-batch at its longest prompt. Per
+    row: the policy forward and its backward, the reference forward (LoRA off) when `reference`, the
+    old adapter's forward when `old`."""
     rank = lora_rank if train_mode == "lora" else 0
     total = 0
-    rows = 2 * micro_batch_pairs
-    for start in range(0, len(pair_lengths), rows):
-        micro = pair_lengths[start:start + rows]
-        total += dpo_update_flops(model_config, image_tokens, max(micro), len(micro) // 2, train_mode, rank,
-                                  lora_targets, gradient_checkpointing)
-    return updates * total
-
-
-def group_update_flops(model_config, image_tokens: int, row_lengths: list[int], group_size: int,
-                       micro_batch_groups: int, updates: int = 1, train_mode: str = "lora", lora_rank: int = 0,
-                       lora_targets=(), gradient_checkpointing: bool = False, reference: bool = True,
-                       old: bool = True) -> int:
-    """FLOPs of objectives.GroupObjective.update on this rank: row_lengths holds the prompt lengths of
-    the kept groups' rows (whole groups in a row, group_size each); a micro-batch of
-    micro_batch_groups groups runs at its longest prompt. Per row: the reference forward (LoRA off)
-    when `reference`, the old adapter's forward when `old`, the policy forward and its backward."""
-    rank = lora_rank if train_mode == "lora" else 0
-    total = 0
-    rows = group_size * micro_batch_groups
-    for start in range(0, len(row_lengths), rows):
-        micro = row_lengths[start:start + rows]
+    for start in range(0, len(row_lengths), rows_per_micro):
+        micro = row_lengths[start:start + rows_per_micro]
         text = max(micro)
         per_row = (forward_flops(model_config, image_tokens, text, rank, lora_targets)
                    + backward_flops(model_config, image_tokens, text, train_mode, rank, lora_targets,
@@ -386,11 +370,29 @@ def group_update_flops(model_config, image_tokens: int, row_lengths: list[int], 
     return updates * total
 
 
+def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], micro_batch_pairs: int,
+                      updates: int = 1, train_mode: str = "lora", lora_rank: int = 0, lora_targets=(),
+                      gradient_checkpointing: bool = False) -> int:
+    """FLOPs of policy.dpo_update on this rank: pair_lengths holds the 2P interleaved rows' prompt
+    lengths (dpo_update_flops for each micro-batch)."""
+    return update_flops(model_config, image_tokens, pair_lengths, 2 * micro_batch_pairs, updates, train_mode,
+                        lora_rank, lora_targets, gradient_checkpointing)
+
+
+def update_tflop(config, model_config, prompt_cache, row_prompts: list[str], rows_per_micro: int,
+                 reference: bool = True, old: bool = False) -> float:
+    """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop."""
+    return update_flops(model_config, image_tokens_for(config.height, config.width),
+                        text_lengths(prompt_cache, row_prompts), rows_per_micro, config.updates_per_rollout,
+                        config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")),
+                        config.gradient_checkpointing, reference, old) / 1e12
+
+
 def step_metrics(config, model_config, prompt_cache, prompts, update_tflop: float, rollout_s: float,
                  update_s: float, step_s: float) -> dict:
     """perf/* metrics of one online step on this rank: FLOPs, achieved TFLOP/s per device of the
-    rollout, the update (its TFLOP as the objective counted them: update_step_flops or
-    group_update_flops) and the whole step, and MFU when config.peak_tflops is set."""
+    rollout, the update (its TFLOP as the objective counted them: update_tflop) and the whole step,
+    and MFU when config.peak_tflops is set."""
     targets = tuple(config.lora_targets.split(","))
     image_tokens = image_tokens_for(config.height, config.width)
     cfg = config.true_cfg_scale > 1.0
@@ -399,7 +401,7 @@ def step_metrics(config, model_config, prompt_cache, prompts, update_tflop: floa
                                  text_lengths(prompt_cache, [config.negative_prompt])[0] if cfg else 0,
                                  config.lora_rank if config.train_mode == "lora" else 0, targets)
     update = update_tflop * 1e12
-    metrics = {"perf/rollout_tflop": rollout / 1e12, "perf/update_tflop": update / 1e12,
+    metrics = {"perf/rollout_tflop": rollout / 1e12, "perf/update_tflop": update_tflop,
                "perf/rollout_tflops_per_s": throughput(rollout, rollout_s)["tflops_per_device"],
                "perf/update_tflops_per_s": throughput(update, update_s)["tflops_per_device"],
                "perf/step_tflops_per_s": throughput(rollout + update, step_s)["tflops_per_device"]}

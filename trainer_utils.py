@@ -245,20 +245,31 @@ def check_eval_baseline(config):
     require(os.path.isfile(path), "eval_baseline", f"{path!r} does not exist (a run folder is expected)")
     require(baseline_eval(where) is not None, "eval_baseline",
             f"{os.path.join(where, 'metrics.jsonl')!r} has no step-0 eval with per-image rewards (eval/rewards)")
-    with open(path) as f:
-        saved = json.load(f)
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    fields = [name for name in EVAL_SETTINGS + ("attention_backend",) if name in defaults]
-    there = {name: saved.get(name, defaults[name]) for name in fields}
-    changes = [f"{name}: {value!r} there, {getattr(config, name)!r} here" for name, value in there.items()
-               if value != getattr(config, name)]
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config field `eval_baseline`: {path!r} is not valid JSON ({error})") from None
+    changes = [f"{name}: {there!r} there, {here!r} here"
+               for name, there, here in differing_fields(saved, config, EVAL_SETTINGS + ("attention_backend",))]
     require(not changes, "eval_baseline", f"{where!r} evaluated under other settings ({'; '.join(changes)})")
 
 
 def baseline_eval(run_dir: str) -> dict | None:
-    """The step-0 eval row of run_dir/metrics.jsonl (its eval/* values), or None."""
-    rows = [row for row in eval_history(run_dir) if row.get("step") == 0 and "eval/rewards" in row]
-    return {k: v for k, v in rows[0].items() if k.startswith("eval/")} if rows else None
+    """The step-0 eval row of run_dir/metrics.jsonl (its eval/* values), or None. Read up to that row
+    only: the run may still be writing (or have been killed mid-write) further down."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path}: line {number} is not a JSON object; repair or remove it") from None
+            if row.get("step") == 0 and "eval/rewards" in row:
+                return {k: v for k, v in row.items() if k.startswith("eval/")}
+    return None
 
 
 def data_source_exists(spec: str) -> bool:
@@ -570,20 +581,28 @@ def resolve_checkpoint(spec: str, output_dir: str, report=print) -> str | None:
 def config_changes(saved: dict, config) -> list[str]:
     """'field: old -> new' for each WEIGHT_DEFINING_FIELDS entry that differs between a checkpoint's
     saved config and this run's (LoRA fields only when both train LoRA)."""
+    both_lora = "lora" in (saved.get("train_mode", "lora"), config.train_mode)
+    names = [name for name in WEIGHT_DEFINING_FIELDS + objective_knobs(config)
+             if both_lora or name not in LORA_ONLY_FIELDS]
+    return [f"{name}: {old!r} -> {new!r}" for name, old, new in differing_fields(saved, config, names)]
+
+
+def differing_fields(saved: dict, config, names) -> list[tuple]:
+    """(name, saved value, this run's value) for each of `names` that config has and whose values
+    differ. A field missing from `saved` (a config written before it existed) counts as its default;
+    lora_targets compare as a set of modules (another order is the same adapter)."""
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     changes = []
-    for name in WEIGHT_DEFINING_FIELDS + objective_knobs(config):
+    for name in names:
         if name not in defaults:
             continue
-        if name in LORA_ONLY_FIELDS and "lora" not in (saved.get("train_mode", "lora"), config.train_mode):
-            continue
         old, new = saved.get(name, defaults[name]), getattr(config, name)
-        if name == "lora_targets":  # the same set of modules in another order is the same adapter
+        if name == "lora_targets":
             same = sorted(str(old).split(",")) == sorted(str(new).split(","))
         else:
             same = old == new
         if not same:
-            changes.append(f"{name}: {old!r} -> {new!r}")
+            changes.append((name, old, new))
     return changes
 
 

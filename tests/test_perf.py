@@ -72,7 +72,7 @@ def test_flop_formula_matches_torch_flop_counter(tiny_pipe):
 
 @pytest.mark.parametrize("name,micro_batch_groups", [("dgpo", 1), ("nft", 2), ("awm", 1)])
 def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, micro_batch_groups):
-    """What a group objective logs as perf/update_tflop (perf.group_update_flops: reference, old and
+    """What a group objective logs as perf/update_tflop (perf.update_flops: reference, old and
     policy forwards and the backward, per micro-batch at its longest prompt) against torch's counter
     around the real update: 3 kept groups of 4 rows, prompts of different lengths, 2 updates."""
     import objective_worker
@@ -96,9 +96,9 @@ def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, m
     # the tolerance tells the forwards apart: without the old adapter's the formula is ~25 % short
     lengths = perf.text_lengths(cache, objective_worker.rollouts_for(0, 0, 1).prompts)
     lengths = lengths[:4] + lengths[8:]  # group 1 ties and is dropped
-    without_old = perf.group_update_flops(pipe.transformer.config, 16, lengths, 4, micro_batch_groups,
-                                          config.updates_per_rollout, "lora", config.lora_rank,
-                                          tuple(config.lora_targets.split(",")), old=False)
+    without_old = perf.update_flops(pipe.transformer.config, 16, lengths, 4 * micro_batch_groups,
+                                    config.updates_per_rollout, "lora", config.lora_rank,
+                                    tuple(config.lora_targets.split(",")), old=False)
     assert (counted - without_old) / counted > 0.1
 
 

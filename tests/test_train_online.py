@@ -217,6 +217,17 @@ def test_a_run_takes_another_runs_step_0_eval_and_logs_the_same_gains(tmp_path):
     for where, says in ((bare, "no step-0 eval"), (tmp_path / "nowhere", "does not exist")):
         with pytest.raises(ConfigError, match=f"eval_baseline.*{says}"):
             train_online_dpo.main(common + ["--output_dir", str(tmp_path / "x"), "--eval_baseline", str(where)])
+    # a baseline run killed mid-write (a cut-off last line) still gives its step-0 eval; a damaged
+    # config.json is a clear error
+    with open(os.path.join(own, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "reward/me')
+    train_online_dpo.main(common + ["--output_dir", str(tmp_path / "again"), "--eval_baseline", own])
+    assert [r for r in read_metrics(str(tmp_path / "again")) if "eval/rewards" in r][0]["eval/rewards"] == \
+        own_start["eval/rewards"]
+    shutil.copy(os.path.join(own, "metrics.jsonl"), bare / "metrics.jsonl")
+    (bare / "config.json").write_text("{broken")
+    with pytest.raises(ConfigError, match="eval_baseline.*not valid JSON"):
+        train_online_dpo.main(common + ["--output_dir", str(tmp_path / "x"), "--eval_baseline", str(bare)])
 
 
 @pytest.mark.slow
