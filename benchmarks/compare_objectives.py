@@ -1,0 +1,275 @@
+"""Every online objective at an equal rollout budget on the text world: the project's headline table.
+
+    python benchmarks/compare_objectives.py --workdir outputs/compare --seeds 0 1 2 3 4 --jobs 2
+    python benchmarks/compare_objectives.py --workdir outputs/compare --summary_only --plot docs/img/compare.png
+
+Each run is a full `train_online_dpo.py --preset text_world` run (the same base model, prompts, rollout
+budget and eval for every objective; the seed changes the data order, the rollout seeds and the
+noise), each objective at its main knob (KNOBS: the value its sweep chose; `--sweep` re-runs the
+sweep on the first seed). Runs are separate processes with OMP_NUM_THREADS=1, `--jobs` at a time, in
+seed-major order so that an interrupted comparison has whole seeds; a run whose metrics.jsonl already
+holds its final eval is not run again (the command resumes). All runs take the first run's step-0
+eval (`--eval_baseline`): one base model, one baseline.
+
+Reported per objective (mean and standard error over seeds): the exact-match and reward gains at
+the last eval, the final exact match, the mean gain per mean rollout image, rollout TFLOP and update
+TFLOP (the trainer's own FLOP accounting, perf/*), per training second (rollout + reward + update,
+not the evals); collapse (an eval whose exact match is more than 2 paired standard errors below the
+start: the first such step); and, against `grpo` when it is in the table, how many times fewer
+rollout images the objective needs to reach GRPO's final mean exact match (linear interpolation on
+the seed-mean curve; "not reached" otherwise). `--plot` writes exact match vs rollout images with a
+standard-error band per objective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "best_worst": ["--objective", "dpo", "--pair_strategy", "best_worst"],
+    "top_bottom": ["--objective", "dpo", "--pair_strategy", "top_bottom"],
+    "dgpo": ["--objective", "dgpo"],
+    "nft": ["--objective", "nft"],
+    "awm": ["--objective", "awm"],
+    "grpo": ["--objective", "grpo"],
+}
+# each objective's main knob: the value used, then the values a sweep tries (on the first seed)
+KNOBS = {
+    "best_worst": ("beta", 100.0, [30.0, 100.0, 300.0]),
+    "top_bottom": ("beta", 100.0, [30.0, 100.0, 300.0]),
+    "dgpo": ("dgpo_beta", 10.0, [10.0, 30.0, 100.0]),
+    "nft": ("nft_beta", 0.1, [0.1, 0.3, 1.0]),
+    "awm": ("awm_old_kl_weight", 0.01, [0.01, 0.1, 1.0]),
+    "grpo": ("learning_rate", 5e-4, [5e-4, 1e-3, 2e-3]),
+}
+
+
+def run_name(variant: str, seed: int, knob: tuple[str, float]) -> str:
+    return f"{variant}-s{seed}-{knob[0]}{knob[1]:g}"
+
+
+def command(variant, seed, knob, out, steps, eval_every, baseline, extra) -> list[str]:
+    args = [sys.executable, os.path.join(ROOT, "train_online_dpo.py"), "--preset", "text_world", "--output_dir", out,
+            "--seed", str(seed), "--max_steps", str(steps), "--eval_every", str(eval_every),
+            "--checkpoint_every", "0", "--sample_grid_every", "0", *VARIANTS[variant], f"--{knob[0]}", str(knob[1])]
+    if baseline:
+        args += ["--eval_baseline", baseline]
+    return args + list(extra)
+
+
+def read_rows(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a run killed mid-line
+                break
+    return rows
+
+
+def finished(out: str, steps: int) -> bool:
+    return any(r.get("step") == steps and "eval/reward_mean" in r for r in read_rows(out))
+
+
+def has_step0_eval(out: str) -> bool:
+    return any(r.get("step") == 0 and "eval/rewards" in r for r in read_rows(out))
+
+
+def result(variant: str, seed: int, knob, out: str) -> dict:
+    """One finished run -> its curve and totals."""
+    rows = read_rows(out)
+    config = json.load(open(os.path.join(out, "config.json")))
+    images_per_step = config["prompts_per_step"] * config["samples_per_prompt"]
+    evals = [r for r in rows if "eval/reward_mean" in r]
+    train = [r for r in rows if "time/rollout_s" in r]
+    first = evals[0]
+    curve = [{"step": r["step"], "images": r["step"] * images_per_step, "exact_match": r["eval/exact_match"],
+              "reward": r["eval/reward_mean"], "exact_match_gain_se": r.get("eval/exact_match_gain_se", 0.0)}
+             for r in evals]
+    collapse = next((c["step"] for c in curve[1:]
+                     if c["exact_match"] - first["eval/exact_match"] < -2 * max(c["exact_match_gain_se"], 1e-9)), None)
+    last = evals[-1]
+    return {"variant": variant, "seed": seed, "knob": list(knob), "curve": curve, "collapse_step": collapse,
+            "exact_match_gain": last["eval/exact_match"] - first["eval/exact_match"],
+            "exact_match_gain_paired_se": last.get("eval/exact_match_gain_se"),
+            "reward_gain": last["eval/reward_mean"] - first["eval/reward_mean"],
+            "final_exact_match": last["eval/exact_match"], "images": len(train) * images_per_step,
+            "rollout_tflop": sum(r.get("perf/rollout_tflop", 0.0) for r in train),
+            "update_tflop": sum(r.get("perf/update_tflop", 0.0) for r in train),
+            "train_seconds": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/update_s"] for r in train)}
+
+
+def mean_se(values) -> tuple[float, float]:
+    values = list(values)
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
+
+
+def images_to_reach(curve_mean: list[tuple[int, float]], level: float) -> float | None:
+    """Rollout images at which a (images, exact match) curve first reaches `level` (linear interpolation)."""
+    for (i0, e0), (i1, e1) in zip(curve_mean, curve_mean[1:]):
+        if e1 >= level:
+            return i0 + (i1 - i0) * ((level - e0) / (e1 - e0) if e1 != e0 else 1.0) if e0 < level else i0
+    return None
+
+
+def mean_curve(results: list[dict]) -> list[tuple[int, float, float]]:
+    """(images, mean exact match over seeds, standard error over seeds) at every eval step all runs have."""
+    steps = sorted(set.intersection(*({c["step"] for c in r["curve"]} for r in results)))
+    out = []
+    for step in steps:
+        points = [next(c for c in r["curve"] if c["step"] == step) for r in results]
+        mean, se = mean_se(p["exact_match"] for p in points)
+        out.append((points[0]["images"], mean, se))
+    return out
+
+
+def summarise(results: list[dict]) -> dict:
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    summary = {}
+    for variant, runs in by_variant.items():
+        s = {"seeds": sorted(r["seed"] for r in runs), "knob": runs[0]["knob"]}
+        for key in ("exact_match_gain", "reward_gain", "final_exact_match"):
+            s[key], s[key + "_se"] = mean_se(r[key] for r in runs)
+        for per in ("images", "rollout_tflop", "update_tflop", "train_seconds"):
+            s[per] = statistics.fmean(r[per] for r in runs)
+            s[f"gain_per_{per}"] = s["exact_match_gain"] / s[per] if s[per] > 0 else None  # mean gain / mean cost
+        s["collapsed"] = {r["seed"]: r["collapse_step"] for r in runs if r["collapse_step"] is not None}
+        s["curve"] = mean_curve(runs)
+        summary[variant] = s
+    if "grpo" in summary:
+        level = summary["grpo"]["curve"][-1][1]
+        grpo_images = images_to_reach([(i, e) for i, e, _ in summary["grpo"]["curve"]], level)
+        for variant, s in summary.items():
+            reach = images_to_reach([(i, e) for i, e, _ in s["curve"]], level)
+            s["images_to_grpo_final"] = reach
+            s["fewer_images_than_grpo"] = (grpo_images / reach) if reach and grpo_images else None
+    return summary
+
+
+def table(summary: dict) -> str:
+    lines = ["| objective (knob) | exact-match gain | reward gain | final exact match | gain / 1k images | "
+             "gain / rollout PFLOP | train s | collapsed (seed: step) | x fewer images than GRPO |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, s in summary.items():
+        fewer = s.get("fewer_images_than_grpo")
+        lines.append(
+            f"| {variant} ({s['knob'][0]} {s['knob'][1]:g}) | {s['exact_match_gain']:+.3f} ± {s['exact_match_gain_se']:.3f} "
+            f"| {s['reward_gain']:+.3f} ± {s['reward_gain_se']:.3f} | {s['final_exact_match']:.3f} ± {s['final_exact_match_se']:.3f} "
+            f"| {1000 * s['gain_per_images']:+.4f} | {1000 * s['gain_per_rollout_tflop']:+.3f} | {s['train_seconds']:.0f} "
+            f"| {', '.join(f'{k}: {v}' for k, v in s['collapsed'].items()) or 'none'} "
+            f"| {'-' if 'fewer_images_than_grpo' not in s else ('not reached' if fewer is None else f'{fewer:.2f}')} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for variant, s in summary.items():
+        images = [i for i, _, _ in s["curve"]]
+        mean = [m for _, m, _ in s["curve"]]
+        se = [0.0 if math.isnan(e) else e for _, _, e in s["curve"]]
+        ax.plot(images, mean, marker="o", ms=3, label=f"{variant} ({len(s['seeds'])} seeds)")
+        ax.fill_between(images, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)], alpha=0.15)
+    ax.set_xlabel("rollout images")
+    ax.set_ylabel("eval exact match (192 images)")
+    ax.set_title("Text world, equal rollout budget (mean ± SE over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="one folder per run in here; re-running resumes")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval_every", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with OMP_NUM_THREADS=1")
+    parser.add_argument("--knob", nargs="+", default=[], metavar="VARIANT=VALUE", help="override KNOBS' value")
+    parser.add_argument("--sweep", action="store_true", help="sweep each main knob on the first seed first")
+    parser.add_argument("--summary_only", action="store_true", help="run nothing: summarise the finished runs")
+    parser.add_argument("--plot", default="", help="write the curves to this PNG")
+    parser.add_argument("--json", default="", help="write the summary (and every run) to this JSON file")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
+    args = parser.parse_args()
+    knobs = {v: (KNOBS[v][0], KNOBS[v][1]) for v in args.variants}
+    for item in args.knob:
+        variant, value = item.split("=")
+        knobs[variant] = (KNOBS[variant][0], float(value))
+    os.makedirs(args.workdir, exist_ok=True)
+    jobs = []  # (variant, seed, knob), seed-major
+    if args.sweep:
+        jobs += [(v, args.seeds[0], (KNOBS[v][0], x)) for v in args.variants for x in KNOBS[v][2]]
+    jobs += [(v, s, knobs[v]) for s in args.seeds for v in args.variants]
+    jobs = list(dict.fromkeys(jobs))
+    if not args.summary_only:
+        execute(jobs, args)
+    results = [result(v, s, k, os.path.join(args.workdir, run_name(v, s, k))) for v, s, k in jobs
+               if finished(os.path.join(args.workdir, run_name(v, s, k)), args.steps) and k == knobs[v]]
+    summary = summarise(results)
+    print(table(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary, "runs": results}, f, indent=1)
+    if args.plot:
+        plot(summary, args.plot)
+
+
+def execute(jobs, args):
+    import shutil
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pending = [j for j in jobs if not finished(os.path.join(args.workdir, run_name(*j)), args.steps)]
+    done = [j for j in jobs if j not in pending]
+    # every run takes one step-0 eval (--eval_baseline): a finished run's, else the first run's once it has it
+    baseline = os.path.join(args.workdir, run_name(*done[0])) if done else ""
+    running: list[tuple[subprocess.Popen, tuple, str]] = []
+    while pending or running:
+        while pending and len(running) < args.jobs and (not baseline or has_step0_eval(baseline)):
+            job = pending.pop(0)
+            out = os.path.join(args.workdir, run_name(*job))
+            if os.path.exists(out):  # an unfinished earlier attempt: start it again from scratch
+                shutil.rmtree(out)
+            cmd = command(job[0], job[1], job[2], out, args.steps, args.eval_every, baseline, args.extra)
+            log = open(out + ".log", "w")
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), job, out))
+            print(f"started {run_name(*job)}", flush=True)
+            if not baseline:
+                baseline = out
+                break
+        time.sleep(2)
+        for proc, job, out in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((proc, job, out))
+            ok = proc.returncode == 0 and finished(out, args.steps)
+            print(f"{'done' if ok else f'FAILED (exit {proc.returncode})'} {run_name(*job)} (log {out}.log)", flush=True)
+            if out == baseline and not has_step0_eval(out):
+                raise SystemExit(f"the first run {out} failed before its step-0 eval: see {out}.log")
+
+
+if __name__ == "__main__":
+    main()
