@@ -22,9 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import distributed
+import evaluation
 import perf
+import prompt_data
 import qwen_image as qi
-import trainer_utils as tu
+import run_config
+import run_lifecycle
 
 
 @dataclass
@@ -99,31 +103,32 @@ class Config:
 PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset text_world (PP-OCRv5 on the text world).
     "text_world": dict(
-        tu.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
+        run_config.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
         micro_batch_pairs=16, beta=100.0, learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=120,
         eval_every=40, max_eval_prompts=0, checkpoint_every=40,
     ),
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
     "cpu_tiny": dict(
-        tu.CPU_TINY_OVERRIDES, pairs_per_step=16, micro_batch_pairs=16, beta=100.0, max_steps=30, eval_every=15,
+        run_config.CPU_TINY_OVERRIDES, pairs_per_step=16, micro_batch_pairs=16, beta=100.0, max_steps=30, eval_every=15,
         max_eval_prompts=0, checkpoint_every=15,
     ),
 }
 
 
 def validate(config: Config, world_size: int = 1):
-    from trainer_utils import require, validate_policy_config
+    from run_config import require
+    from run_lifecycle import validate_policy_config
 
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
-    require(tu.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(run_config.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
     require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")
 
 
 def main(argv=None):
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(Config, PRESETS, argv)
     validate(config, int(os.environ.get("WORLD_SIZE", "1")))
@@ -157,7 +162,7 @@ def train(config: Config):
     from policy import Policy, dpo_update
     from rewards import build_reward, uses_ocr_target
 
-    accelerator, stop = tu.launch(config, validate)
+    accelerator, stop = run_lifecycle.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
@@ -167,8 +172,8 @@ def train(config: Config):
     accelerator.print(f"read {len(pairs)} pairs from {config.pairs_path} in {time.perf_counter() - t0:.1f} s "
                       f"(skipped: {counts['corrupt_images_skipped']} undecodable, {counts.get('ties_dropped', 0)} Pick-a-Pic "
                       f"ties, {counts.get('bad_label_dropped', 0)} bad labels)")
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
-                                max_rows=config.max_eval_prompts)
+    eval_rows = prompt_data.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                         max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     t0 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
@@ -187,8 +192,8 @@ def train(config: Config):
     if config.compile_transformer:
         perf.compile_transformer_blocks(pipe.transformer, config.compile_backend)
 
-    start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
-    run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
+    start_step, metrics_log = run_lifecycle.resume_and_start_run(config, policy, accelerator)
+    run_eval = evaluation.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)
@@ -197,7 +202,7 @@ def train(config: Config):
     for step in range(start_step, config.max_steps):
         t0 = time.perf_counter()
         # this rank's pairs: seeded per-epoch permutations, a pure function of the step
-        batch = tu.prompts_for_step(pairs, step, config.pairs_per_step, rank, world, config.seed)
+        batch = prompt_data.prompts_for_step(pairs, step, config.pairs_per_step, rank, world, config.seed)
         chosen_rejected_latents = torch.cat([p["latents"] for p in batch]).to(device)  # [2P, S, 64]
         if config.reverse_preference:
             chosen_rejected_latents = chosen_rejected_latents.view(len(batch), 2, *chosen_rejected_latents.shape[1:])
@@ -214,7 +219,7 @@ def train(config: Config):
         metrics.update({"perf/update_tflop": update_flops / 1e12, "perf/update_tflops_per_s": achieved["tflops_per_device"]})
         if "mfu" in achieved:
             metrics["perf/mfu"] = achieved["mfu"]
-        metrics.update({"pairs/score_gap": tu.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
+        metrics.update({"pairs/score_gap": distributed.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
                         "time/update_s": update_s, "lr": policy.lr_scheduler.get_last_lr()[0],
                         "data/epoch": step * config.pairs_per_step / len(pairs)})
         metrics_log.log(metrics, step + 1)
@@ -222,13 +227,13 @@ def train(config: Config):
         progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}",
                              gap=f"{metrics['pairs/score_gap']:.3f}",
                              acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
-        if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
+        if run_lifecycle.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()
-    return tu.finish(config, policy, metrics_log, accelerator)
+    return run_lifecycle.finish(config, policy, metrics_log, accelerator)
 
 
 if __name__ == "__main__":
     from data_process.pairs_format import PairsDataError
 
-    tu.cli(main, input_errors=(PairsDataError,))  # a config or data error: one line on stderr, exit status 2
+    run_config.cli(main, input_errors=(PairsDataError,))  # a config or data error: one line on stderr, exit status 2

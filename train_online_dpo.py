@@ -25,9 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
+import evaluation
 import perf
+import prompt_data
 import qwen_image as qi
-import trainer_utils as tu
+import run_config
+import run_lifecycle
+import run_logs
 
 
 @dataclass
@@ -126,10 +131,10 @@ class Config:
 
 
 PRESETS = {
-    # The tiny random Qwen-Image on a CPU with a reward it can learn (tu.CPU_TINY_OVERRIDES), 8 prompts
+    # The tiny random Qwen-Image on a CPU with a reward it can learn (run_config.CPU_TINY_OVERRIDES), 8 prompts
     # x 8 samples, 4 sampling steps, two updates per rollout batch.
     "cpu_tiny": dict(
-        tu.CPU_TINY_OVERRIDES, train_data=tu.TINY_PROMPTS, prompts_per_step=8, samples_per_prompt=8,
+        run_config.CPU_TINY_OVERRIDES, train_data=run_config.TINY_PROMPTS, prompts_per_step=8, samples_per_prompt=8,
         num_inference_steps=4, updates_per_rollout=2, micro_batch_pairs=8, micro_batch_groups=2, max_steps=20,
         eval_every=10, checkpoint_every=10, sample_grid_every=10,
     ),
@@ -138,7 +143,7 @@ PRESETS = {
     # reward of 64 images costs ~6x an update here). The best DPO recipe found so far (beta, updates and lr swept).
     # The group objectives take all 8 groups in one forward: the same loss, their update ~2x faster than 1 at a time.
     "text_world": dict(
-        tu.TEXT_WORLD_OVERRIDES, train_data=os.path.join(tu.TEXT_WORLD_DATA, "train.txt"), prompts_per_step=8,
+        run_config.TEXT_WORLD_OVERRIDES, train_data=os.path.join(run_config.TEXT_WORLD_DATA, "train.txt"), prompts_per_step=8,
         samples_per_prompt=8, num_inference_steps=8, updates_per_rollout=4, micro_batch_pairs=16, micro_batch_groups=8,
         beta=100.0, pair_strategy="top_bottom", learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=60,
         eval_every=20, checkpoint_every=20, sample_grid_every=20,
@@ -148,7 +153,8 @@ PRESETS = {
 
 def validate(config: Config, world_size: int = 1):
     """Every rule checked before any model loads; errors name the field."""
-    from trainer_utils import require, validate_policy_config
+    from run_config import require
+    from run_lifecycle import validate_policy_config
 
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
@@ -161,14 +167,15 @@ def validate(config: Config, world_size: int = 1):
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     validate_objective(config)
-    require(tu.data_source_exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
+    require(run_config.data_source_exists(config.train_data), "train_data",
+            f"file {config.train_data!r} does not exist")
 
 
 def validate_objective(config: Config):
     """The objective and every objective's knobs (all checked, so a typo never waits for a switch)."""
     from group_losses import AWM_WEIGHTINGS
     from objectives import OBJECTIVES, build, parse_ema
-    from trainer_utils import require
+    from run_config import require
 
     require(config.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
     require(config.advantage_std in ("group", "batch"), "advantage_std", "must be 'group' or 'batch'")
@@ -192,8 +199,17 @@ def validate_objective(config: Config):
                 f"must be 'lora' with objective {config.objective!r}: its old policy is a second LoRA adapter")
 
 
+def objective_knobs(config: Config) -> tuple[str, ...]:
+    """The objective's own knobs (objectives.OBJECTIVES[name].knobs): weight-defining on resume, with
+    checkpoints.WEIGHT_DEFINING_FIELDS (the shared run code does not know the objectives)."""
+    from objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(config.objective)
+    return objective.knobs if objective else ()
+
+
 def main(argv=None):
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(Config, PRESETS, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -209,15 +225,15 @@ def train(config: Config):
     from policy import Policy
     from rewards import build_reward, uses_ocr_target
 
-    accelerator, stop = tu.launch(config, validate)
+    accelerator, stop = run_lifecycle.launch(config, validate, knobs=objective_knobs(config))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model
     t0 = time.perf_counter()
-    train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr, split=config.split)
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
-                                max_rows=config.max_eval_prompts)
+    train_rows = prompt_data.load_prompts(config.train_data, need_ocr_target=is_ocr, split=config.split)
+    eval_rows = prompt_data.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                         max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     t1 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
@@ -239,10 +255,10 @@ def train(config: Config):
         perf.compile_transformer_blocks(transformer, config.compile_backend)
     compile_counter = perf.CompileCounter()
 
-    start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
+    start_step, metrics_log = run_lifecycle.resume_and_start_run(config, policy, accelerator)
 
-    rollout_settings = tu.rollout_settings(config, config.num_inference_steps)
-    run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
+    rollout_settings = evaluation.rollout_settings(config, config.num_inference_steps)
+    run_eval = evaluation.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)
@@ -252,12 +268,12 @@ def train(config: Config):
     for step in range(start_step, config.max_steps):
         # 1-3. this rank's prompts; K rollouts each with the current policy, seeds = f(seed, step, rank, j)
         t0 = time.perf_counter()
-        rows = tu.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
+        rows = prompt_data.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
         flat_rows = [row for row in rows for _ in range(K)]
         prompts = [row["prompt"] for row in flat_rows]
         # a group's id: its position in the step's global prompt list (unique over ranks) and its row
         group_ids = [f"{rank * len(rows) + i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
-        seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
+        seeds = prompt_data.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
         # NFT samples with its old adapter (the paper's behaviour policy); the other objectives with the trained one
         with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
@@ -265,8 +281,8 @@ def train(config: Config):
                 reward_parts = {}
 
                 def score_chunk(chunk_images, start):
-                    combined, parts = tu.score_rows_with_components(reward_fn, chunk_images,
-                                                                    flat_rows[start:start + len(chunk_images)])
+                    combined, parts = evaluation.score_rows_with_components(reward_fn, chunk_images,
+                                                                            flat_rows[start:start + len(chunk_images)])
                     for name, scores in parts.items():  # one worker thread: chunks arrive in order
                         reward_parts.setdefault(name, []).extend(scores)
                     return combined
@@ -278,7 +294,8 @@ def train(config: Config):
                 latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
                 t1 = time.perf_counter()
                 # 4. rewards
-                combined, reward_parts = tu.score_rows_with_components(reward_fn, images, flat_rows)  # parts: multi-reward
+                # parts: the components of a multi-reward
+                combined, reward_parts = evaluation.score_rows_with_components(reward_fn, images, flat_rows)
         transformer.train()
         rewards = torch.tensor(combined, dtype=torch.float64)  # pairs are selected on the combined value
         t2 = time.perf_counter()
@@ -292,13 +309,14 @@ def train(config: Config):
         # 8. metrics, samples, evaluation, checkpoints
         all_rewards = accelerator.gather(rewards.to(device)).cpu() if world > 1 else rewards
         metrics.update({
-            "data/prompt_uids": [u for uids in tu.gather_object(accelerator, [r["uid"] for r in rows]) for u in uids],
+            "data/prompt_uids": [u for uids in distributed.gather_object(accelerator, [r["uid"] for r in rows])
+                                 for u in uids],
             "reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(unbiased=False).item(),
             "reward/max": all_rewards.max().item(), "reward/min": all_rewards.min().item(),
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
-        metrics.update(tu.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
+        metrics.update(evaluation.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
         # perf/*: the rollout's FLOPs and the update's as the objective counted them (perf.py)
         metrics.update(perf.step_metrics(config, transformer.config, prompt_cache, prompts,
                                          metrics.get("perf/update_tflop", 0.0), t1 - t0, t3 - t2, t3 - t0))
@@ -309,8 +327,8 @@ def train(config: Config):
                                   "after warm-up (a shape or mode changed)")
         if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and len(shown_pairs):
             shown = shown_pairs[:8]  # dpo: its pairs; group objectives: best over worst of each group
-            grid = tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
-                                rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
+            grid = run_logs.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
+                                      rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
             grid.save(os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
             metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
@@ -319,11 +337,11 @@ def train(config: Config):
         progress.set_postfix(loss=f"{metrics[loss_key]:.4f}" if loss_key in metrics else "skip",
                              reward=f"{metrics['reward/mean']:.4f}",
                              acc=f"{metrics[acc_key]:.2f}" if acc_key in metrics else "-")
-        if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
+        if run_lifecycle.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()
-    return tu.finish(config, policy, metrics_log, accelerator)
+    return run_lifecycle.finish(config, policy, metrics_log, accelerator)
 
 
 if __name__ == "__main__":
-    tu.cli(main)  # a config or data error: one line on stderr, exit status 2
+    run_config.cli(main)  # a config or data error: one line on stderr, exit status 2

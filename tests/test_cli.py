@@ -8,15 +8,15 @@ import sys
 import pytest
 
 import train_offline_dpo
+import run_config
 import train_online_dpo
-import trainer_utils as tu
 from conftest import ROOT
 
 
 def help_text(module, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "2000")  # no wrapping
     with pytest.raises(SystemExit) as exit_info:
-        tu.parse_config(module.Config, module.PRESETS, ["--help"])
+        run_config.parse_config(module.Config, module.PRESETS, ["--help"])
     assert exit_info.value.code == 0
     return capsys.readouterr().out
 
@@ -26,7 +26,7 @@ def test_help_lists_every_field_with_its_source_comment_default_and_the_presets(
     import dataclasses
 
     text = help_text(module, capsys, monkeypatch)
-    comments = tu.field_comments(module.Config)
+    comments = run_config.field_comments(module.Config)
     for field in dataclasses.fields(module.Config):
         assert f"--{field.name}" in text
     assert len(comments) >= 5
@@ -39,7 +39,7 @@ def test_help_lists_every_field_with_its_source_comment_default_and_the_presets(
 
 
 def test_field_comments_reads_trailing_comments_only():
-    comments = tu.field_comments(train_online_dpo.Config)
+    comments = run_config.field_comments(train_online_dpo.Config)
     assert comments["samples_per_prompt"] == "K rollouts per prompt (all on one rank)"
     assert "adam_beta1" not in comments and "model" not in comments  # no comment; a section title
 
@@ -65,21 +65,21 @@ def test_a_config_error_prints_one_line_and_exits_2_in_a_real_process():
 @pytest.mark.parametrize("args,message", CONFIG_ERRORS[1:])
 def test_config_errors_print_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tu.cli(train_online_dpo.main, args)
+        run_config.cli(train_online_dpo.main, args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
 
 
 def test_in_process_errors_are_value_errors_naming_the_field():
-    with pytest.raises(tu.ConfigError, match="did you mean `--learning_rate`"):
-        tu.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--learning-rat", "1"])
+    with pytest.raises(run_config.ConfigError, match="did you mean `--learning_rate`"):
+        run_config.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--learning-rat", "1"])
     with pytest.raises(ValueError, match="config field `reward_kwargs`: with several rewards"):
         train_online_dpo.main(["--preset", "cpu_tiny", "--reward", "brightness,clipscore:0.1",
                                "--reward_kwargs", '{"model": "x"}'])
-    config = tu.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
-                             ["--preset", "cpu_tiny", "--reward", "brightness:1.0,clipscore:0.2",
-                              "--reward_kwargs", '{"clipscore": {"model": "x"}}'])
+    config = run_config.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
+                                     ["--preset", "cpu_tiny", "--reward", "brightness:1.0,clipscore:0.2",
+                                      "--reward_kwargs", '{"clipscore": {"model": "x"}}'])
     train_online_dpo.validate(config)  # the weighted spec and per-component kwargs are accepted
 
 
@@ -104,7 +104,7 @@ def test_bad_input_and_a_refused_run_folder_print_one_line_and_exit_2(tmp_path, 
     ]
     for main, args, extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            tu.cli(main, args, input_errors=extra)
+            run_config.cli(main, args, input_errors=extra)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
