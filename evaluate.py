@@ -32,23 +32,23 @@ import run_logs
 
 @dataclass
 class EvalConfig:
-    pretrained: str = "Qwen/Qwen-Image"
+    pretrained: str = "Qwen/Qwen-Image"  # hub id, local save_pretrained dir, or "tiny" / "tiny-bench"
     lora_dir: str = ""  # a directory with pytorch_lora_weights.safetensors; "" evaluates the base only
     prompts: str = "data/ocr/test.parquet"  # parquet from data_process, a directory of them, or .txt
     max_prompts: int = 0  # 0 = all
-    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     samples_per_prompt: int = 1  # sample j of prompt i uses seed i * 1000 + j (as the trainers' eval)
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 50
-    true_cfg_scale: float = 1.0
-    negative_prompt: str = " "
-    max_sequence_length: int = 256
-    chunk_size: int = 16
-    dtype: str = "bfloat16"
-    grid_images: int = 16
-    output_dir: str = "outputs/eval"
+    height: int = 512  # image height in pixels, a multiple of 16
+    width: int = 512  # image width in pixels, a multiple of 16
+    num_inference_steps: int = 50  # sampling steps per image
+    true_cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
+    max_sequence_length: int = 256  # text tokens kept per prompt
+    chunk_size: int = 16  # images per pipeline call
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32: the base weights (the LoRA is kept in fp32)
+    grid_images: int = 16  # images of each variant in grid.png (base on top, LoRA below)
+    output_dir: str = "outputs/eval"  # where eval.json and grid.png are written; must be writable
     run_dir: str = ""  # a trainer's output_dir: its config.json sets the defaults above (see the docstring)
     preset: str = ""  # the trainers' presets, mapped onto these fields
 

@@ -75,34 +75,59 @@ def field_comments(config_cls) -> dict[str, str]:
     return comments
 
 
+def shown_value(value) -> str:
+    """A default or preset value as --help and docs/configuration.md show it: paths inside the
+    project relative to its root (the same on every machine), a blank string in quotes ("", " ")."""
+    if isinstance(value, str) and value.startswith(ROOT + os.sep):
+        return os.path.relpath(value, ROOT)
+    return f'"{value}"' if isinstance(value, str) and not value.strip() else str(value)
+
+
 def _describe_presets(presets: dict[str, dict]) -> str:
     if not presets:
         return ""
     lines = ["presets (--preset NAME applies these overrides first; explicit flags win):"]
     for name, overrides in presets.items():
-        lines.append(f"  {name}: " + " ".join(f"--{k} {v}" for k, v in overrides.items()))
+        lines.append(f"  {name}: " + " ".join(f"--{k} {shown_value(v)}" for k, v in overrides.items()))
     return "\n".join(lines)
 
 
 def build_parser(config_cls, presets: dict[str, dict], description: str | None = None):
-    """HfArgumentParser with each field's source comment as its help, the defaults and the presets."""
+    """HfArgumentParser with each field's source comment as its help, the defaults and the presets.
+    One flag per field, spelled as the field (HfArgumentParser also adds a dashed alias, --learning-rate,
+    for every underscored name: dropped, so --help lists each flag once); the value's type as its
+    metavar; a short usage line (the fields follow)."""
     import argparse
 
     from transformers import HfArgumentParser
 
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
-    parser = HfArgumentParser(config_cls, description=description, epilog=_describe_presets(presets),
-                              formatter_class=Formatter)
     comments = field_comments(config_cls)
     types = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(config_cls)}
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            if isinstance(action, argparse._StoreFalseAction):  # --no_X: its own default would read as X's
+                return action.help
+            if action.dest in types:  # every field: its default as shown_value writes it
+                return f"{action.help} (default: {shown_value(action.default)})".lstrip().replace("%", "%%")
+            return super()._get_help_string(action)
+
+    parser = HfArgumentParser(config_cls, description=description, epilog=_describe_presets(presets),
+                              formatter_class=Formatter, usage="%(prog)s [--preset NAME] [--FIELD VALUE ...]")
+    for option in [option for option in parser._option_string_actions if option.startswith("--") and "-" in option[2:]]:
+        action = parser._option_string_actions.pop(option)
+        action.option_strings.remove(option)
     for action in parser._actions:
         name = action.dest
-        if name in types and not action.help:
-            action.help = comments.get(name) or f"{types[name]}; see the knobs tables in README.md"
-            if name == "preset":
-                action.help = f"a named group of overrides, applied first: {', '.join(presets) or 'none'} (listed below)"
+        if name not in types:
+            continue
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_X of a bool defaulting to true
+            action.help = f"the same as --{name} false"
+            continue
+        action.metavar = types[name].upper()
+        action.help = comments.get(name, "")
+        if name == "preset":
+            action.help = f"a named group of overrides, applied first: {', '.join(presets) or 'none'} (listed below)"
     return parser
 
 

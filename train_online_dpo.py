@@ -39,41 +39,41 @@ import run_logs
 class Config:
     # model
     pretrained: str = "Qwen/Qwen-Image"  # hub id, local save_pretrained dir, or "tiny" / "tiny-bench"
-    dtype: str = "bfloat16"  # weights of the frozen parts; trainable parameters are kept in fp32
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32 for the frozen weights (trainable ones stay fp32)
     train_mode: str = "lora"  # "lora" (reference = adapters disabled) or "full" (reference = frozen copy)
-    lora_rank: int = 64
-    lora_alpha: int = 128
+    lora_rank: int = 64  # LoRA rank (>= 1)
+    lora_alpha: int = 128  # LoRA alpha: the adapter's output is scaled by alpha / rank
     lora_targets: str = ",".join(qi.RECIPE_LORA_TARGETS)  # comma-separated module-name suffixes
-    lora_init: str = "gaussian"
-    gradient_checkpointing: bool = True
+    lora_init: str = "gaussian"  # gaussian or default (peft's kaiming A); inits that rewrite the base weights are refused
+    gradient_checkpointing: bool = True  # recompute block activations in the backward: much less memory, ~+33 % update FLOPs
     sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
     attention_backend: str = "native"  # diffusers dispatcher backend: native (torch SDPA), flash, _flash_3, sage, ...
     compile_transformer: bool = False  # torch.compile the repeated blocks (regional) for rollout and training
-    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": capture only, for tests)
+    compile_backend: str = "inductor"  # inductor, aot_eager (capture only, for tests) or eager
     # data
     train_data: str = "data/ocr/train.parquet"  # parquet / jsonl / txt, a directory of them, or a Hub dataset id
     split: str = "train"  # split of a Hub dataset id in train_data (eval_data: `owner/name:split`, default test)
-    eval_data: str = "data/ocr/test.parquet"
-    prompts_per_step: int = 32  # global, over all ranks
+    eval_data: str = "data/ocr/test.parquet"  # eval prompts, as train_data (a Hub id: owner/name:split, default split test)
+    prompts_per_step: int = 32  # prompts per step over all ranks, divisible by the number of processes
     samples_per_prompt: int = 16  # K rollouts per prompt (all on one rank)
     # rollout
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 35
-    true_cfg_scale: float = 1.0
-    negative_prompt: str = " "
-    max_sequence_length: int = 256
+    height: int = 512  # image height in pixels, a multiple of 16
+    width: int = 512  # image width in pixels, a multiple of 16
+    num_inference_steps: int = 35  # sampling steps of a training rollout
+    true_cfg_scale: float = 1.0  # CFG scale (1 = off); > 1 also applies CFG in the update's forwards
+    negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
+    max_sequence_length: int = 256  # text tokens kept per prompt, 1-1024
     rollout_chunk_size: int = 16  # images per pipeline call
     # reward
-    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     # objective: "dpo" (Diffusion-DPO on pairs), "dgpo", "nft" (DiffusionNFT) or "awm" (objectives.py)
-    objective: str = "dpo"
+    objective: str = "dpo"  # dpo (Diffusion-DPO on pairs), dgpo, nft (DiffusionNFT) or awm (objectives.py)
     reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
-    beta: float = 100.0
-    pair_strategy: str = "best_worst"  # or "top_bottom": floor(K/2) pairs per group
-    min_reward_margin: float = 0.0
+    beta: float = 100.0  # Diffusion-DPO's beta (> 0; README, "The loss")
+    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
+    min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     reverse_preference: bool = False  # control run: train towards the rejected sample
     sigma_scheme: str = "logit_normal"
     logit_mean: float = 0.0
@@ -98,36 +98,36 @@ class Config:
     awm_old_kl_weight: float = 1.0  # weight of mean (v - v_old)^2 (official ema_beta: 1)
     awm_old_ema: str = "0,0.001,0.3"  # old adapter EMA schedule (official: linear up to 0.3)
     # optimisation
-    learning_rate: float = 3e-4
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_warmup_steps: int = 0  # constant LR after warm-up
-    max_steps: int = 300
-    max_nonfinite_in_a_row: int = 3
+    learning_rate: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1, in [0, 1)
+    adam_beta2: float = 0.999  # AdamW beta2, in [0, 1)
+    adam_epsilon: float = 1e-8  # AdamW epsilon (> 0)
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm
+    lr_warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps, then constant
+    max_steps: int = 300  # training steps (one rollout batch each)
+    max_nonfinite_in_a_row: int = 3  # stop after N skipped updates in a row (non-finite loss or gradient)
     # evaluation, logging, checkpoints
-    eval_every: int = 20
-    eval_samples_per_prompt: int = 1
-    eval_inference_steps: int = 50
-    max_eval_prompts: int = 0  # 0 = all
+    eval_every: int = 20  # evaluate at step 0 and every N steps (0 = never)
+    eval_samples_per_prompt: int = 1  # eval images per prompt (sample j of prompt i has seed i * 1000 + j)
+    eval_inference_steps: int = 50  # sampling steps of an eval image
+    max_eval_prompts: int = 0  # evaluate on the first N prompts of eval_data (0 = all)
     eval_baseline: str = ""  # a run folder whose step-0 eval (same model, eval settings) this run takes as its own
-    checkpoint_every: int = 20
-    checkpoints_total_limit: int = 3
-    sample_grid_every: int = 20
-    log_with: str = "wandb"  # "wandb" (offline without API key), "tensorboard" or "none"
+    checkpoint_every: int = 20  # checkpoint every N steps (0 = never; a stop signal always writes one)
+    checkpoints_total_limit: int = 3  # keep the newest N checkpoints (0 = all)
+    sample_grid_every: int = 20  # save a chosen-over-rejected grid to samples/ every N steps (0 = never)
+    log_with: str = "wandb"  # wandb (offline without WANDB_API_KEY), tensorboard or none
     peak_tflops: float = 0.0  # the device's dense bf16 peak (README table): logs perf/mfu; 0 = off
-    tracker_project: str = "qwen-image-online-dpo"
+    tracker_project: str = "qwen-image-online-dpo"  # the wandb / tensorboard project name
     # sharing: lora/README.md (model card) is always written; the upload needs a token and network
     push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
     hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
     hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
-    output_dir: str = "outputs/online_dpo"
-    resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint directory
+    output_dir: str = "outputs/online_dpo"  # the run folder (config.json, metrics.jsonl, checkpoints, lora/, samples/)
+    resume_from_checkpoint: str = ""  # "", latest (the newest complete checkpoint in output_dir) or a checkpoint folder
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
-    seed: int = 0
-    preset: str = ""
+    seed: int = 0  # run seed: rollout, noise and data-order seeds derive from it
+    preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
 
 
 PRESETS = {

@@ -27,26 +27,26 @@ import run_config  # noqa: E402
 
 @dataclass
 class PairsConfig:
-    pretrained: str = "Qwen/Qwen-Image"
-    dtype: str = "bfloat16"
+    pretrained: str = "Qwen/Qwen-Image"  # the model that samples: hub id, local save_pretrained dir, "tiny" or "tiny-bench"
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32
     prompts: str = "data/ocr/train.parquet"  # data_process parquet, a directory of them, or a .txt
     max_prompts: int = 0  # 0 = all
-    samples_per_prompt: int = 8
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 35
-    true_cfg_scale: float = 1.0
-    negative_prompt: str = " "
-    max_sequence_length: int = 256
-    chunk_size: int = 16
-    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    samples_per_prompt: int = 8  # K samples per prompt, scored and paired within their group (>= 2)
+    height: int = 512  # image height in pixels, a multiple of 16
+    width: int = 512  # image width in pixels, a multiple of 16
+    num_inference_steps: int = 35  # sampling steps per image
+    true_cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
+    max_sequence_length: int = 256  # text tokens kept per prompt
+    chunk_size: int = 16  # images per pipeline call
+    reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
-    pair_strategy: str = "best_worst"
-    min_reward_margin: float = 0.0
+    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
+    min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
-    seed: int = 0
-    output: str = "data/pairs/pairs.parquet"
-    preset: str = ""
+    seed: int = 0  # sample j of prompt i has a seed derived from (seed, i, j)
+    output: str = "data/pairs/pairs.parquet"  # the pairs parquet to write (data_process/pairs_format.py)
+    preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
 
 
 PRESETS = {
