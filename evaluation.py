@@ -17,35 +17,6 @@ from run_config import ConfigError, differing_fields, require
 from run_logs import baseline_eval, eval_history, image_grid
 
 
-# The trainer fields an eval depends on (evaluate.py --run_dir takes these from a run). With the same
-# values and `attention_backend`, two runs' step-0 evals are the same per-image rewards (at step 0 the
-# policy is the base model: LoRA starts at B = 0 and `lora_init` only allows inits that keep the base
-# weights), so a run may take another's (`eval_baseline`) instead of spending the eval again.
-EVAL_SETTINGS = ("pretrained", "dtype", "eval_data", "max_eval_prompts", "reward", "reward_kwargs",
-                 "eval_samples_per_prompt", "height", "width", "eval_inference_steps", "true_cfg_scale",
-                 "negative_prompt", "max_sequence_length", "rollout_chunk_size")
-
-
-def check_eval_baseline(config):
-    """`eval_baseline`, before any model loads: a run folder whose metrics.jsonl holds a step-0 eval
-    with per-image rewards, and whose config.json agrees on EVAL_SETTINGS and `attention_backend`."""
-    where = config.eval_baseline
-    if not where:
-        return
-    path = os.path.join(where, "config.json")
-    require(os.path.isfile(path), "eval_baseline", f"{path!r} does not exist (a run folder is expected)")
-    require(baseline_eval(where) is not None, "eval_baseline",
-            f"{os.path.join(where, 'metrics.jsonl')!r} has no step-0 eval with per-image rewards (eval/rewards)")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"config field `eval_baseline`: {path!r} is not valid JSON ({error})") from None
-    changes = [f"{name}: {there!r} there, {here!r} here"
-               for name, there, here in differing_fields(saved, config, EVAL_SETTINGS + ("attention_backend",))]
-    require(not changes, "eval_baseline", f"{where!r} evaluated under other settings ({'; '.join(changes)})")
-
-
 def score_rows(reward_fn, images, rows) -> list[float]:
     return score_rows_with_components(reward_fn, images, rows)[0]
 
@@ -76,8 +47,6 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     of forwards, which sharded models require); rewards gathered. Returns (metrics, this rank's
     images, this rank's rewards); pass a dict as `components` to receive this rank's per-component
     scores of a weighted reward."""
-    import qwen_image
-
     world, rank = accelerator.num_processes, accelerator.process_index
     jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)]
     per_rank = math.ceil(len(jobs) / world)
@@ -161,6 +130,35 @@ def rollout_settings(config, num_inference_steps: int):
     return qwen_image.RolloutSettings(height=config.height, width=config.width, num_inference_steps=num_inference_steps,
                                       true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
                                       chunk_size=config.rollout_chunk_size)
+
+
+# The trainer fields an eval depends on (evaluate.py --run_dir takes these from a run). With the same
+# values and `attention_backend`, two runs' step-0 evals are the same per-image rewards (at step 0 the
+# policy is the base model: LoRA starts at B = 0 and `lora_init` only allows inits that keep the base
+# weights), so a run may take another's (`eval_baseline`) instead of spending the eval again.
+EVAL_SETTINGS = ("pretrained", "dtype", "eval_data", "max_eval_prompts", "reward", "reward_kwargs",
+                 "eval_samples_per_prompt", "height", "width", "eval_inference_steps", "true_cfg_scale",
+                 "negative_prompt", "max_sequence_length", "rollout_chunk_size")
+
+
+def check_eval_baseline(config):
+    """`eval_baseline`, before any model loads: a run folder whose metrics.jsonl holds a step-0 eval
+    with per-image rewards, and whose config.json agrees on EVAL_SETTINGS and `attention_backend`."""
+    where = config.eval_baseline
+    if not where:
+        return
+    path = os.path.join(where, "config.json")
+    require(os.path.isfile(path), "eval_baseline", f"{path!r} does not exist (a run folder is expected)")
+    require(baseline_eval(where) is not None, "eval_baseline",
+            f"{os.path.join(where, 'metrics.jsonl')!r} has no step-0 eval with per-image rewards (eval/rewards)")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config field `eval_baseline`: {path!r} is not valid JSON ({error})") from None
+    changes = [f"{name}: {there!r} there, {here!r} here"
+               for name, there, here in differing_fields(saved, config, EVAL_SETTINGS + ("attention_backend",))]
+    require(not changes, "eval_baseline", f"{where!r} evaluated under other settings ({'; '.join(changes)})")
 
 
 def make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log):
