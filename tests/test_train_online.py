@@ -561,6 +561,9 @@ def test_run_folder_rules_config_check_and_damaged_checkpoints(tmp_path, capsys)
     with pytest.raises(ValueError, match=r"lora_rank: 8 -> 4; lora_alpha: 8 -> 16"):
         train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--lora_rank", "4",
                                       "--lora_alpha", "16"])
+    # ... as is one that changes the objective's own knobs (the script passes them to launch)
+    with pytest.raises(ValueError, match=r"weight-defining settings \(beta: 100.0 -> 50.0\)"):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--beta", "50"])
     # a checkpoint without its config (older versions): the strict load names the mismatch in one line
     os.rename(os.path.join(out, "checkpoint-2", "config.json"), os.path.join(out, "config-2.json"))
     with pytest.raises(ValueError, match=r"does not fit the trainable parameters .*saved \(8, "):
