@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import evaluation
 import qwen_image as qi
-import trainer_utils as tu
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -241,9 +241,9 @@ def ocr_eval(pipe, prompt_cache, prompts, reward_fn, config: BuildConfig) -> dic
     flat = [prompts[i] for i, _ in jobs]
     _, images = qi.rollout(pipe, prompt_cache, flat, [i * 1000 + j for i, j in jobs], settings)
     scores = torch.tensor(reward_fn(images, flat), dtype=torch.float64)
-    exact = tu.exact_matches(scores)
-    return {"exact_match": exact.mean().item(), "exact_match_sem": tu.standard_error(exact),
-            "reward_mean": scores.mean().item(), "reward_sem": tu.standard_error(scores),
+    exact = evaluation.exact_matches(scores)
+    return {"exact_match": exact.mean().item(), "exact_match_sem": evaluation.standard_error(exact),
+            "reward_mean": scores.mean().item(), "reward_sem": evaluation.standard_error(scores),
             "images": len(scores)}, images
 
 
@@ -293,7 +293,7 @@ def main(argv=None):
     from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 
     from rewards import build_reward
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(BuildConfig, {}, argv)
     torch.set_num_threads(config.threads)
@@ -334,7 +334,7 @@ def main(argv=None):
     recon = qi.decode_latents(pipe, qi.encode_images(pipe, check, config.height, config.width),
                               config.height, config.width)
     recon_scores = torch.tensor(reward_fn(recon, check_prompts), dtype=torch.float64)
-    recon_metrics = {"exact_match": tu.exact_matches(recon_scores).mean().item(),
+    recon_metrics = {"exact_match": evaluation.exact_matches(recon_scores).mean().item(),
                      "reward_mean": recon_scores.mean().item(), "images": len(check)}
     log(f"VAE reconstructions: {json.dumps(recon_metrics)}")
 

@@ -24,37 +24,40 @@ from dataclasses import dataclass
 
 import torch
 
-import trainer_utils as tu
+import evaluation
+import prompt_data
+import run_config
+import run_logs
 
 
 @dataclass
 class EvalConfig:
-    pretrained: str = "Qwen/Qwen-Image"
+    pretrained: str = "Qwen/Qwen-Image"  # hub id, local save_pretrained dir, or "tiny" / "tiny-bench"
     lora_dir: str = ""  # a directory with pytorch_lora_weights.safetensors; "" evaluates the base only
     prompts: str = "data/ocr/test.parquet"  # parquet from data_process, a directory of them, or .txt
     max_prompts: int = 0  # 0 = all
-    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     samples_per_prompt: int = 1  # sample j of prompt i uses seed i * 1000 + j (as the trainers' eval)
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 50
-    true_cfg_scale: float = 1.0
-    negative_prompt: str = " "
-    max_sequence_length: int = 256
-    chunk_size: int = 16
-    dtype: str = "bfloat16"
-    grid_images: int = 16
-    output_dir: str = "outputs/eval"
+    height: int = 512  # image height in pixels, a multiple of 16
+    width: int = 512  # image width in pixels, a multiple of 16
+    num_inference_steps: int = 50  # sampling steps per image
+    true_cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
+    max_sequence_length: int = 256  # text tokens kept per prompt
+    chunk_size: int = 16  # images per pipeline call
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32: the base weights (the LoRA is kept in fp32)
+    grid_images: int = 16  # images of each variant in grid.png (base on top, LoRA below)
+    output_dir: str = "outputs/eval"  # where eval.json and grid.png are written; must be writable
     run_dir: str = ""  # a trainer's output_dir: its config.json sets the defaults above (see the docstring)
     preset: str = ""  # the trainers' presets, mapped onto these fields
 
 
 # trainer Config field -> EvalConfig field, for --run_dir and the presets: every eval setting of a
-# trainer (tu.EVAL_SETTINGS), under its own name unless renamed here
+# trainer (evaluation.EVAL_SETTINGS), under its own name unless renamed here
 RENAMED = {"eval_data": "prompts", "max_eval_prompts": "max_prompts", "eval_samples_per_prompt": "samples_per_prompt",
            "eval_inference_steps": "num_inference_steps", "rollout_chunk_size": "chunk_size"}
-FROM_TRAINER = {name: RENAMED.get(name, name) for name in tu.EVAL_SETTINGS}
+FROM_TRAINER = {name: RENAMED.get(name, name) for name in evaluation.EVAL_SETTINGS}
 
 
 def from_trainer(values: dict) -> dict:
@@ -62,23 +65,23 @@ def from_trainer(values: dict) -> dict:
     return {FROM_TRAINER[k]: v for k, v in values.items() if k in FROM_TRAINER}
 
 
-PRESETS = {"cpu_tiny": from_trainer(tu.CPU_TINY_OVERRIDES)}
+PRESETS = {"cpu_tiny": from_trainer(run_config.CPU_TINY_OVERRIDES)}
 
 
 def run_dir_defaults(run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.json")
-    tu.require(os.path.isfile(path), "run_dir", f"{run_dir!r} has no config.json (not a trainer output_dir)")
+    run_config.require(os.path.isfile(path), "run_dir", f"{run_dir!r} has no config.json (not a trainer output_dir)")
     with open(path) as f:
         values = from_trainer(json.load(f))
     return values | {"lora_dir": os.path.join(run_dir, "lora"), "output_dir": os.path.join(run_dir, "eval")}
 
 
 def main(argv=None):
-    from trainer_utils import _flag_value, parse_config, require, require_writable_dir, validate_reward
+    from run_config import flag_value, parse_config, require, require_writable_dir, validate_reward
 
-    run_dir = _flag_value(list(sys.argv[1:] if argv is None else argv), "run_dir")
+    run_dir = flag_value(list(sys.argv[1:] if argv is None else argv), "run_dir")
     config = parse_config(EvalConfig, PRESETS, argv, defaults=run_dir_defaults(run_dir) if run_dir else None)
-    require(tu.data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
+    require(run_config.data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
     require(not config.lora_dir or os.path.isfile(os.path.join(config.lora_dir, "pytorch_lora_weights.safetensors")),
             "lora_dir", f"{config.lora_dir!r} has no pytorch_lora_weights.safetensors")
     validate_reward(config.reward, config.reward_kwargs)
@@ -92,12 +95,11 @@ def run(config: EvalConfig) -> dict:
     from accelerate import Accelerator
 
     import qwen_image as qi
-    import trainer_utils as tu
     from rewards import OCR_REWARDS, build_reward, uses_ocr_target
 
     accelerator = Accelerator()
     is_ocr = config.reward in OCR_REWARDS
-    rows = tu.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward), split="test")
+    rows = prompt_data.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward), split="test")
     if config.max_prompts:
         rows = rows[: config.max_prompts]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
@@ -112,11 +114,11 @@ def run(config: EvalConfig) -> dict:
     for variant in variants:
         if variant == "lora":
             qi.load_lora(pipe, config.lora_dir)  # LoRA kept in fp32, as the trainer keeps it
-        metrics, images, scores = tu.evaluate(pipe, cache, rows, reward_fn, settings, config.samples_per_prompt,
-                                              accelerator, exact_match=is_ocr)
+        metrics, images, scores = evaluation.evaluate(pipe, cache, rows, reward_fn, settings, config.samples_per_prompt,
+                                                      accelerator, exact_match=is_ocr)
         all_scores = metrics.pop("eval/rewards")  # every rank's, in (prompt, seed) order
         if variant == "lora":
-            metrics.update(tu.paired_gain(all_scores, results["base"]["scores"], exact_match=is_ocr))
+            metrics.update(evaluation.paired_gain(all_scores, results["base"]["scores"], exact_match=is_ocr))
         results[variant] = {k.removeprefix("eval/"): v for k, v in metrics.items()} | {"scores": all_scores}
         grids[variant] = (images[: config.grid_images], scores[: config.grid_images])
 
@@ -131,11 +133,10 @@ def run(config: EvalConfig) -> dict:
         with open(os.path.join(config.output_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=1)
         if "lora" in grids:
-            tu.pair_grid(grids["lora"][0], grids["base"][0], grids["lora"][1], grids["base"][1],
-                         labels=("LoRA", "base")).save(
-                os.path.join(config.output_dir, "grid.png"))
+            run_logs.pair_grid(grids["lora"][0], grids["base"][0], grids["lora"][1], grids["base"][1],
+                               labels=("LoRA", "base")).save(os.path.join(config.output_dir, "grid.png"))
         else:
-            tu.image_grid(grids["base"][0], [f"{s:.3f}" for s in grids["base"][1]]).save(
+            run_logs.image_grid(grids["base"][0], [f"{s:.3f}" for s in grids["base"][1]]).save(
                 os.path.join(config.output_dir, "grid.png"))
         summary = {v: round(results[v]["reward_mean"], 6) for v in variants}
         print(json.dumps(summary))
@@ -143,4 +144,4 @@ def run(config: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    tu.cli(main)  # a config or data error: one line on stderr, exit status 2
+    run_config.cli(main)  # a config or data error: one line on stderr, exit status 2

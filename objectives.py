@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 
 import perf
+from distributed import all_max, all_sum
 from policy import dpo_update
-from trainer_utils import all_max, all_sum, derived_seed
+from prompt_data import derived_seed
 
 
 @dataclass
@@ -54,7 +55,7 @@ class DPO:
     """Pairs per group (`pair_strategy`, ties dropped and counted), the Diffusion-DPO update."""
 
     name = "dpo"
-    knobs = ("beta", "pair_strategy", "min_reward_margin")  # compared on resume (trainer_utils.config_changes)
+    knobs = ("beta", "pair_strategy", "min_reward_margin")  # compared on resume (checkpoints.config_changes)
     uses_old_adapter = False
     samples_with_old = False
 

@@ -19,8 +19,10 @@ import os
 
 import torch
 
-from trainer_utils import (_options, all_max, all_sum, assert_finite, config_dict, dpo_noise_seed, gather_object,
-                           load_checkpoint, save_checkpoint)
+from checkpoints import assert_finite, load_checkpoint, save_checkpoint, state_dict_options
+from distributed import all_max, all_sum, gather_object
+from prompt_data import dpo_noise_seed
+from run_config import config_dict
 
 OLD_ADAPTER = "old"  # the name of the "old" / EMA policy's LoRA adapter; the trained one is peft's "default"
 
@@ -217,7 +219,7 @@ class Policy:
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        full_state = get_model_state_dict(self.model, options=_options())  # collective under FSDP
+        full_state = get_model_state_dict(self.model, options=state_dict_options())  # collective under FSDP
         if not self.accelerator.is_main_process:
             return None
         assert_finite(full_state, "final weights")

@@ -22,108 +22,113 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import distributed
+import evaluation
 import perf
+import prompt_data
 import qwen_image as qi
-import trainer_utils as tu
+import run_config
+import run_lifecycle
 
 
 @dataclass
 class Config:
     # model
-    pretrained: str = "Qwen/Qwen-Image"
-    dtype: str = "bfloat16"
-    train_mode: str = "lora"
-    lora_rank: int = 64
-    lora_alpha: int = 128
+    pretrained: str = "Qwen/Qwen-Image"  # hub id, local save_pretrained dir, or "tiny" / "tiny-bench"
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32 for the frozen weights (trainable ones stay fp32)
+    train_mode: str = "lora"  # "lora" (reference = adapters disabled) or "full" (reference = frozen copy)
+    lora_rank: int = 64  # LoRA rank (>= 1)
+    lora_alpha: int = 128  # LoRA alpha: the adapter's output is scaled by alpha / rank
     lora_targets: str = ",".join(qi.RECIPE_LORA_TARGETS)  # comma-separated module-name suffixes
-    lora_init: str = "gaussian"
-    gradient_checkpointing: bool = True
-    sharding: str = "none"
+    lora_init: str = "gaussian"  # gaussian or default (peft's kaiming A); inits that rewrite the base weights are refused
+    gradient_checkpointing: bool = True  # recompute block activations in the backward: much less memory, ~+33 % update FLOPs
+    sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
     attention_backend: str = "native"  # diffusers dispatcher backend (see the online trainer)
     compile_transformer: bool = False  # torch.compile the repeated blocks for the training forward
-    compile_backend: str = "inductor"
+    compile_backend: str = "inductor"  # inductor, aot_eager (capture only, for tests) or eager
     # data
     pairs_path: str = "data/pairs/pairs.parquet"  # a pairs parquet, a directory of them, or a Hub dataset id (pairs or Pick-a-Pic columns)
     split: str = "train"  # split of a Hub dataset id in pairs_path (streamed)
     max_pairs: int = 0  # read only the first N usable pairs (0 = all): Hub sets too big to hold
     strict: bool = False  # corrupt image bytes: error instead of skipping the row
-    eval_data: str = "data/ocr/test.parquet"  # prompts for evaluation
+    eval_data: str = "data/ocr/test.parquet"  # eval prompts: parquet / jsonl / txt, a directory of them, or a Hub id (owner/name:split)
     height: int = 512  # training resolution: images are resized / centre-cropped to it
-    width: int = 512
-    max_sequence_length: int = 256
-    pairs_per_step: int = 32  # global, over all ranks
+    width: int = 512  # training width in pixels, a multiple of 16
+    max_sequence_length: int = 256  # text tokens kept per prompt, 1-1024
+    pairs_per_step: int = 32  # pairs per step over all ranks, divisible by the number of processes
     # DPO
-    beta: float = 2000.0  # generic offline default in this convention (README, "The loss")
+    beta: float = 2000.0  # Diffusion-DPO's beta (> 0); the generic offline default in this convention (README, "The loss")
     reverse_preference: bool = False  # control run: train towards the rejected image
-    sigma_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    micro_batch_pairs: int = 1
+    sigma_scheme: str = "logit_normal"  # how a pair's sigma is drawn: logit_normal, uniform or mode (pairing.py)
+    logit_mean: float = 0.0  # mean of the logit-normal sigma distribution
+    logit_std: float = 1.0  # std of the logit-normal sigma distribution
+    micro_batch_pairs: int = 1  # pairs per forward/backward; gradients accumulate over micro-batches
     # optimisation
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_warmup_steps: int = 0
-    max_steps: int = 2000
-    max_nonfinite_in_a_row: int = 3
+    learning_rate: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1, in [0, 1)
+    adam_beta2: float = 0.999  # AdamW beta2, in [0, 1)
+    adam_epsilon: float = 1e-8  # AdamW epsilon (> 0)
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm
+    lr_warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps, then constant
+    max_steps: int = 2000  # training steps
+    max_nonfinite_in_a_row: int = 3  # stop after N skipped updates in a row (non-finite loss or gradient)
     # evaluation (rollouts of the eval prompts, scored by `reward`), logging, checkpoints
-    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
-    eval_every: int = 100
-    eval_samples_per_prompt: int = 1
-    eval_inference_steps: int = 50
-    max_eval_prompts: int = 64
+    eval_every: int = 100  # evaluate at step 0 and every N steps (0 = never)
+    eval_samples_per_prompt: int = 1  # eval images per prompt (sample j of prompt i has seed i * 1000 + j)
+    eval_inference_steps: int = 50  # sampling steps of an eval image
+    max_eval_prompts: int = 64  # evaluate on the first N prompts of eval_data (0 = all)
     eval_baseline: str = ""  # a run folder whose step-0 eval (same model, eval settings) this run takes as its own
-    true_cfg_scale: float = 1.0
-    negative_prompt: str = " "
-    rollout_chunk_size: int = 16
-    checkpoint_every: int = 100
-    checkpoints_total_limit: int = 3
-    log_with: str = "wandb"
+    true_cfg_scale: float = 1.0  # CFG scale of the eval (1 = off); > 1 also applies CFG in the update's forwards
+    negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
+    rollout_chunk_size: int = 16  # eval images per pipeline call
+    checkpoint_every: int = 100  # checkpoint every N steps (0 = never; a stop signal always writes one)
+    checkpoints_total_limit: int = 3  # keep the newest N checkpoints (0 = all)
+    log_with: str = "wandb"  # wandb (offline without WANDB_API_KEY), tensorboard or none
     peak_tflops: float = 0.0  # the device's dense bf16 peak: logs perf/mfu; 0 = off
-    tracker_project: str = "qwen-image-offline-dpo"
+    tracker_project: str = "qwen-image-offline-dpo"  # the wandb / tensorboard project name
     # sharing: lora/README.md (model card) is always written; the upload needs a token and network
     push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
     hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
     hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
-    output_dir: str = "outputs/offline_dpo"
-    resume_from_checkpoint: str = ""
+    output_dir: str = "outputs/offline_dpo"  # the run folder (config.json, metrics.jsonl, checkpoints, lora/, samples/)
+    resume_from_checkpoint: str = ""  # "", latest (the newest complete checkpoint in output_dir) or a checkpoint folder
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
-    seed: int = 0
-    preset: str = ""
+    seed: int = 0  # run seed: the noise, sigma and pair-order seeds derive from it
+    preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
 
 
 PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset text_world (PP-OCRv5 on the text world).
     "text_world": dict(
-        tu.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
+        run_config.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
         micro_batch_pairs=16, beta=100.0, learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=120,
         eval_every=40, max_eval_prompts=0, checkpoint_every=40,
     ),
     # Pairs from data_process/make_offline_pairs.py --preset cpu_tiny (brightness), the tiny model.
     "cpu_tiny": dict(
-        tu.CPU_TINY_OVERRIDES, pairs_per_step=16, micro_batch_pairs=16, beta=100.0, max_steps=30, eval_every=15,
+        run_config.CPU_TINY_OVERRIDES, pairs_per_step=16, micro_batch_pairs=16, beta=100.0, max_steps=30, eval_every=15,
         max_eval_prompts=0, checkpoint_every=15,
     ),
 }
 
 
 def validate(config: Config, world_size: int = 1):
-    from trainer_utils import require, validate_policy_config
+    from run_config import require
+    from run_lifecycle import validate_policy_config
 
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
-    require(tu.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
+    require(run_config.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
     require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")
 
 
 def main(argv=None):
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(Config, PRESETS, argv)
     validate(config, int(os.environ.get("WORLD_SIZE", "1")))
@@ -157,7 +162,7 @@ def train(config: Config):
     from policy import Policy, dpo_update
     from rewards import build_reward, uses_ocr_target
 
-    accelerator, stop = tu.launch(config, validate)
+    accelerator, stop = run_lifecycle.launch(config, validate)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
@@ -167,8 +172,8 @@ def train(config: Config):
     accelerator.print(f"read {len(pairs)} pairs from {config.pairs_path} in {time.perf_counter() - t0:.1f} s "
                       f"(skipped: {counts['corrupt_images_skipped']} undecodable, {counts.get('ties_dropped', 0)} Pick-a-Pic "
                       f"ties, {counts.get('bad_label_dropped', 0)} bad labels)")
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
-                                max_rows=config.max_eval_prompts)
+    eval_rows = prompt_data.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                         max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     t0 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
@@ -187,8 +192,8 @@ def train(config: Config):
     if config.compile_transformer:
         perf.compile_transformer_blocks(pipe.transformer, config.compile_backend)
 
-    start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
-    run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
+    start_step, metrics_log = run_lifecycle.resume_and_start_run(config, policy, accelerator)
+    run_eval = evaluation.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)
@@ -197,7 +202,7 @@ def train(config: Config):
     for step in range(start_step, config.max_steps):
         t0 = time.perf_counter()
         # this rank's pairs: seeded per-epoch permutations, a pure function of the step
-        batch = tu.prompts_for_step(pairs, step, config.pairs_per_step, rank, world, config.seed)
+        batch = prompt_data.prompts_for_step(pairs, step, config.pairs_per_step, rank, world, config.seed)
         chosen_rejected_latents = torch.cat([p["latents"] for p in batch]).to(device)  # [2P, S, 64]
         if config.reverse_preference:
             chosen_rejected_latents = chosen_rejected_latents.view(len(batch), 2, *chosen_rejected_latents.shape[1:])
@@ -214,7 +219,7 @@ def train(config: Config):
         metrics.update({"perf/update_tflop": update_flops / 1e12, "perf/update_tflops_per_s": achieved["tflops_per_device"]})
         if "mfu" in achieved:
             metrics["perf/mfu"] = achieved["mfu"]
-        metrics.update({"pairs/score_gap": tu.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
+        metrics.update({"pairs/score_gap": distributed.all_sum(accelerator, score_gap)[0] / config.pairs_per_step,
                         "time/update_s": update_s, "lr": policy.lr_scheduler.get_last_lr()[0],
                         "data/epoch": step * config.pairs_per_step / len(pairs)})
         metrics_log.log(metrics, step + 1)
@@ -222,13 +227,13 @@ def train(config: Config):
         progress.set_postfix(loss=f"{metrics.get('dpo/loss', float('nan')):.4f}",
                              gap=f"{metrics['pairs/score_gap']:.3f}",
                              acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
-        if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
+        if run_lifecycle.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()
-    return tu.finish(config, policy, metrics_log, accelerator)
+    return run_lifecycle.finish(config, policy, metrics_log, accelerator)
 
 
 if __name__ == "__main__":
     from data_process.pairs_format import PairsDataError
 
-    tu.cli(main, input_errors=(PairsDataError,))  # a config or data error: one line on stderr, exit status 2
+    run_config.cli(main, input_errors=(PairsDataError,))  # a config or data error: one line on stderr, exit status 2

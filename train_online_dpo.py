@@ -25,50 +25,55 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
+import evaluation
 import perf
+import prompt_data
 import qwen_image as qi
-import trainer_utils as tu
+import run_config
+import run_lifecycle
+import run_logs
 
 
 @dataclass
 class Config:
     # model
     pretrained: str = "Qwen/Qwen-Image"  # hub id, local save_pretrained dir, or "tiny" / "tiny-bench"
-    dtype: str = "bfloat16"  # weights of the frozen parts; trainable parameters are kept in fp32
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32 for the frozen weights (trainable ones stay fp32)
     train_mode: str = "lora"  # "lora" (reference = adapters disabled) or "full" (reference = frozen copy)
-    lora_rank: int = 64
-    lora_alpha: int = 128
+    lora_rank: int = 64  # LoRA rank (>= 1)
+    lora_alpha: int = 128  # LoRA alpha: the adapter's output is scaled by alpha / rank
     lora_targets: str = ",".join(qi.RECIPE_LORA_TARGETS)  # comma-separated module-name suffixes
-    lora_init: str = "gaussian"
-    gradient_checkpointing: bool = True
+    lora_init: str = "gaussian"  # gaussian or default (peft's kaiming A); inits that rewrite the base weights are refused
+    gradient_checkpointing: bool = True  # recompute block activations in the backward: much less memory, ~+33 % update FLOPs
     sharding: str = "none"  # "none": accelerate decides (single / DDP); "fsdp2": fully_shard each block
     attention_backend: str = "native"  # diffusers dispatcher backend: native (torch SDPA), flash, _flash_3, sage, ...
     compile_transformer: bool = False  # torch.compile the repeated blocks (regional) for rollout and training
-    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": capture only, for tests)
+    compile_backend: str = "inductor"  # inductor, aot_eager (capture only, for tests) or eager
     # data
     train_data: str = "data/ocr/train.parquet"  # parquet / jsonl / txt, a directory of them, or a Hub dataset id
     split: str = "train"  # split of a Hub dataset id in train_data (eval_data: `owner/name:split`, default test)
-    eval_data: str = "data/ocr/test.parquet"
-    prompts_per_step: int = 32  # global, over all ranks
+    eval_data: str = "data/ocr/test.parquet"  # eval prompts, as train_data (a Hub id: owner/name:split, default split test)
+    prompts_per_step: int = 32  # prompts per step over all ranks, divisible by the number of processes
     samples_per_prompt: int = 16  # K rollouts per prompt (all on one rank)
     # rollout
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 35
-    true_cfg_scale: float = 1.0
-    negative_prompt: str = " "
-    max_sequence_length: int = 256
+    height: int = 512  # image height in pixels, a multiple of 16
+    width: int = 512  # image width in pixels, a multiple of 16
+    num_inference_steps: int = 35  # sampling steps of a training rollout
+    true_cfg_scale: float = 1.0  # CFG scale (1 = off); > 1 also applies CFG in the update's forwards
+    negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
+    max_sequence_length: int = 256  # text tokens kept per prompt, 1-1024
     rollout_chunk_size: int = 16  # images per pipeline call
     # reward
-    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
     # objective: "dpo" (Diffusion-DPO on pairs), "dgpo", "nft" (DiffusionNFT) or "awm" (objectives.py)
-    objective: str = "dpo"
+    objective: str = "dpo"  # dpo (Diffusion-DPO on pairs), dgpo, nft (DiffusionNFT) or awm (objectives.py)
     reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
-    beta: float = 100.0
-    pair_strategy: str = "best_worst"  # or "top_bottom": floor(K/2) pairs per group
-    min_reward_margin: float = 0.0
+    beta: float = 100.0  # Diffusion-DPO's beta (> 0; README, "The loss")
+    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
+    min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     reverse_preference: bool = False  # control run: train towards the rejected sample
     sigma_scheme: str = "logit_normal"
     logit_mean: float = 0.0
@@ -93,43 +98,43 @@ class Config:
     awm_old_kl_weight: float = 1.0  # weight of mean (v - v_old)^2 (official ema_beta: 1)
     awm_old_ema: str = "0,0.001,0.3"  # old adapter EMA schedule (official: linear up to 0.3)
     # optimisation
-    learning_rate: float = 3e-4
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_warmup_steps: int = 0  # constant LR after warm-up
-    max_steps: int = 300
-    max_nonfinite_in_a_row: int = 3
+    learning_rate: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1, in [0, 1)
+    adam_beta2: float = 0.999  # AdamW beta2, in [0, 1)
+    adam_epsilon: float = 1e-8  # AdamW epsilon (> 0)
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm
+    lr_warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps, then constant
+    max_steps: int = 300  # training steps (one rollout batch each)
+    max_nonfinite_in_a_row: int = 3  # stop after N skipped updates in a row (non-finite loss or gradient)
     # evaluation, logging, checkpoints
-    eval_every: int = 20
-    eval_samples_per_prompt: int = 1
-    eval_inference_steps: int = 50
-    max_eval_prompts: int = 0  # 0 = all
+    eval_every: int = 20  # evaluate at step 0 and every N steps (0 = never)
+    eval_samples_per_prompt: int = 1  # eval images per prompt (sample j of prompt i has seed i * 1000 + j)
+    eval_inference_steps: int = 50  # sampling steps of an eval image
+    max_eval_prompts: int = 0  # evaluate on the first N prompts of eval_data (0 = all)
     eval_baseline: str = ""  # a run folder whose step-0 eval (same model, eval settings) this run takes as its own
-    checkpoint_every: int = 20
-    checkpoints_total_limit: int = 3
-    sample_grid_every: int = 20
-    log_with: str = "wandb"  # "wandb" (offline without API key), "tensorboard" or "none"
+    checkpoint_every: int = 20  # checkpoint every N steps (0 = never; a stop signal always writes one)
+    checkpoints_total_limit: int = 3  # keep the newest N checkpoints (0 = all)
+    sample_grid_every: int = 20  # save a chosen-over-rejected grid to samples/ every N steps (0 = never)
+    log_with: str = "wandb"  # wandb (offline without WANDB_API_KEY), tensorboard or none
     peak_tflops: float = 0.0  # the device's dense bf16 peak (README table): logs perf/mfu; 0 = off
-    tracker_project: str = "qwen-image-online-dpo"
+    tracker_project: str = "qwen-image-online-dpo"  # the wandb / tensorboard project name
     # sharing: lora/README.md (model card) is always written; the upload needs a token and network
     push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
     hub_model_id: str = ""  # the Hub repository, "user/name"; required by push_to_hub
     hub_token: str = ""  # default: $HF_TOKEN or the `hf auth login` token; never written to config.json
-    output_dir: str = "outputs/online_dpo"
-    resume_from_checkpoint: str = ""  # "", "latest" or a checkpoint directory
+    output_dir: str = "outputs/online_dpo"  # the run folder (config.json, metrics.jsonl, checkpoints, lora/, samples/)
+    resume_from_checkpoint: str = ""  # "", latest (the newest complete checkpoint in output_dir) or a checkpoint folder
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
-    seed: int = 0
-    preset: str = ""
+    seed: int = 0  # run seed: rollout, noise and data-order seeds derive from it
+    preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
 
 
 PRESETS = {
-    # The tiny random Qwen-Image on a CPU with a reward it can learn (tu.CPU_TINY_OVERRIDES), 8 prompts
+    # The tiny random Qwen-Image on a CPU with a reward it can learn (run_config.CPU_TINY_OVERRIDES), 8 prompts
     # x 8 samples, 4 sampling steps, two updates per rollout batch.
     "cpu_tiny": dict(
-        tu.CPU_TINY_OVERRIDES, train_data=tu.TINY_PROMPTS, prompts_per_step=8, samples_per_prompt=8,
+        run_config.CPU_TINY_OVERRIDES, train_data=run_config.TINY_PROMPTS, prompts_per_step=8, samples_per_prompt=8,
         num_inference_steps=4, updates_per_rollout=2, micro_batch_pairs=8, micro_batch_groups=2, max_steps=20,
         eval_every=10, checkpoint_every=10, sample_grid_every=10,
     ),
@@ -138,7 +143,7 @@ PRESETS = {
     # reward of 64 images costs ~6x an update here). The best DPO recipe found so far (beta, updates and lr swept).
     # The group objectives take all 8 groups in one forward: the same loss, their update ~2x faster than 1 at a time.
     "text_world": dict(
-        tu.TEXT_WORLD_OVERRIDES, train_data=os.path.join(tu.TEXT_WORLD_DATA, "train.txt"), prompts_per_step=8,
+        run_config.TEXT_WORLD_OVERRIDES, train_data=os.path.join(run_config.TEXT_WORLD_DATA, "train.txt"), prompts_per_step=8,
         samples_per_prompt=8, num_inference_steps=8, updates_per_rollout=4, micro_batch_pairs=16, micro_batch_groups=8,
         beta=100.0, pair_strategy="top_bottom", learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=60,
         eval_every=20, checkpoint_every=20, sample_grid_every=20,
@@ -148,7 +153,8 @@ PRESETS = {
 
 def validate(config: Config, world_size: int = 1):
     """Every rule checked before any model loads; errors name the field."""
-    from trainer_utils import require, validate_policy_config
+    from run_config import require
+    from run_lifecycle import validate_policy_config
 
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
@@ -161,14 +167,15 @@ def validate(config: Config, world_size: int = 1):
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     validate_objective(config)
-    require(tu.data_source_exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
+    require(run_config.data_source_exists(config.train_data), "train_data",
+            f"file {config.train_data!r} does not exist")
 
 
 def validate_objective(config: Config):
     """The objective and every objective's knobs (all checked, so a typo never waits for a switch)."""
     from group_losses import AWM_WEIGHTINGS
     from objectives import OBJECTIVES, build, parse_ema
-    from trainer_utils import require
+    from run_config import require
 
     require(config.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
     require(config.advantage_std in ("group", "batch"), "advantage_std", "must be 'group' or 'batch'")
@@ -192,8 +199,17 @@ def validate_objective(config: Config):
                 f"must be 'lora' with objective {config.objective!r}: its old policy is a second LoRA adapter")
 
 
+def objective_knobs(config: Config) -> tuple[str, ...]:
+    """The objective's own knobs (objectives.OBJECTIVES[name].knobs): weight-defining on resume, with
+    checkpoints.WEIGHT_DEFINING_FIELDS (the shared run code does not know the objectives)."""
+    from objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(config.objective)
+    return objective.knobs if objective else ()
+
+
 def main(argv=None):
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(Config, PRESETS, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -209,15 +225,15 @@ def train(config: Config):
     from policy import Policy
     from rewards import build_reward, uses_ocr_target
 
-    accelerator, stop = tu.launch(config, validate)
+    accelerator, stop = run_lifecycle.launch(config, validate, knobs=objective_knobs(config))
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     is_ocr = uses_ocr_target(config.reward)  # prompts need a quoted OCR target
 
     # ---- data, reward, model
     t0 = time.perf_counter()
-    train_rows = tu.load_prompts(config.train_data, need_ocr_target=is_ocr, split=config.split)
-    eval_rows = tu.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
-                                max_rows=config.max_eval_prompts)
+    train_rows = prompt_data.load_prompts(config.train_data, need_ocr_target=is_ocr, split=config.split)
+    eval_rows = prompt_data.load_prompts(config.eval_data, need_ocr_target=is_ocr, split="test",
+                                         max_rows=config.max_eval_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     t1 = time.perf_counter()
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
@@ -239,10 +255,10 @@ def train(config: Config):
         perf.compile_transformer_blocks(transformer, config.compile_backend)
     compile_counter = perf.CompileCounter()
 
-    start_step, metrics_log = tu.resume_and_start_run(config, policy, accelerator)
+    start_step, metrics_log = run_lifecycle.resume_and_start_run(config, policy, accelerator)
 
-    rollout_settings = tu.rollout_settings(config, config.num_inference_steps)
-    run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
+    rollout_settings = evaluation.rollout_settings(config, config.num_inference_steps)
+    run_eval = evaluation.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)
@@ -252,12 +268,12 @@ def train(config: Config):
     for step in range(start_step, config.max_steps):
         # 1-3. this rank's prompts; K rollouts each with the current policy, seeds = f(seed, step, rank, j)
         t0 = time.perf_counter()
-        rows = tu.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
+        rows = prompt_data.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
         flat_rows = [row for row in rows for _ in range(K)]
         prompts = [row["prompt"] for row in flat_rows]
         # a group's id: its position in the step's global prompt list (unique over ranks) and its row
         group_ids = [f"{rank * len(rows) + i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
-        seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
+        seeds = prompt_data.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
         # NFT samples with its old adapter (the paper's behaviour policy); the other objectives with the trained one
         with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
@@ -265,8 +281,8 @@ def train(config: Config):
                 reward_parts = {}
 
                 def score_chunk(chunk_images, start):
-                    combined, parts = tu.score_rows_with_components(reward_fn, chunk_images,
-                                                                    flat_rows[start:start + len(chunk_images)])
+                    combined, parts = evaluation.score_rows_with_components(reward_fn, chunk_images,
+                                                                            flat_rows[start:start + len(chunk_images)])
                     for name, scores in parts.items():  # one worker thread: chunks arrive in order
                         reward_parts.setdefault(name, []).extend(scores)
                     return combined
@@ -278,7 +294,8 @@ def train(config: Config):
                 latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
                 t1 = time.perf_counter()
                 # 4. rewards
-                combined, reward_parts = tu.score_rows_with_components(reward_fn, images, flat_rows)  # parts: multi-reward
+                # parts: the components of a multi-reward
+                combined, reward_parts = evaluation.score_rows_with_components(reward_fn, images, flat_rows)
         transformer.train()
         rewards = torch.tensor(combined, dtype=torch.float64)  # pairs are selected on the combined value
         t2 = time.perf_counter()
@@ -292,13 +309,14 @@ def train(config: Config):
         # 8. metrics, samples, evaluation, checkpoints
         all_rewards = accelerator.gather(rewards.to(device)).cpu() if world > 1 else rewards
         metrics.update({
-            "data/prompt_uids": [u for uids in tu.gather_object(accelerator, [r["uid"] for r in rows]) for u in uids],
+            "data/prompt_uids": [u for uids in distributed.gather_object(accelerator, [r["uid"] for r in rows])
+                                 for u in uids],
             "reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(unbiased=False).item(),
             "reward/max": all_rewards.max().item(), "reward/min": all_rewards.min().item(),
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
             "lr": policy.lr_scheduler.get_last_lr()[0],
         })
-        metrics.update(tu.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
+        metrics.update(evaluation.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
         # perf/*: the rollout's FLOPs and the update's as the objective counted them (perf.py)
         metrics.update(perf.step_metrics(config, transformer.config, prompt_cache, prompts,
                                          metrics.get("perf/update_tflop", 0.0), t1 - t0, t3 - t2, t3 - t0))
@@ -309,8 +327,8 @@ def train(config: Config):
                                   "after warm-up (a shape or mode changed)")
         if accelerator.is_main_process and config.sample_grid_every and (step + 1) % config.sample_grid_every == 0 and len(shown_pairs):
             shown = shown_pairs[:8]  # dpo: its pairs; group objectives: best over worst of each group
-            grid = tu.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
-                                rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
+            grid = run_logs.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
+                                      rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
             grid.save(os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
             metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
@@ -319,11 +337,11 @@ def train(config: Config):
         progress.set_postfix(loss=f"{metrics[loss_key]:.4f}" if loss_key in metrics else "skip",
                              reward=f"{metrics['reward/mean']:.4f}",
                              acc=f"{metrics[acc_key]:.2f}" if acc_key in metrics else "-")
-        if tu.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
+        if run_lifecycle.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
     progress.close()
-    return tu.finish(config, policy, metrics_log, accelerator)
+    return run_lifecycle.finish(config, policy, metrics_log, accelerator)
 
 
 if __name__ == "__main__":
-    tu.cli(main)  # a config or data error: one line on stderr, exit status 2
+    run_config.cli(main)  # a config or data error: one line on stderr, exit status 2

@@ -20,41 +20,44 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import trainer_utils as tu  # noqa: E402
+import evaluation  # noqa: E402
+import prompt_data  # noqa: E402
+import run_config  # noqa: E402
 
 
 @dataclass
 class PairsConfig:
-    pretrained: str = "Qwen/Qwen-Image"
-    dtype: str = "bfloat16"
+    pretrained: str = "Qwen/Qwen-Image"  # the model that samples: hub id, local save_pretrained dir, "tiny" or "tiny-bench"
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32
     prompts: str = "data/ocr/train.parquet"  # data_process parquet, a directory of them, or a .txt
     max_prompts: int = 0  # 0 = all
-    samples_per_prompt: int = 8
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 35
-    true_cfg_scale: float = 1.0
-    negative_prompt: str = " "
-    max_sequence_length: int = 256
-    chunk_size: int = 16
-    reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
+    samples_per_prompt: int = 8  # K samples per prompt, scored and paired within their group (>= 2)
+    height: int = 512  # image height in pixels, a multiple of 16
+    width: int = 512  # image width in pixels, a multiple of 16
+    num_inference_steps: int = 35  # sampling steps per image
+    true_cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
+    max_sequence_length: int = 256  # text tokens kept per prompt
+    chunk_size: int = 16  # images per pipeline call
+    reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
-    pair_strategy: str = "best_worst"
-    min_reward_margin: float = 0.0
+    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
+    min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
-    seed: int = 0
-    output: str = "data/pairs/pairs.parquet"
-    preset: str = ""
+    seed: int = 0  # sample j of prompt i has a seed derived from (seed, i, j)
+    output: str = "data/pairs/pairs.parquet"  # the pairs parquet to write (data_process/pairs_format.py)
+    preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
 
 
 PRESETS = {
     # Pairs for train_offline_dpo.py --preset text_world: the shipped text world, PP-OCRv5 reward; K = 16
     # (578 pairs; K = 8 gave 276, too few to move exact match beyond noise).
-    "text_world": dict(pretrained=tu.TEXT_WORLD, dtype="float32", prompts=os.path.join(tu.TEXT_WORLD_DATA, "train.txt"),
+    "text_world": dict(pretrained=run_config.TEXT_WORLD, dtype="float32",
+                       prompts=os.path.join(run_config.TEXT_WORLD_DATA, "train.txt"),
                        samples_per_prompt=16, height=32, width=64, num_inference_steps=8, chunk_size=32,
                        max_sequence_length=64, reward="ocr", pair_strategy="top_bottom",
                        output="outputs/pairs/text_world.parquet"),
-    "cpu_tiny": dict(pretrained="tiny", dtype="float32", prompts=tu.TINY_PROMPTS,
+    "cpu_tiny": dict(pretrained="tiny", dtype="float32", prompts=run_config.TINY_PROMPTS,
                      samples_per_prompt=8, height=64, width=64, num_inference_steps=4, chunk_size=32,
                      max_sequence_length=64, reward="brightness", pair_strategy="top_bottom"),
 }
@@ -62,7 +65,7 @@ PRESETS = {
 
 def validate(config: PairsConfig):
     from pairing import PAIR_STRATEGIES
-    from trainer_utils import data_source_exists, require, validate_reward
+    from run_config import data_source_exists, require, validate_reward
 
     require(data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt")
@@ -71,11 +74,12 @@ def validate(config: PairsConfig):
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
     require(config.min_reward_margin >= 0, "min_reward_margin", "must be >= 0")
     require(bool(config.output), "output", "must be a file path")
-    tu.require_writable_dir(os.path.dirname(os.path.abspath(config.output)), "output")  # fail now, not after the rollouts
+    # fail now, not after the rollouts
+    run_config.require_writable_dir(os.path.dirname(os.path.abspath(config.output)), "output")
 
 
 def main(argv=None):
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(PairsConfig, PRESETS, argv)
     validate(config)
@@ -91,7 +95,8 @@ def generate(config: PairsConfig) -> dict:
     from rewards import build_reward, uses_ocr_target
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = tu.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward), max_rows=config.max_prompts)
+    rows = prompt_data.load_prompts(config.prompts, need_ocr_target=uses_ocr_target(config.reward),
+                                    max_rows=config.max_prompts)
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
     cache = qi.PromptCache(pipe, config.max_sequence_length)
@@ -104,10 +109,11 @@ def generate(config: PairsConfig) -> dict:
     for start in tqdm(range(0, len(rows), prompts_per_batch), desc="pairs"):
         batch = rows[start:start + prompts_per_batch]
         flat = [row for row in batch for _ in range(K)]
-        seeds = [tu.derived_seed("offline_pairs", config.seed, start + i, j) for i in range(len(batch)) for j in range(K)]
+        seeds = [prompt_data.derived_seed("offline_pairs", config.seed, start + i, j)
+                 for i in range(len(batch)) for j in range(K)]
         group_ids = [start + i for i in range(len(batch)) for _ in range(K)]
         latents, images = qi.rollout(pipe, cache, [r["prompt"] for r in flat], seeds, settings)
-        scores = torch.tensor(tu.score_rows(reward_fn, images, flat), dtype=torch.float64)
+        scores = torch.tensor(evaluation.score_rows(reward_fn, images, flat), dtype=torch.float64)
         pairs = select_pairs(group_ids, scores, config.pair_strategy, config.min_reward_margin)
         stats = pair_stats(group_ids, scores, pairs)
         totals["prompts"] += len(batch)
@@ -129,6 +135,6 @@ def generate(config: PairsConfig) -> dict:
 
 
 if __name__ == "__main__":
-    from trainer_utils import cli
+    from run_config import cli
 
     cli(main)  # a config error: one line on stderr, exit status 2

@@ -21,7 +21,7 @@ PROMPTS = ["a red square", "a photo of a cat", "green grass", "a blue sky at noo
 
 def config_for(objective: str, tiny_dir: str, sharding: str, extra=()):
     import train_online_dpo
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     # an old-adapter EMA that moves from the first step, so the old policy differs from the trained one
     return parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, [
@@ -52,11 +52,11 @@ def run(objective_name: str, tiny_dir: str, out: str, sharding: str = "none", ex
 
     import objectives
     import qwen_image as qi
-    import trainer_utils as tu
+    import distributed
     from policy import Policy
 
     config = config_for(objective_name, tiny_dir, sharding, extra)
-    accelerator = tu.make_accelerator(config)
+    accelerator = distributed.make_accelerator(config)
     torch.manual_seed(config.seed)  # LoRA init
     pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32, device=accelerator.device)
     cache = qi.PromptCache(pipe, config.max_sequence_length)

@@ -139,8 +139,9 @@ def test_resume_continues_exactly_with_the_old_adapter(tmp_path, name):
 def test_objective_rules_before_any_model_loads_and_on_resume():
     import time
 
-    import trainer_utils as tu
-    from trainer_utils import parse_config
+    import checkpoints
+    import run_config
+    from run_config import parse_config
 
     start = time.perf_counter()
     for objective in ("nft", "awm"):  # the old policy is a LoRA adapter
@@ -155,11 +156,14 @@ def test_objective_rules_before_any_model_loads_and_on_resume():
         "--preset", "cpu_tiny", "--objective", "dgpo", "--train_mode", "full"]))
 
     # on resume: the objective and its own knobs must match the checkpoint's; other objectives' knobs may change
+    def changes(saved, config):  # what the online trainer compares: the shared fields and its objective's knobs
+        return checkpoints.config_changes(saved, config, train_online_dpo.objective_knobs(config))
+
     config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny", "--objective", "nft"])
-    saved = {**tu.config_dict(config), "nft_beta": 0.3, "dgpo_beta": 5.0, "learning_rate": 1.0}
-    assert tu.config_changes(saved, config) == ["nft_beta: 0.3 -> 0.1"]
-    assert tu.config_changes({**saved, "objective": "dpo"}, config)[0] == "objective: 'dpo' -> 'nft'"
+    saved = {**run_config.config_dict(config), "nft_beta": 0.3, "dgpo_beta": 5.0, "learning_rate": 1.0}
+    assert changes(saved, config) == ["nft_beta: 0.3 -> 0.1"]
+    assert changes({**saved, "objective": "dpo"}, config)[0] == "objective: 'dpo' -> 'nft'"
     dpo = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny"])
-    assert tu.config_changes({**tu.config_dict(dpo), "beta": 50.0, "nft_beta": 0.5}, dpo) == ["beta: 50.0 -> 100.0"]
-    older = {k: v for k, v in tu.config_dict(dpo).items() if k != "objective"}  # saved before objectives existed
-    assert tu.config_changes(older, dpo) == []  # a missing field counts as its default: dpo
+    assert changes({**run_config.config_dict(dpo), "beta": 50.0, "nft_beta": 0.5}, dpo) == ["beta: 50.0 -> 100.0"]
+    older = {k: v for k, v in run_config.config_dict(dpo).items() if k != "objective"}  # saved before objectives existed
+    assert changes(older, dpo) == []  # a missing field counts as its default: dpo

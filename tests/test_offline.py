@@ -130,7 +130,7 @@ def test_pickapic_conversion_drops_ties(tmp_path):
 def test_prompts_load_through_datasets_from_parquet_jsonl_txt_and_directories(tmp_path):
     import datasets
 
-    import trainer_utils as tu
+    import prompt_data
     from data_process.records import is_hub_id
 
     assert datasets.config.HF_DATASETS_OFFLINE  # tests never reach the Hub
@@ -141,25 +141,25 @@ def test_prompts_load_through_datasets_from_parquet_jsonl_txt_and_directories(tm
     (folder / "b.jsonl").write_text(json.dumps({"caption": 'a cap "HAT"'}) + "\n" + json.dumps({"caption": "a dog"}) + "\n")
     (folder / "c.txt").write_text('first "ONE"\n\n  second "TWO"  \n')
     (folder / "ignored.csv").write_text("prompt\nnot read\n")
-    rows = tu.load_prompts(str(folder))
+    rows = prompt_data.load_prompts(str(folder))
     assert [r["prompt"] for r in rows] == ['a sign "OPEN"', 'a mug "CAFE"', 'a cap "HAT"', "a dog", 'first "ONE"',
                                            'second "TWO"']
     assert [r["uid"] for r in rows] == ["a.parquet:0", "a.parquet:1", "b.jsonl:0", "b.jsonl:1", "c.txt:1", "c.txt:3"]
     assert [r["ground_truth"] for r in rows[:3]] == ["OPEN", None, None]
-    assert len(tu.load_prompts(str(folder), max_rows=3)) == 3
+    assert len(prompt_data.load_prompts(str(folder), max_rows=3)) == 3
     with pytest.raises(ValueError, match=r"b.jsonl: prompt has no quoted text|b.jsonl:1: prompt has no quoted text"):
-        tu.load_prompts(str(folder), need_ocr_target=True)
+        prompt_data.load_prompts(str(folder), need_ocr_target=True)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": " "}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl: row 1: empty or non-string prompt"):
-        tu.load_prompts(str(tmp_path / "bad.jsonl"))
+        prompt_data.load_prompts(str(tmp_path / "bad.jsonl"))
     pq.write_table(pa.table({"title": ["x"]}), tmp_path / "nocol.parquet")
     with pytest.raises(ValueError, match=r"nocol.parquet: missing column 'prompt' \(has \['title'\]\)"):
-        tu.load_prompts(str(tmp_path / "nocol.parquet"))
+        prompt_data.load_prompts(str(tmp_path / "nocol.parquet"))
     # Hub ids: recognised (validation accepts them), loaded through the same function when online
     assert is_hub_id("yuvalkirstain/pickapic_v2") and is_hub_id("someone/prompts:test")
     assert not is_hub_id("outputs/pairs.parquet") and not is_hub_id(str(folder)) and not is_hub_id("/abs/x")
     with pytest.raises(ConnectionError, match="someone/not-cached"):
-        tu.load_prompts("someone/not-cached")
+        prompt_data.load_prompts("someone/not-cached")
 
 
 def test_offline_trainer_reads_pickapic_rows_directly_ties_dropped_and_counted(tmp_path):

@@ -77,11 +77,11 @@ def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, m
     around the real update: 3 kept groups of 4 rows, prompts of different lengths, 2 updates."""
     import objective_worker
     import objectives
-    import trainer_utils as tu
+    import distributed
     from policy import Policy
 
     config = objective_worker.config_for(name, tiny_dir, "none", ["--micro_batch_groups", str(micro_batch_groups)])
-    accelerator = tu.make_accelerator(config)
+    accelerator = distributed.make_accelerator(config)
     pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
     cache = qi.PromptCache(pipe, config.max_sequence_length)
     cache.warm(objective_worker.PROMPTS)

@@ -9,8 +9,11 @@ import os
 import pytest
 import torch
 
+import evaluation
+import prompt_data
 import qwen_image
-import trainer_utils as tu
+import run_config
+import run_logs
 
 # Measured on this machine (torch 2.13 CPU) with the text_world preset's eval: eval.txt x 8 fixed
 # seeds (i*1000+j), 8 sampling steps, 32x64. Rendering is deterministic on a fixed thread count;
@@ -23,7 +26,7 @@ STATED_REWARD_MEAN = 0.6354
 # reversed side moves in a few steps); the margin, in standard errors of the paired gain, that each
 # side must clear.
 FORWARD_STEPS, REVERSED_STEPS, MARGIN_SE_EXACT, MARGIN_SE_REWARD = 40, 8, 2.0, 3.0
-EVAL_PROMPTS = os.path.join(tu.TEXT_WORLD_DATA, "eval.txt")
+EVAL_PROMPTS = os.path.join(run_config.TEXT_WORLD_DATA, "eval.txt")
 
 # The group objectives' learning tests: each objective's swept knob (README, "Group objectives"),
 # GROUP_FORWARD_STEPS steps and GROUP_REVERSED_STEPS with the advantages negated. They train on the
@@ -53,14 +56,14 @@ def test_world_loads_and_renders_its_stated_quality():
     from train_online_dpo import PRESETS, Config
 
     config = Config(**{**Config().__dict__, **PRESETS["text_world"]})
-    pipe = qwen_image.load_pipeline(tu.TEXT_WORLD, dtype=torch.float32)
+    pipe = qwen_image.load_pipeline(run_config.TEXT_WORLD, dtype=torch.float32)
     assert pipe.vae.config.latents_mean != [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                                             0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
-    rows = tu.load_prompts(config.eval_data, need_ocr_target=True)
+    rows = prompt_data.load_prompts(config.eval_data, need_ocr_target=True)
     cache = qwen_image.PromptCache(pipe, config.max_sequence_length)
-    settings = tu.rollout_settings(config, config.eval_inference_steps)
-    metrics, images, _ = tu.evaluate(pipe, cache, rows, build_reward("ocr"), settings, config.eval_samples_per_prompt,
-                                     Accelerator(cpu=True), exact_match=True)
+    settings = evaluation.rollout_settings(config, config.eval_inference_steps)
+    metrics, images, _ = evaluation.evaluate(pipe, cache, rows, build_reward("ocr"), settings, config.eval_samples_per_prompt,
+                                             Accelerator(cpu=True), exact_match=True)
     assert images[0].size == (config.width, config.height)
     assert metrics["eval/images"] == len(rows) * config.eval_samples_per_prompt
     assert abs(metrics["eval/exact_match"] - STATED_EXACT_MATCH) <= 0.03, metrics
@@ -84,8 +87,8 @@ def test_online_dpo_on_the_world_raises_exact_match_and_the_reversed_preference_
     train_online_dpo.main(run + ["--output_dir", backward, "--max_steps", str(REVERSED_STEPS),
                                  "--eval_every", str(REVERSED_STEPS), "--reverse_preference", "true",
                                  "--train_data", EVAL_PROMPTS])
-    (start, up), (start_again, down) = tu.eval_history(forward), tu.eval_history(backward)
-    assert start["eval/rewards"] == start_again["eval/rewards"] == tu.eval_history(world_start)[0]["eval/rewards"]
+    (start, up), (start_again, down) = run_logs.eval_history(forward), run_logs.eval_history(backward)
+    assert start["eval/rewards"] == start_again["eval/rewards"] == run_logs.eval_history(world_start)[0]["eval/rewards"]
     assert start["eval/taken_from"] == start_again["eval/taken_from"] == world_start  # no eval of their own at step 0
     assert len(up["eval/rewards"]) == up["eval/images"] == 192
     print("forward", {k: round(v, 4) for k, v in up.items() if "gain" in k},
@@ -125,9 +128,9 @@ def test_each_group_objective_on_the_world_raises_the_reward_and_negated_advanta
                                  "--eval_every", str(GROUP_FORWARD_STEPS)])
     train_online_dpo.main(run + ["--output_dir", backward, "--max_steps", str(GROUP_REVERSED_STEPS),
                                  "--eval_every", str(GROUP_REVERSED_STEPS), "--reverse_preference", "true"])
-    up, down = tu.eval_history(forward)[-1], tu.eval_history(backward)[-1]
-    apart = tu.paired_gain(up["eval/rewards"], down["eval/rewards"], exact_match=True)
-    print(name, "forward", tu.format_gain(up), "| reversed", tu.format_gain(down), "| apart", tu.format_gain(apart))
+    up, down = run_logs.eval_history(forward)[-1], run_logs.eval_history(backward)[-1]
+    apart = evaluation.paired_gain(up["eval/rewards"], down["eval/rewards"], exact_match=True)
+    print(name, "forward", evaluation.format_gain(up), "| reversed", evaluation.format_gain(down), "| apart", evaluation.format_gain(apart))
     assert up["eval/reward_gain"] > GROUP_MARGIN_SE_REWARD * up["eval/reward_gain_se"], up
     assert down["eval/reward_gain"] < -GROUP_MARGIN_SE_REWARD * down["eval/reward_gain_se"], down
     assert up["eval/exact_match_gain"] > 0 > down["eval/exact_match_gain"], (up, down)

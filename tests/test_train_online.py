@@ -109,7 +109,7 @@ def test_invalid_config_fails_before_any_model_loads(flag, value, field):
 
 
 def test_prompts_must_split_evenly_across_ranks():
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny", "--prompts_per_step", "7"])
     train_online_dpo.validate(config, world_size=1)
@@ -192,7 +192,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_a_run_takes_another_runs_step_0_eval_and_logs_the_same_gains(tmp_path):
-    from trainer_utils import ConfigError
+    from run_config import ConfigError
 
     common = ["--preset", "cpu_tiny", "--max_steps", "2", "--eval_every", "2", "--checkpoint_every", "0",
               "--sample_grid_every", "0", "--max_eval_prompts", "4", "--eval_samples_per_prompt", "2"]
@@ -326,7 +326,7 @@ def test_evaluate_reproduces_the_trainers_eval_through_diffusers_lora_loading(tm
     assert len(saved["per_prompt"]) == 64 and saved["reward_gain"] == pytest.approx(trainer_eval[-1] - trainer_eval[0], abs=1e-6)
     assert os.path.exists(os.path.join(out, "eval", "grid.png"))
     # the trainer's preset reproduces the same numbers; explicit flags win over the run's config
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     config = parse_config(evaluate.EvalConfig, evaluate.PRESETS, ["--preset", "cpu_tiny"])
     assert (config.pretrained, config.num_inference_steps, config.samples_per_prompt, config.height) == ("tiny", 4, 4, 64)
@@ -462,15 +462,15 @@ def test_push_to_hub_needs_a_repository_id_and_without_a_token_says_why_it_did_n
 
 def test_derived_seeds_never_collide_over_the_recipe_grid_nor_between_run_seeds():
     """Recipe: 300 steps x 4 ranks x 32/4 prompts x 16 samples = 128 rollouts per rank and step."""
-    import trainer_utils as tu
+    import prompt_data
 
     def grid(seed):
-        return [s for step in range(300) for rank in range(4) for s in tu.rollout_seeds(seed, step, rank, 128)]
+        return [s for step in range(300) for rank in range(4) for s in prompt_data.rollout_seeds(seed, step, rank, 128)]
 
     run0, run1 = grid(0), grid(1)
     assert len(set(run0)) == len(run0) == 300 * 4 * 128
     assert not set(run0) & set(run1)
-    noise = {tu.dpo_noise_seed(seed, step, rank, 0, u) for seed in (0, 1) for step in range(300) for rank in range(4)
+    noise = {prompt_data.dpo_noise_seed(seed, step, rank, 0, u) for seed in (0, 1) for step in range(300) for rank in range(4)
              for u in range(2)}
     assert len(noise) == 2 * 300 * 4 * 2 and not noise & (set(run0) | set(run1))
     assert all(0 <= s < 2**63 for s in run0[:1000])
@@ -484,11 +484,11 @@ def test_policy_and_reference_agree_exactly_at_step_0(tiny_dir, train_mode, dtyp
 
     import dpo_loss
     import qwen_image as qi
-    import trainer_utils as tu
+    import run_config
     from policy import Policy
 
-    config = tu.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
-                             ["--preset", "cpu_tiny", "--train_mode", train_mode, "--dtype", dtype])
+    config = run_config.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
+                                     ["--preset", "cpu_tiny", "--train_mode", train_mode, "--dtype", dtype])
     pipe = qi.load_pipeline(tiny_dir, dtype=getattr(torch, dtype))
     cache = qi.PromptCache(pipe, 64)
     policy = Policy(config, pipe, Accelerator(cpu=True))
@@ -512,12 +512,12 @@ def test_resume_and_overwrite_exclude_each_other_and_bad_prompt_files_are_named(
     with pytest.raises(ValueError, match="overwrite_output_dir"):
         train_online_dpo.main(SMALL + ["--output_dir", str(tmp_path / "x"), "--overwrite_output_dir", "true",
                                        "--resume_from_checkpoint", "latest"])
-    import trainer_utils
+    import prompt_data
 
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"a cat\nlatin-1 caf\xe9\n")
     with pytest.raises(ValueError, match="prompts.txt: line 2 is not UTF-8"):
-        trainer_utils.load_prompts(str(bad))
+        prompt_data.load_prompts(str(bad))
 
 
 def test_evaluate_checks_its_output_folder_first():
@@ -531,7 +531,7 @@ def test_evaluate_checks_its_output_folder_first():
 
 
 def test_second_stop_signal_interrupts_at_once():
-    from trainer_utils import StopFlag
+    from run_lifecycle import StopFlag
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -561,6 +561,9 @@ def test_run_folder_rules_config_check_and_damaged_checkpoints(tmp_path, capsys)
     with pytest.raises(ValueError, match=r"lora_rank: 8 -> 4; lora_alpha: 8 -> 16"):
         train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--lora_rank", "4",
                                       "--lora_alpha", "16"])
+    # ... as is one that changes the objective's own knobs (the script passes them to launch)
+    with pytest.raises(ValueError, match=r"weight-defining settings \(beta: 100.0 -> 50.0\)"):
+        train_online_dpo.main(base + ["--max_steps", "3", "--resume_from_checkpoint", "latest", "--beta", "50"])
     # a checkpoint without its config (older versions): the strict load names the mismatch in one line
     os.rename(os.path.join(out, "checkpoint-2", "config.json"), os.path.join(out, "config-2.json"))
     with pytest.raises(ValueError, match=r"does not fit the trainable parameters .*saved \(8, "):
@@ -595,7 +598,7 @@ def test_nonfinite_weights_stop_the_run_and_nothing_is_saved(tmp_path, monkeypat
     """adam_epsilon 0 (validation now refuses it; bypassed here) makes Adam divide 0 by 0 for lora_A,
     whose gradient is 0 while lora_B is 0: NaN weights after the first update."""
     monkeypatch.setattr(train_online_dpo, "validate", lambda config, world_size=1: None)
-    from trainer_utils import parse_config
+    from run_config import parse_config
 
     out = str(tmp_path / "nan")
     config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS,
@@ -609,17 +612,17 @@ def test_nonfinite_weights_stop_the_run_and_nothing_is_saved(tmp_path, monkeypat
 def test_paired_gain_is_the_mean_and_standard_error_of_per_image_differences():
     import statistics
 
-    import trainer_utils as tu
+    import evaluation
 
     after, before = [1.0, 0.5, 1.0, 0.0, 0.75], [0.5, 0.5, 1.0, 1.0, 0.25]
-    gain = tu.paired_gain(after, before, exact_match=True)
+    gain = evaluation.paired_gain(after, before, exact_match=True)
     diffs = [a - b for a, b in zip(after, before)]  # 0.5, 0, 0, -1, 0.5
     exact_diffs = [float(a == 1.0) - float(b == 1.0) for a, b in zip(after, before)]  # 1, 0, 0, -1, 0
     assert gain["eval/reward_gain"] == pytest.approx(0.0)
     assert gain["eval/reward_gain_se"] == pytest.approx(statistics.stdev(diffs) / 5 ** 0.5)
     assert gain["eval/exact_match_gain"] == pytest.approx(0.0)
     assert gain["eval/exact_match_gain_se"] == pytest.approx(statistics.stdev(exact_diffs) / 5 ** 0.5)
-    assert set(tu.paired_gain(after, before, exact_match=False)) == {"eval/reward_gain", "eval/reward_gain_se"}
-    text = tu.format_eval({"eval/reward_mean": 0.65, "eval/reward_se": 0.02, "eval/images": 5.0, "eval/exact_match": 0.4,
-                           "eval/exact_match_se": 0.2, **tu.paired_gain([1.0, 1.0], [0.5, 1.0], exact_match=True)})
+    assert set(evaluation.paired_gain(after, before, exact_match=False)) == {"eval/reward_gain", "eval/reward_gain_se"}
+    text = evaluation.format_eval({"eval/reward_mean": 0.65, "eval/reward_se": 0.02, "eval/images": 5.0, "eval/exact_match": 0.4,
+                                   "eval/exact_match_se": 0.2, **evaluation.paired_gain([1.0, 1.0], [0.5, 1.0], exact_match=True)})
     assert text.endswith("since the first eval (paired): reward +0.2500 ± 0.25, exact match +0.500 ± 0.5")

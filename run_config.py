@@ -1,0 +1,262 @@
+"""A script's Config on the command line: every dataclass field is a flag whose --help is its trailing
+`# comment`, presets apply first, explicit flags win; errors name the field and exit with status 2
+(`cli`). Also the small validation helpers every script uses and the presets the scripts share.
+Imports nothing from this project but qwen_image (cheap: it imports diffusers inside its functions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+
+import qwen_image
+
+# Presets the scripts share (each script's PRESETS builds on these).
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY_PROMPTS = os.path.join(ROOT, "data", "tiny_prompts.txt")
+# What both trainers' `cpu_tiny` presets share: the tiny random Qwen-Image on a CPU with a reward it
+# can learn (DESIGN.md's recipe: LoRA on attention, the image MLP and proj_out; lr 3e-2).
+CPU_TINY_OVERRIDES = dict(
+    pretrained="tiny", dtype="float32", lora_rank=8, lora_alpha=8, gradient_checkpointing=False,
+    lora_targets=",".join(qwen_image.TINY_LORA_TARGETS),
+    eval_data=TINY_PROMPTS, height=64, width=64, max_sequence_length=64, eval_inference_steps=4,
+    eval_samples_per_prompt=4, rollout_chunk_size=32, reward="brightness", learning_rate=3e-2, log_with="none",
+)
+# The shipped text-rendering world (build_text_world.py): a tiny Qwen-Image pretrained to draw
+# 3-letter capital words at 32x64, scored by the real PP-OCRv5 reward. What the trainers' and
+# make_offline_pairs' `text_world` presets share.
+TEXT_WORLD = os.path.join(ROOT, "worlds", "text_world")
+TEXT_WORLD_DATA = os.path.join(ROOT, "data", "text_world")
+TEXT_WORLD_OVERRIDES = dict(
+    pretrained=TEXT_WORLD, dtype="float32", gradient_checkpointing=False,
+    eval_data=os.path.join(TEXT_WORLD_DATA, "eval.txt"),
+    height=32, width=64, max_sequence_length=64, eval_inference_steps=8,
+    eval_samples_per_prompt=8, rollout_chunk_size=32, reward="ocr", log_with="none",
+    lora_rank=8, lora_alpha=8, lora_targets=",".join(qwen_image.TINY_LORA_TARGETS),
+)
+
+
+class InputError(ValueError):
+    """Bad input that the message names (a data file and line or row, a checkpoint): `cli` prints it as
+    one line and exits with status 2, as it does a refused run folder (FileExistsError)."""
+
+
+class ConfigError(InputError):
+    """An invalid flag or value: `cli` prints its one-line message and exits with status 2."""
+
+
+def field_comments(config_cls) -> dict[str, str]:
+    """{field name: its trailing `# comment`} read from the dataclass source: the comment is the help
+    text (fields keep plain `name: type = default` lines, no `field(metadata=...)`)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    comments, line_tokens = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            # a field line: NAME ':' ... with a comment somewhere on its (logical) line
+            names = [t for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL)]
+            if len(names) >= 2 and names[0].type == tokenize.NAME and names[1].string == ":":
+                texts = [t.string.lstrip("#").strip() for t in names if t.type == tokenize.COMMENT]
+                if texts:
+                    comments[names[0].string] = " ".join(texts)
+            line_tokens = []
+        elif token.type != tokenize.COMMENT or line_tokens:  # comment-only lines are section titles
+            line_tokens.append(token)
+    return comments
+
+
+def shown_value(value) -> str:
+    """A default or preset value as --help and docs/configuration.md show it: paths inside the
+    project relative to its root (the same on every machine), a blank string in quotes ("", " ")."""
+    if isinstance(value, str) and value.startswith(ROOT + os.sep):
+        return os.path.relpath(value, ROOT)
+    return f'"{value}"' if isinstance(value, str) and not value.strip() else str(value)
+
+
+def _describe_presets(presets: dict[str, dict]) -> str:
+    if not presets:
+        return ""
+    lines = ["presets (--preset NAME applies these overrides first; explicit flags win):"]
+    for name, overrides in presets.items():
+        lines.append(f"  {name}: " + " ".join(f"--{k} {shown_value(v)}" for k, v in overrides.items()))
+    return "\n".join(lines)
+
+
+def build_parser(config_cls, presets: dict[str, dict], description: str | None = None):
+    """HfArgumentParser with each field's source comment as its help, the defaults and the presets.
+    One flag per field, spelled as the field (HfArgumentParser also adds a dashed alias, --learning-rate,
+    for every underscored name: dropped, so --help lists each flag once); the value's type as its
+    metavar; a short usage line (the fields follow)."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    comments = field_comments(config_cls)
+    types = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(config_cls)}
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            if isinstance(action, argparse._StoreFalseAction):  # --no_X: its own default would read as X's
+                return action.help
+            if action.dest in types:  # every field: its default as shown_value writes it
+                return f"{action.help} (default: {shown_value(action.default)})".lstrip().replace("%", "%%")
+            return super()._get_help_string(action)
+
+    parser = HfArgumentParser(config_cls, description=description, epilog=_describe_presets(presets),
+                              formatter_class=Formatter, usage="%(prog)s [--preset NAME] [--FIELD VALUE ...]")
+    for option in [option for option in parser._option_string_actions if option.startswith("--") and "-" in option[2:]]:
+        action = parser._option_string_actions.pop(option)
+        action.option_strings.remove(option)
+    for action in parser._actions:
+        name = action.dest
+        if name not in types:
+            continue
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_X of a bool defaulting to true
+            action.help = f"the same as --{name} false"
+            continue
+        action.metavar = types[name].upper()
+        action.help = comments.get(name, "")
+        if name == "preset":
+            action.help = f"a named group of overrides, applied first: {', '.join(presets) or 'none'} (listed below)"
+    return parser
+
+
+def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None, defaults: dict | None = None,
+                 description: str | None = None):
+    """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `defaults` (e.g. read from
+    a run's config.json) apply first, then `--preset NAME`'s overrides; flags given explicitly win.
+    Unknown flags (with the closest field suggested) and unparsable values raise ConfigError."""
+    import difflib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if description is None:  # the script's docstring heads its --help
+        description = getattr(sys.modules.get(config_cls.__module__), "__doc__", None)
+    parser = build_parser(config_cls, presets, description)
+
+    def error(message):  # argparse would print the usage and exit: one line instead
+        match = re.match(r"argument --([\w-]+)(?:/--[\w-]+)?: (.*)", message)
+        raise ConfigError(f"config field `{match.group(1)}`: {match.group(2)}" if match else message)
+    parser.error = error
+
+    known = {option for option in parser._option_string_actions if option.startswith("--")}
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            fields = sorted(option for option in known if "-" not in option[2:])
+            close = difflib.get_close_matches("--" + flag[2:].replace("-", "_"), fields, n=1, cutoff=0.6)
+            raise ConfigError(f"unknown flag `{flag}`" + (f"; did you mean `{close[0]}`?" if close else
+                                                          "; see --help for the fields"))
+    if defaults:
+        parser.set_defaults(**defaults)
+    preset = flag_value(argv, "preset")
+    if preset:
+        if preset not in presets:
+            raise ConfigError(f"config field `preset`: unknown preset {preset!r}; known: {', '.join(presets) or 'none'}")
+        parser.set_defaults(**presets[preset])
+    (config,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return config
+
+
+def cli(main, argv=None, input_errors: tuple = ()):
+    """The scripts' entry point: a config error, bad input (InputError, or a script's own
+    `input_errors`) or a refused run folder prints one line to stderr and exits with status 2 (no
+    traceback)."""
+    try:
+        return main(argv)
+    except (InputError, FileExistsError, *input_errors) as error:
+        print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as error:  # a second Ctrl-C / SIGTERM (StopFlag) or Ctrl-C before training
+        print(f"{os.path.basename(sys.argv[0])}: interrupted{f' ({error})' if str(error) else ''}", file=sys.stderr)
+        sys.exit(130)
+
+
+def flag_value(argv, name):
+    """The value of `--name VALUE` or `--name=VALUE` in argv (before parsing: presets, --run_dir), or None."""
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def require(condition: bool, field: str, rule: str):
+    """Config validation: raise ConfigError (a ValueError) naming the field and the rule it breaks."""
+    if not condition:
+        raise ConfigError(f"config field `{field}`: {rule}")
+
+
+def require_writable_dir(path: str, field: str):
+    """Creates `path` if needed and writes a probe file into it: a read-only or impossible folder
+    fails now, not after hours of work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError(f"config field `{field}`: folder {path!r} is not writable ({error.strerror or error})") from None
+
+
+def data_source_exists(spec: str) -> bool:
+    """A local path that exists, or a Hub dataset id (`owner/name`; read through `datasets`)."""
+    from data_process.records import source_exists
+
+    return source_exists(spec)
+
+
+def validate_reward(spec: str, reward_kwargs: str):
+    """`reward`: a name or weighted components ("ocr:1.0,pickscore:0.2"); `reward_kwargs`: a JSON
+    object, keyed by component name when the spec has several components."""
+    from rewards import parse_reward_spec
+
+    try:
+        components = parse_reward_spec(spec)
+    except ValueError as error:
+        raise ConfigError(f"config field `reward`: {error}") from None
+    try:
+        kwargs = json.loads(reward_kwargs)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config field `reward_kwargs`: not valid JSON ({error})") from None
+    require(isinstance(kwargs, dict), "reward_kwargs", "must be a JSON object")
+    names = [name for name, _ in components]
+    if len(names) > 1:
+        require(set(kwargs) <= set(names), "reward_kwargs",
+                f"with several rewards, keys must be component names {names}, got {sorted(kwargs)}")
+
+
+def config_dict(config) -> dict:
+    """The config as written to config.json, the trackers and the model card: never the hub token."""
+    values = dataclasses.asdict(config)
+    if values.get("hub_token"):
+        values["hub_token"] = "<redacted>"
+    return values
+
+
+def differing_fields(saved: dict, config, names) -> list[tuple]:
+    """(name, saved value, this run's value) for each of `names` that config has and whose values
+    differ. A field missing from `saved` (a config written before it existed) counts as its default;
+    lora_targets compare as a set of modules (another order is the same adapter)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    changes = []
+    for name in names:
+        if name not in defaults:
+            continue
+        old, new = saved.get(name, defaults[name]), getattr(config, name)
+        if name == "lora_targets":
+            same = sorted(str(old).split(",")) == sorted(str(new).split(","))
+        else:
+            same = old == new
+        if not same:
+            changes.append((name, old, new))
+    return changes

@@ -1,0 +1,239 @@
+"""A training run from start to end, what both trainers share around their loop: the rules checked
+before any model loads (`validate_policy_config`), `launch` (accelerator, run folder, seeds, a clean
+stop on SIGTERM), the resume and the run's logs (`resume_and_start_run`), the periodic eval and
+checkpoint (`after_step`) and the final weights, model card and summary (`finish`). The policy and
+its updates live in policy.py and objectives.py; the scripts keep where the training latents come from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+
+import qwen_image
+from checkpoints import check_resume_config, list_checkpoints, resolve_checkpoint, validate_output_and_resume
+from distributed import all_sum, make_accelerator
+from evaluation import check_eval_baseline, format_gain
+from run_config import config_dict, data_source_exists, require, validate_reward
+from run_logs import MetricsLog, eval_history, setup_trackers
+
+
+def validate_policy_config(config, world_size: int = 1):
+    """The rules both trainers share: model, LoRA, DPO, optimiser, evaluation, logging."""
+    from pairing import PAIR_STRATEGIES, SIGMA_SCHEMES
+
+    require(config.micro_batch_pairs >= 1, "micro_batch_pairs",
+            "must be >= 1: a micro-batch holds whole (chosen, rejected) pairs, never half of one")
+    require(math.isfinite(config.beta) and config.beta > 0, "beta", "must be a finite number > 0")
+    validate_reward(config.reward, config.reward_kwargs)
+    require(not getattr(config, "push_to_hub", False) or bool(getattr(config, "hub_model_id", "").strip()),
+            "hub_model_id", "push_to_hub needs a repository id (--hub_model_id user/name)")
+    require(getattr(config, "pair_strategy", PAIR_STRATEGIES[0]) in PAIR_STRATEGIES, "pair_strategy",
+            f"must be one of {PAIR_STRATEGIES}")
+    require(config.sigma_scheme in SIGMA_SCHEMES, "sigma_scheme", f"must be one of {SIGMA_SCHEMES}")
+    require(getattr(config, "min_reward_margin", 0.0) >= 0, "min_reward_margin", "must be >= 0")
+    require(config.train_mode in ("lora", "full"), "train_mode", "must be 'lora' or 'full'")
+    require(config.sharding in ("none", "fsdp2"), "sharding", "must be 'none' or 'fsdp2'")
+    require(config.dtype in ("bfloat16", "float32", "float16"), "dtype", "must be bfloat16, float16 or float32")
+    require(config.height % 16 == 0 and config.height > 0, "height", "must be a positive multiple of 16")
+    require(config.width % 16 == 0 and config.width > 0, "width", "must be a positive multiple of 16")
+    require(config.eval_inference_steps >= 1, "eval_inference_steps", "must be >= 1")
+    require(1 <= config.max_sequence_length <= 1024, "max_sequence_length", "must be in [1, 1024]")
+    require(config.true_cfg_scale >= 1.0, "true_cfg_scale", "must be >= 1 (1 disables CFG)")
+    require(config.lora_rank >= 1 and config.lora_alpha > 0, "lora_rank", "rank must be >= 1 and alpha > 0")
+    require(config.lora_init in qwen_image.LORA_INITS, "lora_init",
+            f"must be one of {', '.join(sorted(qwen_image.LORA_INITS))}: inits that rewrite the base weights "
+            "(pissa, olora, ...) would make 'adapters disabled' differ from the base model, the reference")
+    require(bool(config.lora_targets.strip()) or config.train_mode == "full", "lora_targets", "must name modules")
+    require(math.isfinite(config.learning_rate) and config.learning_rate > 0, "learning_rate", "must be a finite number > 0")
+    require(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
+    for field in ("adam_beta1", "adam_beta2"):
+        require(0 <= getattr(config, field) < 1, field, "must be in [0, 1)")
+    require(math.isfinite(config.adam_epsilon) and config.adam_epsilon > 0, "adam_epsilon",
+            "must be a finite number > 0 (with 0, a parameter without gradient divides 0 by 0)")
+    require(config.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    require(config.max_steps >= 1, "max_steps", "must be >= 1")
+    require(config.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "must be >= 1")
+    for field in ("eval_every", "checkpoint_every", "checkpoints_total_limit", "max_eval_prompts", "lr_warmup_steps"):
+        require(getattr(config, field) >= 0, field, "must be >= 0 (0 disables)")
+    require(config.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
+    require(config.log_with in ("wandb", "tensorboard", "none"), "log_with", "must be wandb, tensorboard or none")
+    require(data_source_exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+    check_eval_baseline(config)
+    validate_output_and_resume(config)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) at step boundaries, writes a
+    checkpoint and exits cleanly. A second signal raises KeyboardInterrupt at once (e.g. to leave a
+    hung reward call); `cli` turns it into one line and exit status 130. Checkpoints are written
+    atomically, so what is already on disk stays loadable."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now, without a checkpoint")
+        self.raised = True
+        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+_RUN_START = 0.0  # set by launch: the summary's wall time
+
+
+def launch(config, validate, knobs: tuple[str, ...] = ()):
+    """-> (accelerator, stop flag): the accelerator (with launch checks), `validate(config, world)`
+    for the real number of processes, the run folder prepared (a resume compares the weight-defining
+    fields and the script's `knobs`: checkpoints.config_changes), seeds set, SIGTERM/SIGINT caught."""
+    from accelerate.utils import set_seed
+
+    import time
+
+    global _RUN_START
+    _RUN_START = time.perf_counter()
+    accelerator = make_accelerator(config)
+    validate(config, accelerator.num_processes)
+    prepare_output_dir(config, accelerator, knobs)
+    set_seed(config.seed)
+    return accelerator, StopFlag()
+
+
+# What a training run writes into output_dir (tracker folders are added for --overwrite_output_dir).
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "lora", "transformer", "samples")
+
+
+def run_entries(output_dir: str) -> list[str]:
+    """The names in output_dir that belong to a training run (sorted; checkpoints by step)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in RUN_ENTRIES if os.path.exists(os.path.join(output_dir, n))]
+    return names + [os.path.basename(p) for p in list_checkpoints(output_dir)]
+
+
+def prepare_output_dir(config, accelerator, knobs: tuple[str, ...] = ()):
+    """Before any model loads. A fresh run refuses a folder that holds a run (naming what is there)
+    unless `overwrite_output_dir` (its run files are deleted first); `resume_from_checkpoint latest`
+    is resolved here to the newest complete checkpoint (or "" when there is none in a folder without
+    a run); a resume whose weight-defining config (or `knobs`) differs from the checkpoint's is refused; orphaned
+    .checkpoint-* folders (a kill mid-save) are removed."""
+    output_dir = config.output_dir
+    existing = run_entries(output_dir)
+    if config.resume_from_checkpoint == "latest":
+        checkpoint = resolve_checkpoint("latest", output_dir,
+                                        report=accelerator.print if accelerator.is_main_process else lambda m: None)
+        if checkpoint is None and existing:
+            raise FileExistsError(f"resume_from_checkpoint latest: output_dir {output_dir!r} holds a run "
+                                  f"({', '.join(existing)}) but no complete checkpoint to resume; pass "
+                                  "--overwrite_output_dir true to replace it or choose another output_dir")
+        # the run's config.json records which checkpoint it continued from
+        config.resume_from_checkpoint = checkpoint or ""
+    elif existing and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+        raise FileExistsError(f"output_dir {output_dir!r} already holds a run ({', '.join(existing)}): pass "
+                              "--resume_from_checkpoint latest to continue it, --overwrite_output_dir true to "
+                              "replace it, or choose another output_dir")
+    if config.resume_from_checkpoint:
+        check_resume_config(config.resume_from_checkpoint, config, knobs)
+    accelerator.wait_for_everyone()  # every rank has looked before rank 0 changes anything
+    if accelerator.is_main_process:
+        if config.overwrite_output_dir and existing:
+            accelerator.print(f"overwrite_output_dir: deleting {', '.join(existing)} in {output_dir}")
+        for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+            path = os.path.join(output_dir, name)
+            orphan = name.startswith(".checkpoint-")
+            old_run = config.overwrite_output_dir and (name in existing or name in ("wandb", config.tracker_project))
+            if orphan or old_run:
+                if orphan:
+                    accelerator.print(f"removing {path}: an unfinished checkpoint (the run was killed while saving)")
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
+
+
+def start_run(accelerator, config, resume_step: int | None) -> "MetricsLog":
+    """Output directory, config.json, trackers and the metrics log."""
+    metrics_log = MetricsLog(accelerator, config.output_dir, resume_step=resume_step)
+    setup_trackers(accelerator, config.log_with, config.tracker_project, config_dict(config), config.output_dir)
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
+        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+            json.dump(config_dict(config), f, indent=1)
+    return metrics_log
+
+
+def resume_and_start_run(config, policy, accelerator) -> tuple[int, "MetricsLog"]:
+    """Restores `resume_from_checkpoint` if set; opens the run's logs. -> (start step, metrics log).
+    `launch` has already resolved "latest" to a checkpoint path (or "") and compared its config."""
+    start_step = 0
+    checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir, report=accelerator.print)
+    if checkpoint:
+        start_step = policy.load_checkpoint(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+    return start_step, start_run(accelerator, config, resume_step=start_step if checkpoint else None)
+
+
+def after_step(steps_done: int, config, policy, accelerator, stop: "StopFlag", run_eval) -> bool:
+    """Periodic evaluation and checkpoint. On a stop signal (agreed across ranks) a checkpoint is
+    written and True returned: the caller leaves its loop."""
+    if config.eval_every and steps_done % config.eval_every == 0:
+        run_eval(steps_done)
+    stopping = all_sum(accelerator, float(stop.raised))[0] > 0
+    if stopping or (config.checkpoint_every and steps_done % config.checkpoint_every == 0):
+        policy.save_checkpoint(config.output_dir, steps_done, config.checkpoints_total_limit)
+    if stopping:
+        accelerator.print(f"stop signal: checkpoint written at step {steps_done}, exiting")
+        accelerator.end_training()
+    return stopping
+
+
+def finish(config, policy, metrics_log, accelerator) -> dict:
+    """Final weights in the format diffusers loads; per-rank checksums show the replicas agree. LoRA:
+    a model card next to the weights, the upload with push_to_hub, and a summary on the terminal."""
+    metrics_log.log({"final/param_checksums": policy.checksums()}, config.max_steps)
+    final_dir = policy.save_final(config.output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        evals = eval_history(config.output_dir)
+        if config.train_mode == "lora":
+            import model_card
+
+            grids = sorted(f for f in os.listdir(os.path.join(config.output_dir, "samples")) if f.startswith("eval-"))
+            model_card.write_model_card(final_dir, config_dict(config), evals,
+                                        os.path.join(config.output_dir, "samples", grids[-1]) if grids else None,
+                                        kind="offline" if hasattr(config, "pairs_path") else "online")
+            if getattr(config, "push_to_hub", False):
+                model_card.push_to_hub(final_dir, config.hub_model_id, config.hub_token or None)
+        print(run_summary(config, final_dir, evals))
+    return {"final_dir": final_dir, "step": config.max_steps}
+
+
+def run_summary(config, final_dir: str, evals: list[dict]) -> str:
+    """The end-of-run report: eval before -> after (± standard error), steps, wall time, where things are."""
+    import time
+
+    lines = [f"done: {config.max_steps} steps in {time.perf_counter() - _RUN_START:.0f} s wall"]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"eval reward: {first['eval/reward_mean']:.4f} ± {first.get('eval/reward_se', 0):.2g} (step {first['step']})"
+                     f" -> {last['eval/reward_mean']:.4f} ± {last.get('eval/reward_se', 0):.2g} (step {last['step']})")
+        if "eval/exact_match" in last:
+            lines.append(f"eval exact match: {first['eval/exact_match']:.3f} -> {last['eval/exact_match']:.3f}")
+        if "eval/reward_gain" in last:
+            lines.append(f"gain, paired image by image: {format_gain(last)}")
+    lines += [f"weights:  {final_dir}" + ("  (model card: README.md)" if config.train_mode == "lora" else ""),
+              f"metrics:  {os.path.join(config.output_dir, 'metrics.jsonl')}",
+              f"samples:  {os.path.join(config.output_dir, 'samples')}"]
+    if config.train_mode == "lora":
+        load = (f"import qwen_image; pipe = qwen_image.load_pipeline(\"{config.pretrained}\")"
+                if config.pretrained in ("tiny", "tiny-bench") else
+                f"import torch; from diffusers import QwenImagePipeline; pipe = QwenImagePipeline.from_pretrained("
+                f"\"{config.pretrained}\", torch_dtype=torch.bfloat16)")
+        lines.append(f"load it:  python -c '{load}; pipe.load_lora_weights(\"{os.path.abspath(final_dir)}\")'")
+    return "\n".join(lines)
