@@ -249,14 +249,18 @@ def backward_flops(config, image_tokens: int, text_tokens: int, train_mode: str 
 
 
 def rollout_flops(config, image_tokens: int, text_tokens: int, steps: int, images: int, cfg: bool = False,
-                  lora_rank: int = 0, lora_targets=(), negative_text_tokens: int | None = None) -> int:
+                  lora_rank: int = 0, lora_targets=(), negative_text_tokens: int | None = None,
+                  blocks_run_frac: float = 1.0) -> int:
     """steps x images x forward (the policy samples with its adapters on); CFG adds the negative
-    prompt's forward. VAE decode and the (cached) text encoder are not counted."""
-    fwd = forward_flops(config, image_tokens, text_tokens, lora_rank, lora_targets)
-    if cfg:
-        neg = text_tokens if negative_text_tokens is None else negative_text_tokens
-        fwd += forward_flops(config, image_tokens, neg, lora_rank, lora_targets)
-    return steps * images * fwd
+    prompt's forward. VAE decode and the (cached) text encoder are not counted. blocks_run_frac:
+    the fraction of block forwards a step cache lets run (perf/rollout_blocks_run_frac); the parts
+    outside the blocks run on every step."""
+    texts = [text_tokens] + ([text_tokens if negative_text_tokens is None else negative_text_tokens] if cfg else [])
+    fwd = 0
+    for text in texts:
+        blocks = _blocks_forward_flops(config, image_tokens, text, lora_rank, lora_targets)
+        fwd += forward_flops(config, image_tokens, text, lora_rank, lora_targets) - (1 - blocks_run_frac) * blocks
+    return int(steps * images * fwd)
 
 
 def dpo_update_flops(config, image_tokens: int, text_tokens: int, pairs: int, train_mode: str = "lora",

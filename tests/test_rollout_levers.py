@@ -186,3 +186,18 @@ def test_eval_uses_eval_steps_and_never_the_rollout_levers(tmp_path):
     assert lever_step["perf/rollout_blocks_run_frac"] == (layers + 2 - 1) / (2 * layers)
     assert lever_step["perf/rollout_tflop"] < 0.5 * plain_step["perf/rollout_tflop"]
     assert lever_step["reward/mean"] != plain_step["reward/mean"]
+
+
+def test_planner_rollout_flops_with_a_blocks_run_fraction_equal_the_counted_ones():
+    """perf.rollout_flops(blocks_run_frac) (what benchmarks/plan.py predicts with) equals
+    rollout_step_flops with block counts of that fraction, at the real config."""
+    config = qi.QWEN_IMAGE_TRANSFORMER_CONFIG
+    image_tokens, text, steps, images = perf.image_tokens_for(512, 512), 64, 35, 16
+    layers = config["num_layers"]
+    run = (layers + steps - 1) * images  # first-block cache skipping every step after the first
+    kw = dict(lora_rank=64, lora_targets=qi.RECIPE_LORA_TARGETS)
+    counted = perf.rollout_step_flops(config, image_tokens, [text] * images, images, steps, block_forwards=[{text: run}], **kw)
+    frac = run / (steps * images * layers)
+    planned = perf.rollout_flops(config, image_tokens, text, steps, images, blocks_run_frac=frac, **kw)
+    assert abs(planned - counted) <= 1e-9 * counted
+    assert planned < 0.1 * perf.rollout_flops(config, image_tokens, text, steps, images, **kw)
