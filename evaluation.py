@@ -125,11 +125,12 @@ def format_gain(metrics: dict) -> str:
     return ", ".join(gains)
 
 
-def rollout_settings(config, num_inference_steps: int):
-    """The trainers' sampling settings (both configs carry these fields)."""
+def rollout_settings(config, num_inference_steps: int, cache: str = ""):
+    """The trainers' sampling settings (both configs carry these fields). `cache`: the training
+    rollout's step cache (config.rollout_cache); the evaluation never passes one."""
     return qwen_image.RolloutSettings(height=config.height, width=config.width, num_inference_steps=num_inference_steps,
                                       true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
-                                      chunk_size=config.rollout_chunk_size)
+                                      chunk_size=config.rollout_chunk_size, cache=cache)
 
 
 # The trainer fields an eval depends on (evaluate.py --run_dir takes these from a run). With the same

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import time
 
 import torch
@@ -248,14 +249,18 @@ def backward_flops(config, image_tokens: int, text_tokens: int, train_mode: str 
 
 
 def rollout_flops(config, image_tokens: int, text_tokens: int, steps: int, images: int, cfg: bool = False,
-                  lora_rank: int = 0, lora_targets=(), negative_text_tokens: int | None = None) -> int:
+                  lora_rank: int = 0, lora_targets=(), negative_text_tokens: int | None = None,
+                  blocks_run_frac: float = 1.0) -> int:
     """steps x images x forward (the policy samples with its adapters on); CFG adds the negative
-    prompt's forward. VAE decode and the (cached) text encoder are not counted."""
-    fwd = forward_flops(config, image_tokens, text_tokens, lora_rank, lora_targets)
-    if cfg:
-        neg = text_tokens if negative_text_tokens is None else negative_text_tokens
-        fwd += forward_flops(config, image_tokens, neg, lora_rank, lora_targets)
-    return steps * images * fwd
+    prompt's forward. VAE decode and the (cached) text encoder are not counted. blocks_run_frac:
+    the fraction of block forwards a step cache lets run (perf/rollout_blocks_run_frac); the parts
+    outside the blocks run on every step."""
+    texts = [text_tokens] + ([text_tokens if negative_text_tokens is None else negative_text_tokens] if cfg else [])
+    fwd = 0
+    for text in texts:
+        blocks = _blocks_forward_flops(config, image_tokens, text, lora_rank, lora_targets)
+        fwd += forward_flops(config, image_tokens, text, lora_rank, lora_targets) - (1 - blocks_run_frac) * blocks
+    return int(steps * images * fwd)
 
 
 def dpo_update_flops(config, image_tokens: int, text_tokens: int, pairs: int, train_mode: str = "lora",
@@ -334,18 +339,36 @@ def text_lengths(prompt_cache, prompts) -> list[int]:
 
 def rollout_step_flops(model_config, image_tokens: int, lengths: list[int], chunk_size: int, steps: int,
                        cfg: bool = False, negative_length: int = 0, lora_rank: int = 0, lora_targets=(),
-                       fixed_chunk_shape: bool = True) -> int:
+                       fixed_chunk_shape: bool = True, block_forwards: list[dict] | None = None) -> int:
     """FLOPs of qwen_image.rollout: each chunk runs at its longest prompt's length (padding), and a
-    short last chunk at the full chunk size when fixed_chunk_shape."""
+    short last chunk at the full chunk size when fixed_chunk_shape. `block_forwards` (rollout's
+    per-chunk {text tokens: block forwards x rows run}, under a step cache): the blocks count only
+    where they ran; everything outside the blocks runs on every step."""
     total = 0
-    for start in range(0, len(lengths), chunk_size):
+    for index, start in enumerate(range(0, len(lengths), chunk_size)):
         chunk = lengths[start:start + chunk_size]
         images = chunk_size if fixed_chunk_shape else len(chunk)
-        per_image = forward_flops(model_config, image_tokens, max(chunk), lora_rank, lora_targets)
-        if cfg:
-            per_image += forward_flops(model_config, image_tokens, negative_length, lora_rank, lora_targets)
-        total += steps * images * per_image
-    return total
+        texts = [max(chunk)] + ([negative_length] if cfg else [])
+        for text in texts:
+            total += steps * images * forward_flops(model_config, image_tokens, text, lora_rank, lora_targets)
+        if block_forwards is not None:  # replace the full blocks' share with the counted forwards
+            for text in texts:
+                total -= steps * images * _blocks_forward_flops(model_config, image_tokens, text, lora_rank, lora_targets)
+            for text, rows in block_forwards[index].items():
+                total += rows * block_flops(model_config, image_tokens, text, lora_rank, lora_targets)
+    return int(total)
+
+
+def block_flops(config, image_tokens: int, text_tokens: int, lora_rank: int = 0, lora_targets=()) -> float:
+    """One block's forward FLOPs for one sample (the blocks' mean: the last block's dead text-stream
+    modules may carry no LoRA)."""
+    return _blocks_forward_flops(config, image_tokens, text_tokens, lora_rank, lora_targets) / _dims(config)["layers"]
+
+
+def blocks_run_fraction(block_forwards: list[dict], layers: int, forwards: int) -> float:
+    """Block forwards run (rollout's counts, rows summed) over the `forwards` x `layers` a rollout
+    without a cache runs; `forwards` = steps x rows x (2 with CFG)."""
+    return sum(sum(chunk.values()) for chunk in block_forwards) / max(forwards * layers, 1)
 
 
 def update_flops(model_config, image_tokens: int, row_lengths: list[int], rows_per_micro: int, updates: int = 1,
@@ -389,22 +412,29 @@ def update_tflop(config, model_config, prompt_cache, row_prompts: list[str], row
 
 
 def step_metrics(config, model_config, prompt_cache, prompts, update_tflop: float, rollout_s: float,
-                 update_s: float, step_s: float) -> dict:
+                 update_s: float, step_s: float, block_forwards: list[dict] | None = None) -> dict:
     """perf/* metrics of one online step on this rank: FLOPs, achieved TFLOP/s per device of the
     rollout, the update (its TFLOP as the objective counted them: update_tflop) and the whole step,
-    and MFU when config.peak_tflops is set."""
+    and MFU when config.peak_tflops is set. `block_forwards`: the rollout's counted block forwards
+    (qwen_image.rollout) under a step cache: its FLOPs count only those, and
+    perf/rollout_blocks_run_frac logs the fraction run."""
     targets = tuple(config.lora_targets.split(","))
     image_tokens = image_tokens_for(config.height, config.width)
     cfg = config.true_cfg_scale > 1.0
     rollout = rollout_step_flops(model_config, image_tokens, text_lengths(prompt_cache, prompts),
                                  config.rollout_chunk_size, config.num_inference_steps, cfg,
                                  text_lengths(prompt_cache, [config.negative_prompt])[0] if cfg else 0,
-                                 config.lora_rank if config.train_mode == "lora" else 0, targets)
+                                 config.lora_rank if config.train_mode == "lora" else 0, targets,
+                                 block_forwards=block_forwards)
     update = update_tflop * 1e12
     metrics = {"perf/rollout_tflop": rollout / 1e12, "perf/update_tflop": update_tflop,
                "perf/rollout_tflops_per_s": throughput(rollout, rollout_s)["tflops_per_device"],
                "perf/update_tflops_per_s": throughput(update, update_s)["tflops_per_device"],
                "perf/step_tflops_per_s": throughput(rollout + update, step_s)["tflops_per_device"]}
+    if block_forwards is not None:
+        rows = math.ceil(len(prompts) / config.rollout_chunk_size) * config.rollout_chunk_size  # fixed chunk shape
+        metrics["perf/rollout_blocks_run_frac"] = blocks_run_fraction(
+            block_forwards, _dims(model_config)["layers"], config.num_inference_steps * rows * (2 if cfg else 1))
     if config.peak_tflops > 0:
         metrics["perf/mfu"] = metrics["perf/step_tflops_per_s"] / config.peak_tflops
     return metrics

@@ -356,11 +356,122 @@ class RolloutSettings:
     # Run a short last chunk at the full chunk size (padding rows are discarded). BLAS kernels are
     # chosen by shape, so only equal shapes make an image depend on its seed alone, bit for bit.
     fixed_chunk_shape: bool = True
+    # Step caching for this rollout only (parse_rollout_cache): "" = off. The trainers' evaluation
+    # never sets it, and the hooks are removed before rollout returns.
+    cache: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout step caching (diffusers' own cache hooks; diffusers/hooks/*.py, enabled through the
+# transformer's CacheMixin.enable_cache)
+
+# name -> (parameters in order, the default of each trailing optional one)
+ROLLOUT_CACHES = {
+    # FirstBlockCacheConfig.threshold: the remaining blocks are skipped (their last residual reused)
+    # when the first block's output residual changed by less than this relative mean absolute
+    # difference since the last full step; one decision per pipeline call and step for the whole batch.
+    "first_block": ("threshold",),
+    # TaylorSeerCacheConfig in lite mode: every block is skipped on the steps between full ones and the
+    # output projection extrapolated by a Taylor series; interval = cache_interval, warmup =
+    # disable_cache_before_step (full steps first), order = max_order.
+    "taylorseer": ("interval", "warmup", "order"),
+}
+_TAYLORSEER_DEFAULTS = {"warmup": 3, "order": 1}  # TaylorSeerCacheConfig's own defaults
+
+
+def parse_rollout_cache(spec: str) -> tuple[str, dict] | None:
+    """'' -> None; 'first_block:0.2' -> ('first_block', {'threshold': 0.2});
+    'taylorseer:3', 'taylorseer:3,2' or 'taylorseer:3,2,1' -> ('taylorseer', {'interval', 'warmup',
+    'order'}). Raises ValueError saying what is wrong (no diffusers import: config-time check)."""
+    if not spec:
+        return None
+    name, _, values = spec.partition(":")
+    if name not in ROLLOUT_CACHES:
+        raise ValueError(f"unknown cache {name!r}: use one of {', '.join(ROLLOUT_CACHES)} ('' = off)")
+    keys = ROLLOUT_CACHES[name]
+    parts = [v.strip() for v in values.split(",")] if values.strip() else []
+    if name == "first_block":
+        if len(parts) != 1:
+            raise ValueError("first_block takes one threshold, e.g. 'first_block:0.2'")
+        try:
+            threshold = float(parts[0])
+        except ValueError:
+            raise ValueError(f"first_block threshold {parts[0]!r} is not a number") from None
+        if not (threshold >= 0 and threshold < float("inf")):
+            raise ValueError("first_block threshold must be a finite number >= 0 (0 never skips)")
+        return name, {"threshold": threshold}
+    if not 1 <= len(parts) <= len(keys):
+        raise ValueError("taylorseer takes 'interval[,warmup[,order]]', e.g. 'taylorseer:3,2'")
+    try:
+        numbers = [int(v) for v in parts]
+    except ValueError:
+        raise ValueError(f"taylorseer values {values!r} must be integers") from None
+    params = {**_TAYLORSEER_DEFAULTS, **dict(zip(keys, numbers))}
+    if params["interval"] < 1 or params["warmup"] < 0 or params["order"] < 0:
+        raise ValueError("taylorseer needs interval >= 1, warmup >= 0 and order >= 0")
+    return name, params
+
+
+def rollout_cache_config(spec: str):
+    """The diffusers cache config for a parse_rollout_cache spec (None when off)."""
+    parsed = parse_rollout_cache(spec)
+    if parsed is None:
+        return None
+    name, params = parsed
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if name == "first_block":
+        return FirstBlockCacheConfig(threshold=params["threshold"])
+    return TaylorSeerCacheConfig(cache_interval=params["interval"], disable_cache_before_step=params["warmup"],
+                                 max_order=params["order"], taylor_factors_dtype=torch.float32, use_lite_mode=True)
+
+
+_BLOCK_COUNTER_HOOK = "rollout_block_counter"
+
+
+@contextlib.contextmanager
+def counting_block_forwards(transformer, counts: dict):
+    """Counts the transformer blocks' forwards that really run: counts[text_tokens] += rows, once per
+    block forward. A diffusers hook registered on each block *before* a cache is enabled sits under
+    the cache's hooks, so a block the cache skips never reaches it (a torch forward hook would fire on
+    the skipped call too). Removed on exit."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class CountBlockForward(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+            counts[int(text.shape[1])] = counts.get(int(text.shape[1]), 0) + int(hidden.shape[0])
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    blocks = list(transformer.transformer_blocks)
+    for block in blocks:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(CountBlockForward(), _BLOCK_COUNTER_HOOK)
+    try:
+        yield counts
+    finally:
+        for block in blocks:
+            block._diffusers_hook.remove_hook(_BLOCK_COUNTER_HOOK, recurse=False)
+
+
+@contextlib.contextmanager
+def rollout_cache(transformer, spec: str):
+    """Enables the cache `spec` on the transformer for the duration (nothing when spec is ''), and
+    always disables it on exit, so no training forward or evaluation ever runs through it."""
+    config = rollout_cache_config(spec)
+    if config is None:
+        yield
+        return
+    transformer.enable_cache(config)
+    try:
+        yield
+    finally:
+        transformer.disable_cache()
 
 
 @torch.no_grad()
 def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[str], seeds: list[int],
-            settings: RolloutSettings, decode: bool = True, on_chunk=None):
+            settings: RolloutSettings, decode: bool = True, on_chunk=None, block_forwards: list | None = None):
     """One image per (prompt, seed) with the pipeline's own sampler, in chunks.
 
     For K samples per prompt pass each prompt K times with K seeds (prompts are never expanded with
@@ -371,9 +482,26 @@ def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[st
     Each chunk is decoded as soon as it is sampled (the same batches as decoding at the end, so the
     same images) and, if given, handed to `on_chunk(start, latents [n, S, 64], images or None)`
     before the next chunk starts: a caller can score chunk i while chunk i+1 is sampled.
+    With `settings.cache` the pipeline calls run under that step cache (rollout_cache); the cache's
+    skip decisions are made for a whole chunk at once, so a cached image also depends on its chunk.
+    `block_forwards`, if given, receives one dict per chunk, {text tokens: block forwards x rows
+    actually run} (counting_block_forwards; the FLOP accounting reads it).
     Returns (packed latents [N, S, 64] float32 on CPU, PIL images or None).
     """
     assert len(prompts) == len(seeds)
+    if block_forwards is not None:  # the counter first: it must sit under the cache's hooks
+        with counting_block_forwards(pipe.transformer, {}) as counts, rollout_cache(pipe.transformer, settings.cache):
+            def count_chunk(start, latents, images):
+                block_forwards.append(dict(counts))
+                counts.clear()
+                if on_chunk is not None:
+                    on_chunk(start, latents, images)
+            return _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, count_chunk)
+    with rollout_cache(pipe.transformer, settings.cache):
+        return _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk)
+
+
+def _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk):
     transformer_dtype = pipe.transformer.dtype
     do_cfg = settings.true_cfg_scale > 1.0
     prompt_cache.warm(list(prompts) + ([settings.negative_prompt] if do_cfg else []))

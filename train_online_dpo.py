@@ -64,6 +64,7 @@ class Config:
     negative_prompt: str = " "  # CFG's negative prompt (used when true_cfg_scale > 1)
     max_sequence_length: int = 256  # text tokens kept per prompt, 1-1024
     rollout_chunk_size: int = 16  # images per pipeline call
+    rollout_cache: str = ""  # step cache for training rollouts only (never eval): "" off, first_block:THRESHOLD, taylorseer:INTERVAL[,WARMUP[,ORDER]]
     # reward
     reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
@@ -164,6 +165,14 @@ def validate(config: Config, world_size: int = 1):
             f"must be divisible by the number of processes ({world_size}): all K samples of a prompt stay on one rank")
     require(config.num_inference_steps >= 1, "num_inference_steps", "must be >= 1")
     require(config.rollout_chunk_size >= 1, "rollout_chunk_size", "must be >= 1")
+    try:
+        qi.parse_rollout_cache(config.rollout_cache)
+    except ValueError as error:
+        require(False, "rollout_cache", str(error))
+    require(not (config.rollout_cache and config.compile_transformer), "rollout_cache",
+            "not supported with compile_transformer yet (the cache swaps the blocks' forward on every rollout)")
+    require(not (config.rollout_cache and config.sharding == "fsdp2"), "rollout_cache",
+            "not supported with sharding=fsdp2 yet (untested)")
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     validate_objective(config)
@@ -257,7 +266,8 @@ def train(config: Config):
 
     start_step, metrics_log = run_lifecycle.resume_and_start_run(config, policy, accelerator)
 
-    rollout_settings = evaluation.rollout_settings(config, config.num_inference_steps)
+    # the training rollout's settings: the step cache applies here only (the eval uses eval_inference_steps, no cache)
+    rollout_settings = evaluation.rollout_settings(config, config.num_inference_steps, cache=config.rollout_cache)
     run_eval = evaluation.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
 
     if start_step == 0 and config.eval_every:
@@ -275,6 +285,7 @@ def train(config: Config):
         group_ids = [f"{rank * len(rows) + i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
         seeds = prompt_data.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
+        block_forwards = [] if config.rollout_cache else None  # under a step cache: the block forwards that ran
         # NFT samples with its old adapter (the paper's behaviour policy); the other objectives with the trained one
         with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
             if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
@@ -287,11 +298,13 @@ def train(config: Config):
                         reward_parts.setdefault(name, []).extend(scores)
                     return combined
                 with perf.OverlappedScorer(score_chunk) as scorer:
-                    latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer)
+                    latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer,
+                                                 block_forwards=block_forwards)
                     t1 = time.perf_counter()
                     combined = scorer.results()
             else:
-                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
+                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings,  # [N, S, 64]
+                                             block_forwards=block_forwards)
                 t1 = time.perf_counter()
                 # 4. rewards
                 # parts: the components of a multi-reward
@@ -319,7 +332,8 @@ def train(config: Config):
         metrics.update(evaluation.component_metrics(accelerator, reward_parts))  # reward/<name>/mean etc.
         # perf/*: the rollout's FLOPs and the update's as the objective counted them (perf.py)
         metrics.update(perf.step_metrics(config, transformer.config, prompt_cache, prompts,
-                                         metrics.get("perf/update_tflop", 0.0), t1 - t0, t3 - t2, t3 - t0))
+                                         metrics.get("perf/update_tflop", 0.0), t1 - t0, t3 - t2, t3 - t0,
+                                         block_forwards=block_forwards))
         if config.compile_transformer:  # compiles during this step (and the eval before it); 0 after warm-up
             metrics["compile/new_graphs"] = compile_counter.new()
             if step > start_step + 1 and metrics["compile/new_graphs"]:

@@ -8,6 +8,11 @@ the pipeline (`prompt_embeds`), so no text encoder is needed at all. Measures, a
 - the LoRA DPO update (recipe LoRA rank 64 on the 12 targets, gradient checkpointing): seconds per
   pair with the reference pass (reference forward with adapters off, policy forward + backward,
   AdamW step);
+- cheaper rollouts (eager, native backend): the same rollout under --rollout_cache (diffusers' step
+  cache, as train_online_dpo's rollout_cache runs it; the fraction of block forwards run is counted,
+  and the FLOPs count only those) and with --short_steps steps instead of --steps. The weights are
+  random, so a threshold cache skips as it would on noise: its timing per block forward run is what
+  carries over, not its skip fraction;
 - peak memory, achieved TFLOP/s (perf.py's formula) and MFU against --peak_tflops.
 
     python benchmarks/gpu_check.py --peak_tflops 989 --out gpu_check.json        # H100 SXM, < 8 min
@@ -77,6 +82,8 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=2, help="DPO pairs timed (one per micro-batch)")
     parser.add_argument("--budget_s", type=float, default=420.0, help="no new phase starts after this")
     parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--rollout_cache", default="first_block:0.1", help="step cache timed ('' skips the case)")
+    parser.add_argument("--short_steps", type=int, default=None, help="the shorter rollout's steps; default 20 (2 with --tiny)")
     args = parser.parse_args(argv)
 
     begin = time.perf_counter()
@@ -118,9 +125,9 @@ def main(argv=None):
     rollout_flops = perf.rollout_flops(model_config, image_tokens, args.text_tokens, steps, args.images,
                                        lora_rank=lora_rank, lora_targets=targets)
 
-    def rollout():
+    def rollout(num_steps=steps):
         generators = [torch.Generator().manual_seed(i) for i in range(args.images)]
-        return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, height=size, width=size, num_inference_steps=steps,
+        return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, height=size, width=size, num_inference_steps=num_steps,
                     true_cfg_scale=1.0, generator=generators, output_type="latent", return_dict=False)[0]
 
     def timed(fn, repeats=1):
@@ -133,8 +140,9 @@ def main(argv=None):
             times.append(time.perf_counter() - start)
         return statistics.median(times), out
 
-    def record(name, seconds):
-        achieved = perf.throughput(rollout_flops, seconds, args.peak_tflops)
+    def record(name, seconds, flops=None):
+        flops = rollout_flops if flops is None else flops
+        achieved = perf.throughput(flops, seconds, args.peak_tflops)
         result["rollout"][name] = {"seconds": round(seconds, 3), "images_per_s": round(args.images / seconds, 3),
                                    "tflops_per_s": float(f"{achieved['tflops_per_device']:.4g}"),  # 4 significant digits: the tiny CPU model runs at ~1e-4
                                    **({"mfu": round(achieved["mfu"], 4)} if "mfu" in achieved else {})}
@@ -160,6 +168,32 @@ def main(argv=None):
             result.setdefault("backend_max_abs_diff_vs_native", {})[backend] = float((latents.float() - reference_latents).abs().max())
         record(f"eager_{backend}", seconds)
     perf.set_attention_backend(transformer, "native")
+
+    # 1b. cheaper rollouts: a step cache (diffusers hooks, as the trainer's rollout_cache), and fewer steps
+    short_steps = args.short_steps or (2 if args.tiny else 20)
+    if args.rollout_cache and not over_budget(f"rollout cache {args.rollout_cache}"):
+        counts = {}
+
+        def cached_rollout():
+            counts.clear()
+            with qi.counting_block_forwards(transformer, counts), qi.rollout_cache(transformer, args.rollout_cache):
+                return rollout()
+
+        timed(cached_rollout)  # warm-up
+        seconds, latents = timed(cached_rollout)
+        layers = len(transformer.transformer_blocks)
+        flops = perf.rollout_step_flops(model_config, image_tokens, [args.text_tokens] * args.images, args.images, steps,
+                                        lora_rank=lora_rank, lora_targets=targets, block_forwards=[dict(counts)])
+        name = "eager_native_cache_" + args.rollout_cache.replace(":", "_").replace(",", "_")
+        record(name, seconds, flops)
+        result["rollout"][name]["blocks_run_frac"] = perf.blocks_run_fraction([counts], layers, steps * args.images)
+        if reference_latents is not None:
+            result["rollout"][name]["max_abs_diff_vs_uncached"] = float((latents.float() - reference_latents).abs().max())
+        save()
+    if short_steps != steps and not over_budget(f"rollout {short_steps} steps"):
+        timed(lambda: rollout(short_steps))  # warm-up (another scheduler schedule)
+        seconds, _ = timed(lambda: rollout(short_steps))
+        record(f"eager_native_{short_steps}_steps", seconds, rollout_flops * short_steps // steps)
 
     # 2. the LoRA DPO update, eager: reference forward (adapters off) + policy forward/backward + AdamW
     def dpo_update_phase(label):

@@ -183,10 +183,16 @@ def parse_args(argv=None):
                  "lora_rank", "lora_alpha", "rollout_chunk_size", "updates_per_rollout"):
         p.add_argument(f"--{name}", type=int, default=getattr(c, name))
     p.add_argument("--true_cfg_scale", type=float, default=c.true_cfg_scale)
+    p.add_argument("--rollout_blocks_run_frac", type=float, default=1.0,
+                   help="fraction of block forwards a rollout step cache runs (perf/rollout_blocks_run_frac of a "
+                        "run, or benchmarks/bench_rollout_levers.py); 1 = no cache")
     p.add_argument("--train_mode", default=c.train_mode, choices=("lora", "full"))
     p.add_argument("--lora_targets", default=c.lora_targets)
     p.add_argument("--dtype", default=c.dtype, choices=("bfloat16", "float16", "float32"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.rollout_blocks_run_frac <= 1:
+        p.error("--rollout_blocks_run_frac must be in (0, 1]")
+    return args
 
 
 def plan(args) -> dict:
@@ -216,7 +222,7 @@ def plan(args) -> dict:
     pairs_per_gpu = args.prompts_per_step // args.world_size * args.pairs_per_prompt * args.updates_per_rollout
     fwd = perf.forward_flops(config, image_tokens, args.text_tokens, rank, targets)
     rollout = perf.rollout_flops(config, image_tokens, args.text_tokens, args.num_inference_steps, images_per_gpu,
-                                 cfg, rank, targets)
+                                 cfg, rank, targets, blocks_run_frac=args.rollout_blocks_run_frac)
     update = {ck: perf.dpo_update_flops(config, image_tokens, args.text_tokens, pairs_per_gpu, args.train_mode, rank,
                                         targets, ck) for ck in (True, False)}
     rate = args.peak_tflops * 1e12 * args.mfu
@@ -234,6 +240,7 @@ def plan(args) -> dict:
         forward_tflop_without_lora=perf.forward_flops(config, image_tokens, args.text_tokens) / 1e12, rollout_pflop_per_gpu=rollout / 1e15,
         update_pflop_per_gpu_checkpointed=update[True] / 1e15, update_pflop_per_gpu_no_checkpointing=update[False] / 1e15,
         images_per_gpu=images_per_gpu, pairs_per_gpu=pairs_per_gpu, peak_tflops=args.peak_tflops, mfu=args.mfu,
+        num_inference_steps=args.num_inference_steps, rollout_blocks_run_frac=args.rollout_blocks_run_frac,
         predicted_rollout_s=rollout / rate, predicted_update_s_checkpointed=update[True] / rate,
         predicted_step_s_checkpointed=(rollout + update[True]) / rate,
         predicted_step_s_no_checkpointing=(rollout + update[False]) / rate,
@@ -258,7 +265,10 @@ def print_plan(result: dict):
     print(f"  while warming the prompt cache (text encoder on the GPU): {result['load_time_gb_per_gpu']:.1f} GB")
     print(f"host memory per process: prompt cache {result['prompt_cache_host_gb_per_process']:.1f} GB "
           f"(--num_prompts x --text_tokens x text width, bf16; pinned CPU memory)")
-    print(f"\nper step and GPU: {result['images_per_gpu']} rollout images ({result['rollout_pflop_per_gpu']:.1f} PFLOP), "
+    print(f"\nper step and GPU: {result['images_per_gpu']} rollout images x {result['num_inference_steps']} steps"
+          + (f", {result['rollout_blocks_run_frac']:.0%} of block forwards run (step cache)"
+             if result['rollout_blocks_run_frac'] < 1 else "")
+          + f" ({result['rollout_pflop_per_gpu']:.1f} PFLOP), "
           f"{result['pairs_per_gpu']} pairs updated ({result['update_pflop_per_gpu_checkpointed']:.2f} PFLOP with "
           f"checkpointing, {result['update_pflop_per_gpu_no_checkpointing']:.2f} without)")
     print(f"predicted at {result['mfu']:.0%} MFU of {result['peak_tflops']:.0f} TFLOP/s: rollout "

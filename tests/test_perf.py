@@ -283,3 +283,7 @@ def test_gpu_check_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert saved["rollout"]["eager_native"]["images_per_s"] > 0
     assert saved["rollout"]["eager_native"]["tflops_per_s"] > 0
     assert saved["dpo_update_eager"]["seconds_per_pair"] > 0
+    # the cheaper rollouts: a step cache (first_block:0.1 by default) and 2 steps instead of 4
+    cached = saved["rollout"]["eager_native_cache_first_block_0.1"]
+    assert 0 < cached["blocks_run_frac"] <= 1 and cached["images_per_s"] > 0
+    assert saved["rollout"]["eager_native_2_steps"]["images_per_s"] > 0
