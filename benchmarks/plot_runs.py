@@ -1,7 +1,7 @@
 """Pictures of training runs: learning curves, and an eval grid before / after.
 
     python benchmarks/plot_runs.py RUN_DIR [RUN_DIR ...] --out curves.png [--label NAME ...]
-    python benchmarks/plot_runs.py RUN_DIR --grid --out before_after.png [--grid_rows 2]
+    python benchmarks/plot_runs.py RUN_DIR --grid --out before_after.png [--grid_rows 2] [--grid_scale 0.5] [--colors 64]
 
 Curves: eval reward and (with an OCR reward) eval exact match against the step, from the eval rows
 of each run's metrics.jsonl, with a band of one standard error. A run alone is drawn with its own
@@ -134,11 +134,13 @@ def eval_caption(row: dict) -> str:
     return text + f" ({int(row.get('eval/images', 0))} images)"
 
 
-def plot_grid(run_dir: str, out: str, rows: int = 0, tile_row_height: int = 142) -> tuple[int, int]:
+def plot_grid(run_dir: str, out: str, rows: int = 0, scale: float = 1.0, colors: int = 0,
+              tile_row_height: int = 142) -> tuple[int, int]:
     """The first and last eval grids of a run side by side, each under its caption (step and eval
     figures from metrics.jsonl). rows > 0 keeps only the first `rows` rows of each grid (the eval
-    grids are rows of 8 tiles of 128 px under a 14 px caption line: trainer_utils.image_grid).
-    -> (first step, last step)."""
+    grids are rows of 8 tiles of 128 px under a 14 px caption line: trainer_utils.image_grid); scale
+    resizes each grid; colors > 0 stores the picture with that many palette colours (a PNG for docs:
+    a third of the bytes, the glyphs unchanged to the eye). -> (first step, last step)."""
     samples = os.path.join(run_dir, "samples")
     grids = sorted(f for f in os.listdir(samples) if f.startswith("eval-") and f.endswith(".png")) \
         if os.path.isdir(samples) else []
@@ -151,6 +153,8 @@ def plot_grid(run_dir: str, out: str, rows: int = 0, tile_row_height: int = 142)
         image = Image.open(os.path.join(samples, name)).convert("RGB")
         if rows:
             image = image.crop((0, 0, image.width, min(image.height, rows * tile_row_height)))
+        if scale != 1.0:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
         caption = eval_caption(by_step[step]) if step in by_step else f"step {step}"
         panel = Image.new("RGB", (image.width, image.height + 24), "white")
         panel.paste(image, (0, 24))
@@ -160,6 +164,8 @@ def plot_grid(run_dir: str, out: str, rows: int = 0, tile_row_height: int = 142)
     picture = Image.new("RGB", (panels[0].width + gap + panels[1].width, max(p.height for p in panels)), "white")
     picture.paste(panels[0], (0, 0))
     picture.paste(panels[1], (panels[0].width + gap, 0))
+    if colors:
+        picture = picture.quantize(colors)
     picture.save(out, optimize=True)
     return first_step, last_step
 
@@ -173,12 +179,15 @@ def main(argv=None):
     parser.add_argument("--title", default="", help="figure title (curves)")
     parser.add_argument("--grid", action="store_true", help="before/after eval grids of one run instead of curves")
     parser.add_argument("--grid_rows", type=int, default=0, help="--grid: keep the first N rows of each grid (0 = all)")
+    parser.add_argument("--grid_scale", type=float, default=1.0, help="--grid: resize each grid by this factor")
+    parser.add_argument("--colors", type=int, default=0, help="--grid: palette colours of the PNG (0 = full colour)")
     args = parser.parse_args(argv)
     try:
         if args.grid:
             if len(args.run_dirs) != 1:
                 raise ValueError("--grid takes one run")
-            first, last = plot_grid(args.run_dirs[0], args.out, rows=args.grid_rows)
+            first, last = plot_grid(args.run_dirs[0], args.out, rows=args.grid_rows, scale=args.grid_scale,
+                                    colors=args.colors)
             print(f"{args.out}: eval grids of step {first} and step {last}")
         else:
             plotted = plot_curves(group_runs(args.run_dirs, args.label), args.out, args.title)
