@@ -53,7 +53,7 @@ class Config:
     max_sequence_length: int = 256
     pairs_per_step: int = 32  # global, over all ranks
     # DPO
-    beta: float = 2000.0  # generic offline default in this convention (README, "The loss")
+    beta: float = 2000.0  # generic offline default in this convention (docs/objectives.md, "Diffusion-DPO")
     reverse_preference: bool = False  # control run: train towards the rejected image
     sigma_scheme: str = "logit_normal"
     logit_mean: float = 0.0

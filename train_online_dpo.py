@@ -112,7 +112,7 @@ class Config:
     checkpoints_total_limit: int = 3
     sample_grid_every: int = 20
     log_with: str = "wandb"  # "wandb" (offline without API key), "tensorboard" or "none"
-    peak_tflops: float = 0.0  # the device's dense bf16 peak (README table): logs perf/mfu; 0 = off
+    peak_tflops: float = 0.0  # the device's dense bf16 peak (docs/performance.md table): logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-online-dpo"
     # sharing: lora/README.md (model card) is always written; the upload needs a token and network
     push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end
