@@ -57,7 +57,7 @@ class Config:
     max_sequence_length: int = 256  # text tokens kept per prompt, 1-1024
     pairs_per_step: int = 32  # pairs per step over all ranks, divisible by the number of processes
     # DPO
-    beta: float = 2000.0  # Diffusion-DPO's beta (> 0); the generic offline default in this convention (README, "The loss")
+    beta: float = 2000.0  # Diffusion-DPO's beta (> 0); the generic offline default in this convention (docs/objectives.md, "Diffusion-DPO")
     reverse_preference: bool = False  # control run: train towards the rejected image
     sigma_scheme: str = "logit_normal"  # how a pair's sigma is drawn: logit_normal, uniform or mode (pairing.py)
     logit_mean: float = 0.0  # mean of the logit-normal sigma distribution

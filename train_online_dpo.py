@@ -72,7 +72,7 @@ class Config:
     objective: str = "dpo"  # dpo (Diffusion-DPO on pairs), dgpo, nft (DiffusionNFT) or awm (objectives.py)
     reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
-    beta: float = 100.0  # Diffusion-DPO's beta (> 0; README, "The loss")
+    beta: float = 100.0  # Diffusion-DPO's beta (> 0; docs/objectives.md, "Diffusion-DPO")
     pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
     min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     reverse_preference: bool = False  # control run: train towards the rejected sample
@@ -118,7 +118,7 @@ class Config:
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints (0 = all)
     sample_grid_every: int = 20  # save a chosen-over-rejected grid to samples/ every N steps (0 = never)
     log_with: str = "wandb"  # wandb (offline without WANDB_API_KEY), tensorboard or none
-    peak_tflops: float = 0.0  # the device's dense bf16 peak (README table): logs perf/mfu; 0 = off
+    peak_tflops: float = 0.0  # the device's dense bf16 peak (docs/performance.md): logs perf/mfu; 0 = off
     tracker_project: str = "qwen-image-online-dpo"  # the wandb / tensorboard project name
     # sharing: lora/README.md (model card) is always written; the upload needs a token and network
     push_to_hub: bool = False  # upload output_dir/lora (weights, model card, eval grid) to the Hub at the end

@@ -74,7 +74,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: the same code end to end")
     parser.add_argument("--out", default="gpu_check.json")
-    parser.add_argument("--peak_tflops", type=float, default=0.0, help="dense bf16 peak of the card (README table)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="dense bf16 peak of the card (docs/performance.md)")
     parser.add_argument("--size", type=int, default=None, help="default 512 (64 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="default 35 (4 with --tiny)")
     parser.add_argument("--images", type=int, default=4, help="images per pipeline call")

@@ -28,7 +28,7 @@ STATED_REWARD_MEAN = 0.6354
 FORWARD_STEPS, REVERSED_STEPS, MARGIN_SE_EXACT, MARGIN_SE_REWARD = 40, 8, 2.0, 3.0
 EVAL_PROMPTS = os.path.join(run_config.TEXT_WORLD_DATA, "eval.txt")
 
-# The group objectives' learning tests: each objective's swept knob (README, "Group objectives"),
+# The group objectives' learning tests: each objective's swept knob (docs/objectives.md, "The sweep"),
 # GROUP_FORWARD_STEPS steps and GROUP_REVERSED_STEPS with the advantages negated. They train on the
 # eval prompts themselves (other seeds than the eval's): the question is whether the objective moves
 # the real reward the way its advantages point, in few steps; generalisation (train.txt, 40 steps,

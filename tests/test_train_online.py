@@ -345,10 +345,13 @@ def test_readme_documents_every_knob_and_ci_runs_its_test_command():
     from data_process import make_offline_pairs
 
     readme = open(os.path.join(ROOT, "README.md")).read()
+    docs_dir = os.path.join(ROOT, "docs")
+    docs = readme + "".join(open(os.path.join(docs_dir, name)).read() for name in sorted(os.listdir(docs_dir))
+                            if name.endswith(".md"))  # the README and its docs/ pages
     for config_cls in (train_online_dpo.Config, evaluate.EvalConfig, train_offline_dpo.Config,
                        make_offline_pairs.PairsConfig):
-        missing = [f.name for f in dataclasses.fields(config_cls) if f"`{f.name}`" not in readme]
-        assert not missing, f"README does not document {config_cls.__name__} fields {missing}"
+        missing = [f.name for f in dataclasses.fields(config_cls) if f"`{f.name}`" not in docs]
+        assert not missing, f"README and docs/ do not document {config_cls.__name__} fields {missing}"
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "python -m pytest -q tests" in readme and ci.strip().endswith("python -m pytest -q tests")
 
