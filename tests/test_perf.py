@@ -70,21 +70,25 @@ def test_flop_formula_matches_torch_flop_counter(tiny_pipe):
         batch * perf.forward_flops(config, image_tokens, text_tokens)
 
 
-@pytest.mark.parametrize("name,micro_batch_groups", [("dgpo", 1), ("nft", 2), ("awm", 1)])
-def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, micro_batch_groups):
+@pytest.mark.parametrize("name,micro_batch_groups,true_cfg_scale", [("dgpo", 1, 1.0), ("nft", 2, 1.0), ("awm", 1, 1.0),
+                                                                      ("awm", 1, 2.0)])
+def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, micro_batch_groups, true_cfg_scale):
     """What a group objective logs as perf/update_tflop (perf.update_flops: reference, old and
     policy forwards and the backward, per micro-batch at its longest prompt) against torch's counter
-    around the real update: 3 kept groups of 4 rows, prompts of different lengths, 2 updates."""
+    around the real update: 3 kept groups of 4 rows, prompts of different lengths, 2 updates. With
+    true_cfg_scale 2 every prediction also runs on the negative prompt (twice the forwards)."""
     import objective_worker
     import objectives
     import trainer_utils as tu
     from policy import Policy
 
-    config = objective_worker.config_for(name, tiny_dir, "none", ["--micro_batch_groups", str(micro_batch_groups)])
+    config = objective_worker.config_for(name, tiny_dir, "none", ["--micro_batch_groups", str(micro_batch_groups),
+                                                                  "--true_cfg_scale", str(true_cfg_scale),
+                                                                  "--negative_prompt", "blurry, low quality"])
     accelerator = tu.make_accelerator(config)
     pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
     cache = qi.PromptCache(pipe, config.max_sequence_length)
-    cache.warm(objective_worker.PROMPTS)
+    cache.warm(objective_worker.PROMPTS + [config.negative_prompt])
     objective = objectives.build(config)
     policy = Policy(config, pipe, accelerator, old_adapter=objective.uses_old_adapter)
     assert objective.uses_old_adapter and objective.needs_reference  # all three forwards run and are counted
@@ -93,13 +97,45 @@ def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, m
                                                                    cache, 0)[0]))
     predicted = logged[0]["perf/update_tflop"] * 1e12
     assert logged[0]["adv/samples_kept"] == 12 and abs(predicted - counted) / counted < 0.02, (predicted, counted)
-    # the tolerance tells the forwards apart: without the old adapter's the formula is ~25 % short
+    # the tolerance tells the forwards apart: without the old adapter's the formula is ~25 % short,
+    # without the negative prompt's (under true CFG) ~50 %
     lengths = perf.text_lengths(cache, objective_worker.rollouts_for(0, 0, 1).prompts)
     lengths = lengths[:4] + lengths[8:]  # group 1 ties and is dropped
-    without_old = perf.update_flops(pipe.transformer.config, 16, lengths, 4 * micro_batch_groups,
-                                    config.updates_per_rollout, "lora", config.lora_rank,
-                                    tuple(config.lora_targets.split(",")), old=False)
+    negative = perf.text_lengths(cache, [config.negative_prompt])[0] if true_cfg_scale > 1 else None
+    common = (pipe.transformer.config, 16, lengths, 4 * micro_batch_groups, config.updates_per_rollout, "lora",
+              config.lora_rank, tuple(config.lora_targets.split(",")))
+    without_old = perf.update_flops(*common, old=False, negative_length=negative)
     assert (counted - without_old) / counted > 0.1
+    if true_cfg_scale > 1:
+        assert perf.update_flops(*common, old=True) / counted < 0.55
+
+
+def test_dpo_update_flops_match_the_counter_on_a_real_update_with_true_cfg(tiny_dir):
+    """DPO's perf/update_tflop against torch's counter around objectives.DPO.update with true_cfg_scale
+    2: 4 best/worst pairs over 2 micro-batches, reference and policy forwards on both the prompt and
+    the negative prompt, the backward through both."""
+    import objective_worker
+    import objectives
+    import trainer_utils as tu
+    from policy import Policy
+
+    config = objective_worker.config_for("dpo", tiny_dir, "none", ["--micro_batch_pairs", "2", "--true_cfg_scale", "2",
+                                                                   "--negative_prompt", "blurry, low quality"])
+    accelerator = tu.make_accelerator(config)
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    cache = qi.PromptCache(pipe, config.max_sequence_length)
+    cache.warm(objective_worker.PROMPTS + [config.negative_prompt])
+    policy = Policy(config, pipe, accelerator)
+    rollouts = objective_worker.rollouts_for(0, 0, 1)
+    logged = []
+    counted = counted_flops(lambda: logged.append(objectives.DPO(config).update(policy, rollouts, cache, 0)[0]))
+    predicted = logged[0]["perf/update_tflop"] * 1e12
+    assert logged[0]["pairs/kept"] == 3 and abs(predicted - counted) / counted < 0.02, (predicted, counted)
+    lengths = perf.text_lengths(cache, [p for p in rollouts.prompts[::4] if p != rollouts.prompts[4]])
+    pair_lengths = [n for n in lengths for _ in range(2)]
+    without_negative = perf.update_step_flops(pipe.transformer.config, 16, pair_lengths, 2, config.updates_per_rollout,
+                                              "lora", config.lora_rank, tuple(config.lora_targets.split(",")))
+    assert without_negative / counted < 0.55  # the old count: half the work
 
 
 def test_flop_formula_full_training_matches_counter(tiny_pipe):
