@@ -200,6 +200,95 @@ def test_planner_activation_memory_matches_measured_peak():
         assert abs(case["predicted"] - case["measured"]) / case["measured"] < 0.20, case
 
 
+def memory_cases(kind: str) -> list[dict]:
+    """tests/memory_worker.py KIND in a fresh process (see test_planner_activation_memory_matches_measured_peak)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "memory_worker.py"), kind], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_planner_group_micro_batch_is_a_whole_group_of_rows():
+    """A group objective's smallest micro-batch is one whole group: K = 8 rows (reference, old
+    adapter and policy forwards, checkpointed). Measured peak vs the planner's activations at K rows;
+    at the 2 rows of a DPO pair it would be ~4x short."""
+    (case,) = memory_cases("group")
+    assert case["rows"] == 8 and abs(case["predicted"] - case["measured"]) / case["measured"] < 0.20, case
+
+
+@pytest.mark.slow
+def test_planner_vae_decode_working_set_matches_a_measured_decode():
+    """plan.vae_decode_peak_bytes (live tensors traced on the meta device) against a real decode of the
+    tiny pipeline's VAE architecture at two widths; the CPU's conv3d workspace comes on top of it."""
+    cases = memory_cases("vae")
+    assert len(cases) == 2
+    for case in cases:
+        assert abs(case["predicted"] - case["measured"]) / case["measured"] < 0.05, case
+        assert case["peak_with_workspace"] >= case["measured"]
+
+
+def test_planner_vae_decode_working_set_of_the_real_vae():
+    """The published Qwen-Image VAE in bf16 holds ~57 MB of live tensors per 128x128 image while it
+    decodes (measured before on the real decoder at batch 1), linear in pixels and batch: a 16-image
+    chunk at 512x512 needs ~14.5 GB, which the planner now counts."""
+    from diffusers import AutoencoderKLQwenImage
+
+    plan = load_benchmark("plan")
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage().to(torch.bfloat16)
+    assert sum(p.numel() for p in vae.parameters()) == plan.VAE_PARAMS
+    one = plan.vae_decode_peak_bytes(vae, 1, 128, 128)
+    assert one == pytest.approx(57e6, rel=0.02)
+    chunk = plan.vae_decode_peak_bytes(vae, 16, 512, 512)
+    assert chunk == pytest.approx(16 * 16 * one, rel=0.02) and chunk == pytest.approx(14.5e9, rel=0.01)
+
+
+@pytest.mark.slow
+def test_planner_old_adapter_and_full_reference_copy_match_measured_memory():
+    """The old adapter adds the trainable LoRA's fp32 bytes; full mode's reference is a copy of the
+    fp32 policy: base parameters x 4 bytes (the old planner counted them at --dtype, half of it)."""
+    for case in memory_cases("weights"):
+        assert abs(case["predicted"] - case["measured"]) / case["measured"] < 0.15, case
+        if case["what"] == "frozen_reference_copy":
+            assert case["at_dtype"] < 0.6 * case["measured"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--objective", "nft"], ["--train_mode", "full"], ["--true_cfg_scale", "4"]])
+def test_planner_prints_every_term(flags, capsys):
+    """plan.py's new rows on the real architecture: the VAE decode working set in every plan, the
+    old adapter and a whole group (K = 16 rows) per micro-batch with a group objective, the fp32
+    reference copy in full mode, the host memory of the text encoder, and true CFG doubling the
+    update's FLOPs."""
+    plan = load_benchmark("plan")
+    result = plan.main(["--world_size", "4"] + flags)
+    out = capsys.readouterr().out
+    ddp = result["memory_gb"]["ddp"]
+    assert ddp["vae_decode_working_set"] == pytest.approx(14.5, rel=0.01) and "vae_decode_working_set" in out
+    assert result["text_encoder_host_gb_per_process"] == pytest.approx(16.58, abs=0.01) and "text encoder 16.6 GB" in out
+    assert ddp["total_checkpointed"] == pytest.approx(sum(v for k, v in ddp.items() if not k.startswith(
+        ("activations", "rollout", "vae_decode", "total"))) + max(ddp["activations_checkpointed"],
+                                                                    ddp["rollout_working_set"], ddp["vae_decode_working_set"]))
+    if flags == ["--objective", "nft"]:
+        assert result["micro_batch_rows"] == 16 and result["old_adapter"] and "old_adapter_fp32" in out
+        assert ddp["old_adapter_fp32"] == pytest.approx(421_920_768 * 4 / 1e9)
+        assert ddp["activations_checkpointed"] == pytest.approx(12.35, abs=0.01)
+    elif flags == ["--train_mode", "full"]:
+        assert ddp["frozen_reference_copy_fp32"] == pytest.approx(20_430_401_088 * 4 / 1e9) and "reference_copy_fp32" in out
+    elif flags == ["--true_cfg_scale", "4"]:
+        base = plan.main(["--world_size", "4"])
+        ratio = result["update_pflop_per_gpu_checkpointed"] / base["update_pflop_per_gpu_checkpointed"]
+        assert 1.7 < ratio < 2.0  # the negative prompt (8 tokens) is shorter than the prompt (64)
+    else:
+        assert result["micro_batch_rows"] == 2 and not result["old_adapter"] and "old_adapter_fp32" not in out
+
+
 # ---------------------------------------------------------------------------------- levers
 
 
