@@ -304,7 +304,8 @@ def plan(args) -> dict:
                                    args.height, args.width)
     act_ckpt, act_full = activation_peak_bytes(saved, True), activation_peak_bytes(saved, False)
     # inference working set of one rollout chunk: at most one block's worth of live tensors per sample
-    rollout_bytes = int(args.rollout_chunk_size * (2 if cfg else 1) * max(saved["per_block"]) / (micro * (2 if cfg else 1)))
+    block_per_row = max(saved["per_block"]) / (micro * (2 if cfg else 1))
+    rollout_bytes = int(args.rollout_chunk_size * (2 if cfg else 1) * block_per_row)
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage().to(dtype)  # the published Qwen-Image VAE config (VAE_PARAMS parameters)
     vae_decode = vae_decode_peak_bytes(vae, args.rollout_chunk_size, args.height, args.width)  # one chunk at a time
