@@ -126,3 +126,8 @@ def test_guard_run_ending_on_nonfinite_rollouts_exports_nothing(tmp_path):
         train_online_dpo.main(["--preset", "cpu_tiny", "--max_steps", "3", "--learning_rate", "1e30",
                                "--max_nonfinite_in_a_row", "5", "--eval_every", "0", "--output_dir", out])
     assert "lora" not in os.listdir(out)
+
+
+def test_guard_limit_is_validated_before_any_model_loads():
+    with pytest.raises(ValueError, match="config field `max_degenerate_steps_in_a_row`"):
+        train_online_dpo.main(["--preset", "cpu_tiny", "--max_degenerate_steps_in_a_row", "-1"])
