@@ -264,15 +264,13 @@ def rollout_flops(config, image_tokens: int, text_tokens: int, steps: int, image
 
 
 def dpo_update_flops(config, image_tokens: int, text_tokens: int, pairs: int, train_mode: str = "lora",
-                     lora_rank: int = 0, lora_targets=(), gradient_checkpointing: bool = False) -> int:
+                     lora_rank: int = 0, lora_targets=(), gradient_checkpointing: bool = False,
+                     negative_text_tokens: int | None = None) -> int:
     """One DPO update over `pairs` pairs (2 samples each): per sample the reference forward (LoRA
-    off, or the frozen copy), the policy forward and its backward."""
-    rank = lora_rank if train_mode == "lora" else 0
-    per_sample = (forward_flops(config, image_tokens, text_tokens)
-                  + forward_flops(config, image_tokens, text_tokens, rank, lora_targets)
-                  + backward_flops(config, image_tokens, text_tokens, train_mode, rank, lora_targets,
-                                   gradient_checkpointing))
-    return 2 * pairs * per_sample
+    off, or the frozen copy), the policy forward and its backward; under true CFG
+    (negative_text_tokens given) each of them also on the negative prompt."""
+    return update_flops(config, image_tokens, [text_tokens] * (2 * pairs), 2 * max(pairs, 1), 1, train_mode,
+                        lora_rank, lora_targets, gradient_checkpointing, negative_length=negative_text_tokens)
 
 
 def image_tokens_for(height: int, width: int) -> int:
@@ -373,42 +371,50 @@ def blocks_run_fraction(block_forwards: list[dict], layers: int, forwards: int) 
 
 def update_flops(model_config, image_tokens: int, row_lengths: list[int], rows_per_micro: int, updates: int = 1,
                  train_mode: str = "lora", lora_rank: int = 0, lora_targets=(), gradient_checkpointing: bool = False,
-                 reference: bool = True, old: bool = False) -> int:
+                 reference: bool = True, old: bool = False, negative_length: int | None = None) -> int:
     """FLOPs of an update on this rank, any objective: row_lengths holds its rows' prompt lengths in
     micro-batch order (DPO: the 2P interleaved rows, 2 x micro_batch_pairs a micro-batch; the group
     objectives: whole groups, K x micro_batch_groups), each micro-batch at its longest prompt. Per
     row: the policy forward and its backward, the reference forward (LoRA off) when `reference`, the
-    old adapter's forward when `old`."""
+    old adapter's forward when `old`. negative_length: the negative prompt's length under true CFG
+    (true_cfg_scale > 1): every prediction is then qwen_image.predict_velocity's two forwards,
+    positive and negative prompt, and the backward runs through both."""
     rank = lora_rank if train_mode == "lora" else 0
+
+    def per_row(text):
+        flops = (forward_flops(model_config, image_tokens, text, rank, lora_targets)
+                 + backward_flops(model_config, image_tokens, text, train_mode, rank, lora_targets,
+                                  gradient_checkpointing))
+        flops += forward_flops(model_config, image_tokens, text) if reference else 0
+        flops += forward_flops(model_config, image_tokens, text, rank, lora_targets) if old else 0
+        return flops
+
+    negative = per_row(negative_length) if negative_length is not None else 0
     total = 0
     for start in range(0, len(row_lengths), rows_per_micro):
         micro = row_lengths[start:start + rows_per_micro]
-        text = max(micro)
-        per_row = (forward_flops(model_config, image_tokens, text, rank, lora_targets)
-                   + backward_flops(model_config, image_tokens, text, train_mode, rank, lora_targets,
-                                    gradient_checkpointing))
-        per_row += forward_flops(model_config, image_tokens, text) if reference else 0
-        per_row += forward_flops(model_config, image_tokens, text, rank, lora_targets) if old else 0
-        total += len(micro) * per_row
+        total += len(micro) * (per_row(max(micro)) + negative)
     return updates * total
 
 
 def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], micro_batch_pairs: int,
                       updates: int = 1, train_mode: str = "lora", lora_rank: int = 0, lora_targets=(),
-                      gradient_checkpointing: bool = False) -> int:
+                      gradient_checkpointing: bool = False, negative_length: int | None = None) -> int:
     """FLOPs of policy.dpo_update on this rank: pair_lengths holds the 2P interleaved rows' prompt
-    lengths (dpo_update_flops for each micro-batch)."""
+    lengths (dpo_update_flops for each micro-batch); negative_length under true CFG (update_flops)."""
     return update_flops(model_config, image_tokens, pair_lengths, 2 * micro_batch_pairs, updates, train_mode,
-                        lora_rank, lora_targets, gradient_checkpointing)
+                        lora_rank, lora_targets, gradient_checkpointing, negative_length=negative_length)
 
 
 def update_tflop(config, model_config, prompt_cache, row_prompts: list[str], rows_per_micro: int,
                  reference: bool = True, old: bool = False) -> float:
-    """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop."""
+    """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop;
+    with true_cfg_scale > 1 each prediction also runs on the negative prompt (Policy.conditioning)."""
+    negative = text_lengths(prompt_cache, [config.negative_prompt])[0] if config.true_cfg_scale > 1 else None
     return update_flops(model_config, image_tokens_for(config.height, config.width),
                         text_lengths(prompt_cache, row_prompts), rows_per_micro, config.updates_per_rollout,
                         config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")),
-                        config.gradient_checkpointing, reference, old) / 1e12
+                        config.gradient_checkpointing, reference, old, negative) / 1e12
 
 
 def step_metrics(config, model_config, prompt_cache, prompts, update_tflop: float, rollout_s: float,

@@ -27,6 +27,11 @@ from run_config import config_dict
 OLD_ADAPTER = "old"  # the name of the "old" / EMA policy's LoRA adapter; the trained one is peft's "default"
 
 
+class TrainingStopped(FloatingPointError):
+    """The run stopped because it trains nothing usable (non-finite rollouts, or too many steps in a
+    row without an optimizer step); no final weights are written. The CLI prints it as one line."""
+
+
 class Policy:
     """Reads these config fields: dtype, train_mode, lora_rank, lora_alpha, lora_targets, lora_init,
     gradient_checkpointing, sharding, learning_rate, adam_beta1, adam_beta2, weight_decay,
@@ -88,7 +93,11 @@ class Policy:
         else:
             self.model, self.optimizer = accelerator.prepare(transformer, optimizer)
         transformer.train()
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row = 0  # updates (and online steps with non-finite rollouts) in a row
+        self.degenerate_in_a_row = 0  # online steps in a row that took no optimizer step (note_step)
+        self.optimizer_steps = 0  # taken in this process (a step compares it before and after its update)
+        self.rollouts_nonfinite = False  # the current weights' last rollouts held NaN / inf: never export them
+        self.step_nonfinite = False  # this step's rollout latents or rewards were non-finite (check_rollouts)
 
     # -- predictions: x0 [B, S, 64] clean latents, noise like x0, sigmas [B], then `conditioning`'s
     # (embeds [B, L, D], mask [B, L], negative)
@@ -171,6 +180,7 @@ class Policy:
                                          "(max_nonfinite_in_a_row); stopping")
             return False
         self.nonfinite_in_a_row = 0
+        self.optimizer_steps += 1
         grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -185,6 +195,50 @@ class Policy:
         metrics["update/grad_norm"] = float(grad_norm)
         return True
 
+    # -- the online trainer's guards around a step: its rollouts, and whether it trained anything
+    def check_rollouts(self, latents: torch.Tensor, rewards: torch.Tensor, step: int, metrics: dict) -> bool:
+        """Right after the rollout and its rewards: False when any rank's latents or rewards hold NaN
+        or inf (all ranks agree). Such a step must not update (its pairs or advantages are
+        meaningless) and counts towards max_nonfinite_in_a_row; non-finite latents also mark the
+        current weights as not exportable (save_final) until an optimizer step changes them. A
+        finite-weight policy can still sample NaN (e.g. a huge learning rate: weights of 1e30)."""
+        bad_latents, bad_rewards = all_sum(self.accelerator, float(not bool(torch.isfinite(latents).all())),
+                                           float(not bool(torch.isfinite(rewards).all())))
+        self.rollouts_nonfinite = bad_latents > 0
+        self.step_nonfinite = bool(bad_latents or bad_rewards)
+        if not self.step_nonfinite:
+            return True
+        self.nonfinite_in_a_row += 1
+        what = "rollout latents" if bad_latents else "rewards"
+        metrics["update/skipped_nonfinite_rollouts"] = 1.0
+        self.accelerator.print(f"step {step}: non-finite {what}, update skipped ({self.nonfinite_in_a_row} "
+                               "non-finite in a row)")
+        return False
+
+    def note_step(self, optimizer_steps_before: int, metrics: dict):
+        """After a step's update: a step that took no optimizer step (no pairs, every group tied,
+        every update non-finite, non-finite rollouts) is degenerate; counted in a row (reset by a
+        step that trained) and logged as update/degenerate_in_a_row."""
+        trained = self.optimizer_steps > optimizer_steps_before  # the same on every rank (agreed skips)
+        self.degenerate_in_a_row = 0 if trained else self.degenerate_in_a_row + 1
+        metrics["update/degenerate_in_a_row"] = float(self.degenerate_in_a_row)
+
+    def stop_if_degenerate(self, step: int):
+        """After the step is logged: raise TrainingStopped when this step's non-finite rollouts
+        brought the non-finite count to max_nonfinite_in_a_row (non-finite updates raise in
+        optimizer_step), or the degenerate steps in a row reached max_degenerate_steps_in_a_row
+        (0: never)."""
+        config = self.config
+        if self.step_nonfinite and self.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+            raise TrainingStopped(f"step {step}: {self.nonfinite_in_a_row} non-finite updates or rollouts in a row, "
+                                  "the last one this step's rollouts (max_nonfinite_in_a_row); stopping, no final weights written "
+                                  "(check learning_rate)")
+        limit = getattr(config, "max_degenerate_steps_in_a_row", 0)
+        if limit and self.degenerate_in_a_row >= limit:
+            raise TrainingStopped(f"step {step}: {self.degenerate_in_a_row} steps in a row trained nothing (no pairs, "
+                                  "every group tied, or every update / rollout non-finite; "
+                                  "max_degenerate_steps_in_a_row); stopping, no final weights written")
+
     @torch.no_grad()
     def update_old(self, decay: float):
         """old <- decay * old + (1 - decay) * trained (elementwise, on each rank's shard)."""
@@ -196,13 +250,19 @@ class Policy:
         return (f".{OLD_ADAPTER}.",) if self.has_old else ()
 
     def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
+        if self.rollouts_nonfinite:  # weights that sample NaN: a checkpoint would only rotate good ones out
+            self.accelerator.print(f"step {step}: checkpoint NOT written: the policy's last rollouts were non-finite")
+            return None
         return save_checkpoint(output_dir, step, self.model, self.optimizer, self.lr_scheduler,
-                               {"nonfinite_in_a_row": self.nonfinite_in_a_row}, self.accelerator.is_main_process, limit,
+                               {"nonfinite_in_a_row": self.nonfinite_in_a_row,
+                                "degenerate_in_a_row": self.degenerate_in_a_row},
+                               self.accelerator.is_main_process, limit,
                                run_config=config_dict(self.config), also_frozen=self._also_frozen())
 
     def load_checkpoint(self, path: str) -> int:
         state = load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler, also_frozen=self._also_frozen())
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.degenerate_in_a_row = state.get("degenerate_in_a_row", 0)
         return state["step"]
 
     def checksums(self) -> list[float]:
@@ -214,11 +274,15 @@ class Policy:
 
     def save_final(self, output_dir: str) -> str | None:
         """LoRA: output_dir/lora/pytorch_lora_weights.safetensors (diffusers format; the trained
-        adapter only); full: output_dir/transformer/ (QwenImageTransformer2DModel.from_pretrained)."""
+        adapter only); full: output_dir/transformer/ (QwenImageTransformer2DModel.from_pretrained).
+        Refused (TrainingStopped, nothing written) when the weights' last rollouts were non-finite."""
         import qwen_image as qi
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+        if self.rollouts_nonfinite:  # agreed by every rank (check_rollouts): all raise before the collective
+            raise TrainingStopped("the policy's last rollouts were non-finite (NaN / inf latents): its weights are "
+                                  "not exported, no final weights written (check learning_rate)")
         full_state = get_model_state_dict(self.model, options=state_dict_options())  # collective under FSDP
         if not self.accelerator.is_main_process:
             return None

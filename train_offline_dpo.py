@@ -214,7 +214,8 @@ def train(config: Config):
         update_flops = perf.update_step_flops(
             pipe.transformer.config, perf.image_tokens_for(config.height, config.width),
             perf.text_lengths(prompt_cache, pair_prompts), config.micro_batch_pairs, 1, config.train_mode,
-            config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing)
+            config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing,
+            perf.text_lengths(prompt_cache, [config.negative_prompt])[0] if config.true_cfg_scale > 1 else None)
         achieved = perf.throughput(update_flops, update_s, config.peak_tflops)
         metrics.update({"perf/update_tflop": update_flops / 1e12, "perf/update_tflops_per_s": achieved["tflops_per_device"]})
         if "mfu" in achieved:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -107,7 +108,8 @@ class Config:
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm
     lr_warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps, then constant
     max_steps: int = 300  # training steps (one rollout batch each)
-    max_nonfinite_in_a_row: int = 3  # stop after N skipped updates in a row (non-finite loss or gradient)
+    max_nonfinite_in_a_row: int = 3  # stop after this many non-finite updates or rollouts (NaN / inf) in a row
+    max_degenerate_steps_in_a_row: int = 10  # stop after this many steps in a row that train nothing (no pairs, all tied, non-finite); 0 = never
     # evaluation, logging, checkpoints
     eval_every: int = 20  # evaluate at step 0 and every N steps (0 = never)
     eval_samples_per_prompt: int = 1  # eval images per prompt (sample j of prompt i has seed i * 1000 + j)
@@ -175,6 +177,7 @@ def validate(config: Config, world_size: int = 1):
             "not supported with sharding=fsdp2 yet (untested)")
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
+    require(config.max_degenerate_steps_in_a_row >= 0, "max_degenerate_steps_in_a_row", "must be >= 0 (0: never stop)")
     validate_objective(config)
     require(run_config.data_source_exists(config.train_data), "train_data",
             f"file {config.train_data!r} does not exist")
@@ -314,9 +317,13 @@ def train(config: Config):
         t2 = time.perf_counter()
 
         # 5-7. the objective's update: pairs (dpo) or group advantages (dgpo, nft, awm), noise and sigma,
-        # reference / old / policy predictions, loss, backward, optimizer step(s)
-        batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts)
-        metrics, shown_pairs = objective.update(policy, batch, prompt_cache, step)
+        # reference / old / policy predictions, loss, backward, optimizer step(s). Not on NaN / inf
+        # rollouts or rewards (every rank agrees); a step without an optimizer step is counted.
+        steps_before, metrics, shown_pairs = policy.optimizer_steps, {}, torch.zeros(0, 2, dtype=torch.long)
+        if policy.check_rollouts(latents, rewards, step, metrics):
+            batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts)
+            metrics, shown_pairs = objective.update(policy, batch, prompt_cache, step)
+        policy.note_step(steps_before, metrics)
         t3 = time.perf_counter()
 
         # 8. metrics, samples, evaluation, checkpoints
@@ -346,6 +353,7 @@ def train(config: Config):
             grid.save(os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
             metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
+        policy.stop_if_degenerate(step)  # non-finite rollouts or nothing trained too often in a row: raise
         progress.update(1)
         loss_key, acc_key = f"{objective.name}/loss", f"{objective.name}/implicit_acc"
         progress.set_postfix(loss=f"{metrics[loss_key]:.4f}" if loss_key in metrics else "skip",
@@ -358,4 +366,8 @@ def train(config: Config):
 
 
 if __name__ == "__main__":
-    run_config.cli(main)  # a config or data error: one line on stderr, exit status 2
+    try:
+        run_config.cli(main)  # a config or data error: one line on stderr, exit status 2
+    except FloatingPointError as error:  # non-finite values or nothing trained (policy.TrainingStopped): exit 3
+        print(f"{os.path.basename(sys.argv[0])}: stopped: {error}", file=sys.stderr)
+        sys.exit(3)

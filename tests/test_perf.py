@@ -70,21 +70,25 @@ def test_flop_formula_matches_torch_flop_counter(tiny_pipe):
         batch * perf.forward_flops(config, image_tokens, text_tokens)
 
 
-@pytest.mark.parametrize("name,micro_batch_groups", [("dgpo", 1), ("nft", 2), ("awm", 1)])
-def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, micro_batch_groups):
+@pytest.mark.parametrize("name,micro_batch_groups,true_cfg_scale", [("dgpo", 1, 1.0), ("nft", 2, 1.0), ("awm", 1, 1.0),
+                                                                      ("awm", 1, 2.0)])
+def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, micro_batch_groups, true_cfg_scale):
     """What a group objective logs as perf/update_tflop (perf.update_flops: reference, old and
     policy forwards and the backward, per micro-batch at its longest prompt) against torch's counter
-    around the real update: 3 kept groups of 4 rows, prompts of different lengths, 2 updates."""
+    around the real update: 3 kept groups of 4 rows, prompts of different lengths, 2 updates. With
+    true_cfg_scale 2 every prediction also runs on the negative prompt (twice the forwards)."""
     import objective_worker
     import objectives
     import distributed
     from policy import Policy
 
-    config = objective_worker.config_for(name, tiny_dir, "none", ["--micro_batch_groups", str(micro_batch_groups)])
+    config = objective_worker.config_for(name, tiny_dir, "none", ["--micro_batch_groups", str(micro_batch_groups),
+                                                                  "--true_cfg_scale", str(true_cfg_scale),
+                                                                  "--negative_prompt", "blurry, low quality"])
     accelerator = distributed.make_accelerator(config)
     pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
     cache = qi.PromptCache(pipe, config.max_sequence_length)
-    cache.warm(objective_worker.PROMPTS)
+    cache.warm(objective_worker.PROMPTS + [config.negative_prompt])
     objective = objectives.build(config)
     policy = Policy(config, pipe, accelerator, old_adapter=objective.uses_old_adapter)
     assert objective.uses_old_adapter and objective.needs_reference  # all three forwards run and are counted
@@ -93,13 +97,45 @@ def test_group_update_flops_match_the_counter_on_a_real_update(tiny_dir, name, m
                                                                    cache, 0)[0]))
     predicted = logged[0]["perf/update_tflop"] * 1e12
     assert logged[0]["adv/samples_kept"] == 12 and abs(predicted - counted) / counted < 0.02, (predicted, counted)
-    # the tolerance tells the forwards apart: without the old adapter's the formula is ~25 % short
+    # the tolerance tells the forwards apart: without the old adapter's the formula is ~25 % short,
+    # without the negative prompt's (under true CFG) ~50 %
     lengths = perf.text_lengths(cache, objective_worker.rollouts_for(0, 0, 1).prompts)
     lengths = lengths[:4] + lengths[8:]  # group 1 ties and is dropped
-    without_old = perf.update_flops(pipe.transformer.config, 16, lengths, 4 * micro_batch_groups,
-                                    config.updates_per_rollout, "lora", config.lora_rank,
-                                    tuple(config.lora_targets.split(",")), old=False)
+    negative = perf.text_lengths(cache, [config.negative_prompt])[0] if true_cfg_scale > 1 else None
+    common = (pipe.transformer.config, 16, lengths, 4 * micro_batch_groups, config.updates_per_rollout, "lora",
+              config.lora_rank, tuple(config.lora_targets.split(",")))
+    without_old = perf.update_flops(*common, old=False, negative_length=negative)
     assert (counted - without_old) / counted > 0.1
+    if true_cfg_scale > 1:
+        assert perf.update_flops(*common, old=True) / counted < 0.55
+
+
+def test_dpo_update_flops_match_the_counter_on_a_real_update_with_true_cfg(tiny_dir):
+    """DPO's perf/update_tflop against torch's counter around objectives.DPO.update with true_cfg_scale
+    2: 4 best/worst pairs over 2 micro-batches, reference and policy forwards on both the prompt and
+    the negative prompt, the backward through both."""
+    import objective_worker
+    import objectives
+    import distributed
+    from policy import Policy
+
+    config = objective_worker.config_for("dpo", tiny_dir, "none", ["--micro_batch_pairs", "2", "--true_cfg_scale", "2",
+                                                                   "--negative_prompt", "blurry, low quality"])
+    accelerator = distributed.make_accelerator(config)
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    cache = qi.PromptCache(pipe, config.max_sequence_length)
+    cache.warm(objective_worker.PROMPTS + [config.negative_prompt])
+    policy = Policy(config, pipe, accelerator)
+    rollouts = objective_worker.rollouts_for(0, 0, 1)
+    logged = []
+    counted = counted_flops(lambda: logged.append(objectives.DPO(config).update(policy, rollouts, cache, 0)[0]))
+    predicted = logged[0]["perf/update_tflop"] * 1e12
+    assert logged[0]["pairs/kept"] == 3 and abs(predicted - counted) / counted < 0.02, (predicted, counted)
+    lengths = perf.text_lengths(cache, [p for p in rollouts.prompts[::4] if p != rollouts.prompts[4]])
+    pair_lengths = [n for n in lengths for _ in range(2)]
+    without_negative = perf.update_step_flops(pipe.transformer.config, 16, pair_lengths, 2, config.updates_per_rollout,
+                                              "lora", config.lora_rank, tuple(config.lora_targets.split(",")))
+    assert without_negative / counted < 0.55  # the old count: half the work
 
 
 def test_flop_formula_full_training_matches_counter(tiny_pipe):
@@ -162,6 +198,95 @@ def test_planner_activation_memory_matches_measured_peak():
     assert len(cases) == 2
     for case in cases:
         assert abs(case["predicted"] - case["measured"]) / case["measured"] < 0.20, case
+
+
+def memory_cases(kind: str) -> list[dict]:
+    """tests/memory_worker.py KIND in a fresh process (see test_planner_activation_memory_matches_measured_peak)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "memory_worker.py"), kind], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_planner_group_micro_batch_is_a_whole_group_of_rows():
+    """A group objective's smallest micro-batch is one whole group: K = 8 rows (reference, old
+    adapter and policy forwards, checkpointed). Measured peak vs the planner's activations at K rows;
+    at the 2 rows of a DPO pair it would be ~4x short."""
+    (case,) = memory_cases("group")
+    assert case["rows"] == 8 and abs(case["predicted"] - case["measured"]) / case["measured"] < 0.20, case
+
+
+@pytest.mark.slow
+def test_planner_vae_decode_working_set_matches_a_measured_decode():
+    """plan.vae_decode_peak_bytes (live tensors traced on the meta device) against a real decode of the
+    tiny pipeline's VAE architecture at two widths; the CPU's conv3d workspace comes on top of it."""
+    cases = memory_cases("vae")
+    assert len(cases) == 2
+    for case in cases:
+        assert abs(case["predicted"] - case["measured"]) / case["measured"] < 0.05, case
+        assert case["peak_with_workspace"] >= case["measured"]
+
+
+def test_planner_vae_decode_working_set_of_the_real_vae():
+    """The published Qwen-Image VAE in bf16 holds ~57 MB of live tensors per 128x128 image while it
+    decodes (measured before on the real decoder at batch 1), linear in pixels and batch: a 16-image
+    chunk at 512x512 needs ~14.5 GB, which the planner now counts."""
+    from diffusers import AutoencoderKLQwenImage
+
+    plan = load_benchmark("plan")
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage().to(torch.bfloat16)
+    assert sum(p.numel() for p in vae.parameters()) == plan.VAE_PARAMS
+    one = plan.vae_decode_peak_bytes(vae, 1, 128, 128)
+    assert one == pytest.approx(57e6, rel=0.02)
+    chunk = plan.vae_decode_peak_bytes(vae, 16, 512, 512)
+    assert chunk == pytest.approx(16 * 16 * one, rel=0.02) and chunk == pytest.approx(14.5e9, rel=0.01)
+
+
+@pytest.mark.slow
+def test_planner_old_adapter_and_full_reference_copy_match_measured_memory():
+    """The old adapter adds the trainable LoRA's fp32 bytes; full mode's reference is a copy of the
+    fp32 policy: base parameters x 4 bytes (the old planner counted them at --dtype, half of it)."""
+    for case in memory_cases("weights"):
+        assert abs(case["predicted"] - case["measured"]) / case["measured"] < 0.15, case
+        if case["what"] == "frozen_reference_copy":
+            assert case["at_dtype"] < 0.6 * case["measured"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--objective", "nft"], ["--train_mode", "full"], ["--true_cfg_scale", "4"]])
+def test_planner_prints_every_term(flags, capsys):
+    """plan.py's new rows on the real architecture: the VAE decode working set in every plan, the
+    old adapter and a whole group (K = 16 rows) per micro-batch with a group objective, the fp32
+    reference copy in full mode, the host memory of the text encoder, and true CFG doubling the
+    update's FLOPs."""
+    plan = load_benchmark("plan")
+    result = plan.main(["--world_size", "4"] + flags)
+    out = capsys.readouterr().out
+    ddp = result["memory_gb"]["ddp"]
+    assert ddp["vae_decode_working_set"] == pytest.approx(14.5, rel=0.01) and "vae_decode_working_set" in out
+    assert result["text_encoder_host_gb_per_process"] == pytest.approx(16.58, abs=0.01) and "text encoder 16.6 GB" in out
+    assert ddp["total_checkpointed"] == pytest.approx(sum(v for k, v in ddp.items() if not k.startswith(
+        ("activations", "rollout", "vae_decode", "total"))) + max(ddp["activations_checkpointed"],
+                                                                    ddp["rollout_working_set"], ddp["vae_decode_working_set"]))
+    if flags == ["--objective", "nft"]:
+        assert result["micro_batch_rows"] == 16 and result["old_adapter"] and "old_adapter_fp32" in out
+        assert ddp["old_adapter_fp32"] == pytest.approx(421_920_768 * 4 / 1e9)
+        assert ddp["activations_checkpointed"] == pytest.approx(12.35, abs=0.01)
+    elif flags == ["--train_mode", "full"]:
+        assert ddp["frozen_reference_copy_fp32"] == pytest.approx(20_430_401_088 * 4 / 1e9) and "reference_copy_fp32" in out
+    elif flags == ["--true_cfg_scale", "4"]:
+        base = plan.main(["--world_size", "4"])
+        ratio = result["update_pflop_per_gpu_checkpointed"] / base["update_pflop_per_gpu_checkpointed"]
+        assert 1.7 < ratio < 2.0  # the negative prompt (8 tokens) is shorter than the prompt (64)
+    else:
+        assert result["micro_batch_rows"] == 2 and not result["old_adapter"] and "old_adapter_fp32" not in out
 
 
 # ---------------------------------------------------------------------------------- levers
