@@ -380,10 +380,12 @@ def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], 
 
 
 def update_tflop(config, model_config, prompt_cache, row_prompts: list[str], rows_per_micro: int,
-                 reference: bool = True, old: bool = False) -> float:
-    """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop."""
+                 reference: bool = True, old: bool = False, forwards_per_row: int = 1) -> float:
+    """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop.
+    forwards_per_row: the passes over each row per update (grpo: one per trained SDE step)."""
     return update_flops(model_config, image_tokens_for(config.height, config.width),
-                        text_lengths(prompt_cache, row_prompts), rows_per_micro, config.updates_per_rollout,
+                        text_lengths(prompt_cache, row_prompts), rows_per_micro,
+                        config.updates_per_rollout * forwards_per_row,
                         config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")),
                         config.gradient_checkpointing, reference, old) / 1e12
 

@@ -62,7 +62,7 @@ class Config:
     # reward
     reward: str = "ocr"  # a reward name (rewards.REWARDS) or weighted components, e.g. ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
-    # objective: "dpo" (Diffusion-DPO on pairs), "dgpo", "nft" (DiffusionNFT) or "awm" (objectives.py)
+    # objective: "dpo" (Diffusion-DPO on pairs), "dgpo", "nft" (DiffusionNFT), "awm" or "grpo" (Flow-GRPO) (objectives.py)
     objective: str = "dpo"
     reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
@@ -123,6 +123,13 @@ class Config:
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
+    # ---- Flow-GRPO (objective grpo; flow_grpo.py)
+    grpo_noise_level: float = 0.7  # SDE noise level a, sigma_t = a sqrt(t/(1-t)) (official config/base.py sample.noise_level)
+    grpo_sde_window: str = ""  # "": SDE on every step; "start,length": SDE on those steps, ODE elsewhere (official train_sd3_fast.py sde_window_size)
+    grpo_timestep_fraction: float = 0.99  # trains the first int(SDE steps x fraction) SDE steps (official config/grpo.py general_ocr_sd3 train.timestep_fraction)
+    grpo_clip_range: float = 1e-4  # PPO clip range of the likelihood ratio (official config/base.py train.clip_range)
+    grpo_adv_clip: float = 5.0  # advantages clipped to +-c (official config/base.py train.adv_clip_max)
+    grpo_kl_weight: float = 0.04  # weight of the KL to the reference on the SDE step means (official config/grpo.py general_ocr_sd3 train.beta)
 
 
 PRESETS = {
@@ -187,9 +194,28 @@ def validate_objective(config: Config):
         except ValueError:
             ok = False
         require(ok, field, "must be 'start,rate,max' with start >= 0, rate >= 0 and 0 <= max < 1")
+    validate_grpo(config)
     if config.objective in OBJECTIVES:
         require(not build(config).uses_old_adapter or config.train_mode == "lora", "train_mode",
                 f"must be 'lora' with objective {config.objective!r}: its old policy is a second LoRA adapter")
+
+
+def validate_grpo(config: Config):
+    """Flow-GRPO's knobs (checked whatever the objective, like the others')."""
+    import flow_grpo
+    from trainer_utils import require
+
+    for field in ("grpo_noise_level", "grpo_clip_range", "grpo_adv_clip"):
+        value = getattr(config, field)
+        require(math.isfinite(value) and value > 0, field, "must be a finite number > 0")
+    require(math.isfinite(config.grpo_kl_weight) and config.grpo_kl_weight >= 0, "grpo_kl_weight",
+            "must be a finite number >= 0")
+    require(0 < config.grpo_timestep_fraction <= 1, "grpo_timestep_fraction", "must be in (0, 1]")
+    try:
+        flow_grpo.sde_steps(config.num_inference_steps, config.grpo_sde_window, config.grpo_timestep_fraction)
+    except ValueError as error:
+        field = "grpo_sde_window" if "window" in str(error) else "grpo_timestep_fraction"
+        require(False, field, str(error))
 
 
 def main(argv=None):
@@ -259,6 +285,8 @@ def train(config: Config):
         group_ids = [f"{rank * len(rows) + i}:{row['uid']}" for i, row in enumerate(rows) for _ in range(K)]
         seeds = tu.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
+        recorder = objective.recorder() if hasattr(objective, "recorder") else None  # grpo: the SDE sampler
+        scheduler_step = recorder.chunk_step if recorder else None
         # NFT samples with its old adapter (the paper's behaviour policy); the other objectives with the trained one
         with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
             if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
@@ -271,11 +299,13 @@ def train(config: Config):
                         reward_parts.setdefault(name, []).extend(scores)
                     return combined
                 with perf.OverlappedScorer(score_chunk) as scorer:
-                    latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer)
+                    latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer,
+                                                 scheduler_step=scheduler_step)
                     t1 = time.perf_counter()
                     combined = scorer.results()
             else:
-                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)  # [N, S, 64]
+                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings,
+                                             scheduler_step=scheduler_step)  # [N, S, 64]
                 t1 = time.perf_counter()
                 # 4. rewards
                 combined, reward_parts = tu.score_rows_with_components(reward_fn, images, flat_rows)  # parts: multi-reward
@@ -285,7 +315,8 @@ def train(config: Config):
 
         # 5-7. the objective's update: pairs (dpo) or group advantages (dgpo, nft, awm), noise and sigma,
         # reference / old / policy predictions, loss, backward, optimizer step(s)
-        batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts)
+        batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts,
+                                    trajectory=recorder.result() if recorder else None)
         metrics, shown_pairs = objective.update(policy, batch, prompt_cache, step)
         t3 = time.perf_counter()
 
