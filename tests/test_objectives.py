@@ -77,10 +77,11 @@ def test_the_exported_lora_loads_into_a_fresh_pipeline_through_diffusers(one_pro
 @pytest.mark.slow
 def test_two_processes_equal_one_process(one_process, tiny_dir, tmp_path):
     """Each rank holds half the groups; noise and sigma are drawn per group, so 2-process DDP (every
-    objective) and FSDP2 (nft: old adapter, reference and EMA on sharded weights) train exactly what
-    1 process trains on the same rollouts (up to summation order). One launch."""
+    objective) and FSDP2 (nft: old adapter, reference and EMA on sharded weights; grpo: a pass per
+    trained step, reference at the recorded states) train exactly what 1 process trains on the same
+    rollouts (up to summation order; grpo measured 3e-8). One launch."""
     single, logged_by_name = one_process
-    runs = [("none", name) for name in GROUP_OBJECTIVES] + [("fsdp2", "nft")]
+    runs = [("none", name) for name in GROUP_OBJECTIVES] + [("fsdp2", "nft"), ("fsdp2", "grpo")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
            tiny_dir, str(tmp_path), *[f"{sharding}:{name}" for sharding, name in runs]]
