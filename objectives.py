@@ -9,6 +9,8 @@ updates the `Policy` (policy.py):
 - `nft`   DiffusionNFT: every sample regressed through an implicit positive / negative policy built
           from the trained and the old (EMA) policy, weighted by its advantage.
 - `awm`   AWM: advantage-weighted flow matching with a PPO-style ratio to the old policy.
+- `grpo`  Flow-GRPO: the rollout samples with an SDE and records its transitions; PPO-clipped ratio
+          of each trained step's transition log-probability, KL to the reference (flow_grpo.py).
 
 The group objectives share one update (`GroupObjective.update`): advantages within each group
 (zero-variance groups dropped and counted), one noise and one sigma per group and update, whole
