@@ -1,7 +1,7 @@
 """The shipped text world (worlds/text_world, built by build_text_world.py) with the real PP-OCRv5
 reward: it loads as a user's --pretrained directory and renders what its README states before
 training; online DPO on it raises the eval OCR exact match while the reversed preference lowers it,
-and so does each group objective (dgpo, nft, awm) with its advantages negated."""
+and so does each group objective (dgpo, nft, awm, grpo) with its advantages negated."""
 
 import json
 import os
@@ -30,7 +30,10 @@ EVAL_PROMPTS = os.path.join(tu.TEXT_WORLD_DATA, "eval.txt")
 # eval prompts themselves (other seeds than the eval's): the question is whether the objective moves
 # the real reward the way its advantages point, in few steps; generalisation (train.txt, 40 steps,
 # 3 seeds) is the benchmark's measurement. Margins in standard errors of the paired gains.
-GROUP_KNOBS = {"dgpo": ["--dgpo_beta", "10"], "nft": [], "awm": ["--awm_old_kl_weight", "0.01"]}
+GROUP_KNOBS = {"dgpo": ["--dgpo_beta", "10"], "nft": [], "awm": ["--awm_old_kl_weight", "0.01"],
+               # Flow-GRPO-Fast: SDE on the first 2 of 8 steps, both trained, 2 updates per rollout (the
+               # default, 7 trained steps x 4 updates, costs ~7x the update of nft here: perf/update_tflop)
+               "grpo": ["--grpo_sde_window", "0,2", "--grpo_timestep_fraction", "1", "--updates_per_rollout", "2"]}
 GROUP_FORWARD_STEPS, GROUP_REVERSED_STEPS, GROUP_MARGIN_SE_REWARD, GROUP_MARGIN_SE_APART = 12, 8, 2.0, 3.0
 
 
