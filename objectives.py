@@ -9,6 +9,8 @@ updates the `Policy` (policy.py):
 - `nft`   DiffusionNFT: every sample regressed through an implicit positive / negative policy built
           from the trained and the old (EMA) policy, weighted by its advantage.
 - `awm`   AWM: advantage-weighted flow matching with a PPO-style ratio to the old policy.
+- `grpo`  Flow-GRPO: the rollout samples with an SDE and records its transitions; PPO-clipped ratio
+          of each trained step's transition log-probability, KL to the reference (flow_grpo.py).
 
 The group objectives share one update (`GroupObjective.update`): advantages within each group
 (zero-variance groups dropped and counted), one noise and one sigma per group and update, whole
@@ -38,6 +40,7 @@ class Rollouts:
     rewards: torch.Tensor  # [N] float64
     group_ids: list[str]  # [N], equal within a prompt group; unique in the step over all ranks
     prompts: list[str]  # [N]
+    trajectory: dict | None = None  # grpo: the SDE rollout's recorded transitions (qwen_image.SDERecorder.result)
 
 
 def parse_ema(spec: str) -> tuple[float, float, float]:
@@ -290,7 +293,130 @@ class AWM(GroupObjective):
                         kl_weight=c.awm_kl_weight, old_kl_weight=c.awm_old_kl_weight)
 
 
-OBJECTIVES = {"dpo": DPO, "dgpo": DGPO, "nft": NFT, "awm": AWM}
+class GRPO(GroupObjective):
+    """Flow-GRPO (flow_grpo.py): the rollout samples with the SDE (qwen_image.SDERecorder, started by
+    the trainer through `recorder()`) and records each trained step's transition x_j -> x_{j+1} and
+    its log-probability; the update recomputes that log-probability under the current policy at every
+    trained step of every kept sample and applies the PPO-clipped ratio to the clipped group
+    advantage, plus the KL to the reference (LoRA disabled) on the step means. Per update (inner
+    epoch): gradients accumulate over all micro-batches and all trained steps, then one guarded
+    optimizer step (official train_sd3.py accumulates over the trained timesteps); the loss is the mean
+    over every (sample, trained step) of every rank. No old adapter: the old log-probs are the
+    rollout's. Knobs: advantage_std, grpo_noise_level, grpo_sde_window, grpo_timestep_fraction,
+    grpo_clip_range, grpo_adv_clip, grpo_kl_weight."""
+
+    name = "grpo"
+    knobs = ("advantage_std", "grpo_noise_level", "grpo_sde_window", "grpo_timestep_fraction", "grpo_clip_range",
+             "grpo_adv_clip", "grpo_kl_weight")
+    uses_old_adapter = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.needs_reference = config.grpo_kl_weight > 0
+
+    def recorder(self):
+        """A fresh SDE recorder for one step's rollout (qi.rollout(..., scheduler_step=recorder.chunk_step))."""
+        import flow_grpo
+        import qwen_image as qi
+
+        c = self.config
+        sde, trained = flow_grpo.sde_steps(c.num_inference_steps, c.grpo_sde_window, c.grpo_timestep_fraction)
+        return qi.SDERecorder(c.grpo_noise_level, sde, trained)
+
+    def transition(self, policy, trajectory, rows, j: int, conditioning, reference: bool = False):
+        """Under the policy (or the reference): (log p(x_{j+1} | x_j) [n], step mean [n, S, 64], sigma_t
+        [n, 1, 1]) of the recorded transitions `rows` at trained step j."""
+        import flow_grpo
+
+        device = policy.accelerator.device
+        x = trajectory["before"][rows, j].to(device)
+        sigma, sigma_next = trajectory["sigmas"][j], trajectory["sigmas_next"][j]
+        predict = policy.reference_velocity_at if reference else policy.velocity_at
+        v = predict(x, sigma.expand(x.shape[0]).to(device), *conditioning)
+        mean, step_std, sigma_t = flow_grpo.sde_step_mean(x, v, sigma, sigma_next, trajectory["sigma_max"],
+                                                          trajectory["noise_level"])
+        log_prob = flow_grpo.transition_log_prob(trajectory["after"][rows, j].to(device), mean, step_std)
+        return log_prob, mean, sigma_t
+
+    def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
+        """`updates_per_rollout` optimizer steps, each over every kept sample and trained step of this rank.
+        -> (metrics, best/worst pairs for the grid)."""
+        from flow_grpo import grpo_loss
+        from pairing import select_pairs
+
+        config, accelerator = self.config, policy.accelerator
+        world, device = accelerator.num_processes, accelerator.device
+        trajectory = rollouts.trajectory
+        if trajectory is None:
+            raise ValueError("objective grpo needs the SDE rollout's trajectory (Rollouts.trajectory)")
+        advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
+        groups: dict[int, list[int]] = {}
+        for row in torch.nonzero(keep).flatten().tolist():
+            groups.setdefault(int(group_index[row]), []).append(row)
+        groups_list = list(groups.values())
+        n_groups = len(groups_list)
+        rows_total = all_sum(accelerator, sum(len(g) for g in groups_list))[0]
+        metrics = self._advantage_metrics(accelerator, stats, advantages[keep])
+        grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
+        if rows_total == 0:
+            accelerator.print(f"step {step}: every group has equal rewards; update skipped")
+            metrics["update/skipped_no_groups"] = 1.0
+            return metrics, grid_pairs
+        if n_groups == 0:  # nothing on this rank: one placeholder group with zero weight joins the collectives
+            groups_list = [list(range(config.samples_per_prompt))]
+        order = torch.tensor([row for g in groups_list for row in g])
+        traj = {**trajectory, "before": trajectory["before"][order], "after": trajectory["after"][order]}
+        old_log_probs = trajectory["log_probs"][order]  # [M, T]
+        prompts = [rollouts.prompts[i] for i in order.tolist()]
+        adv = advantages[order].to(device)
+        n_steps = old_log_probs.shape[1]
+        units_total = rows_total * n_steps  # the loss is the mean over every (sample, trained step)
+        bounds = [0]
+        for g in groups_list:
+            bounds.append(bounds[-1] + len(g))
+        per_micro = config.micro_batch_groups
+        n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups_list) / per_micro))))
+        c = config
+        totals, good_updates = {}, 0
+        for update in range(config.updates_per_rollout):
+            sums = {}
+            for micro in range(n_micro):
+                first, last = micro * per_micro, min((micro + 1) * per_micro, n_groups)
+                weight = 1.0
+                if last <= first:  # padding micro-batch: same kind of work, no contribution
+                    first, last, weight = 0, 1, 0.0
+                rows = slice(bounds[first], bounds[last])
+                n = bounds[last] - bounds[first]
+                conditioning = policy.conditioning(prompt_cache, prompts[rows], device)
+                for j in range(n_steps):
+                    ref_mean = None
+                    if self.needs_reference:
+                        _, ref_mean, _ = self.transition(policy, traj, rows, j, conditioning, reference=True)
+                    with policy.no_sync(micro == n_micro - 1 and j == n_steps - 1):
+                        log_prob, mean, sigma_t = self.transition(policy, traj, rows, j, conditioning)
+                        loss, m = grpo_loss(log_prob, old_log_probs[rows, j].to(device), adv[rows], c.grpo_clip_range,
+                                            c.grpo_adv_clip, mean, ref_mean, sigma_t, c.grpo_kl_weight)
+                        # DDP / FSDP average gradients over ranks: scale to the global mean over (sample, step)
+                        accelerator.backward(loss * (weight * n * world / units_total))
+                    for key, value in m.items():
+                        sums[key] = sums.get(key, 0.0) + weight * value * n
+            if policy.optimizer_step(math.isfinite(sums["loss"]), step, metrics):
+                good_updates += 1
+                for key, value in sums.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        # one policy forward + backward (+ the reference forward when the KL is on) per trained step per row
+        metrics["perf/update_tflop"] = perf.update_tflop(
+            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * per_micro,
+            reference=self.needs_reference, old=False, forwards_per_row=n_steps) if n_groups else 0.0
+        metrics["grpo/trained_steps"] = float(n_steps)
+        if good_updates:
+            keys = sorted(totals)
+            summed = all_sum(accelerator, *[totals[k] for k in keys])
+            metrics.update({f"grpo/{k}": v / (units_total * good_updates) for k, v in zip(keys, summed)})
+        return metrics, grid_pairs
+
+
+OBJECTIVES = {"dpo": DPO, "dgpo": DGPO, "nft": NFT, "awm": AWM, "grpo": GRPO}
 
 
 def build(config):

@@ -407,12 +407,14 @@ def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], 
 
 
 def update_tflop(config, model_config, prompt_cache, row_prompts: list[str], rows_per_micro: int,
-                 reference: bool = True, old: bool = False) -> float:
+                 reference: bool = True, old: bool = False, forwards_per_row: int = 1) -> float:
     """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop;
-    with true_cfg_scale > 1 each prediction also runs on the negative prompt (Policy.conditioning)."""
+    with true_cfg_scale > 1 each prediction also runs on the negative prompt (Policy.conditioning).
+    forwards_per_row: the passes over each row per update (grpo: one per trained SDE step)."""
     negative = text_lengths(prompt_cache, [config.negative_prompt])[0] if config.true_cfg_scale > 1 else None
     return update_flops(model_config, image_tokens_for(config.height, config.width),
-                        text_lengths(prompt_cache, row_prompts), rows_per_micro, config.updates_per_rollout,
+                        text_lengths(prompt_cache, row_prompts), rows_per_micro,
+                        config.updates_per_rollout * forwards_per_row,
                         config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")),
                         config.gradient_checkpointing, reference, old, negative) / 1e12
 

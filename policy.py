@@ -104,15 +104,19 @@ class Policy:
     def _velocity(self, module, x0, noise, sigmas, embeds, mask, negative=None):
         """negative: (embeds, mask) of the negative prompt when true_cfg_scale > 1: the prediction is
         then the sampler's norm-rescaled CFG combination, as in the rollout."""
-        import qwen_image as qi
         from dpo_loss import noisy_latents
+
+        return self._velocity_at(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask, negative)
+
+    def _velocity_at(self, module, latents, sigmas, embeds, mask, negative=None):
+        """The prediction at given noisy latents x_sigma [B, S, 64] (Flow-GRPO's recorded states)."""
+        import qwen_image as qi
 
         cfg = {}
         if negative is not None:
             cfg = dict(negative_prompt_embeds=negative[0], negative_prompt_mask=negative[1],
                        true_cfg_scale=self.config.true_cfg_scale)
-        return qi.predict_velocity(module, noisy_latents(x0, noise, sigmas), sigmas, embeds, mask,
-                                   self.config.height, self.config.width, **cfg)
+        return qi.predict_velocity(module, latents, sigmas, embeds, mask, self.config.height, self.config.width, **cfg)
 
     def conditioning(self, prompt_cache, prompts: list[str], device) -> tuple:
         """(embeds, mask, negative) of the prompts for the predictions below; negative is the negative
@@ -136,6 +140,20 @@ class Policy:
                 return self._velocity(self.reference, *args)
             with qi.lora_disabled(self.transformer):
                 return self._velocity(self.transformer, *args)
+
+    def velocity_at(self, *args):
+        """The trained policy at given noisy latents (latents, sigmas, embeds, mask, negative), with gradient."""
+        return self._velocity_at(self.model, *args)
+
+    def reference_velocity_at(self, *args):
+        """The frozen reference at given noisy latents (no gradient)."""
+        import qwen_image as qi
+
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._velocity_at(self.reference, *args)
+            with qi.lora_disabled(self.transformer):
+                return self._velocity_at(self.transformer, *args)
 
     def old_velocity(self, *args):
         """The old policy: the same transformer with the old adapter active."""

@@ -471,7 +471,8 @@ def rollout_cache(transformer, spec: str):
 
 @torch.no_grad()
 def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[str], seeds: list[int],
-            settings: RolloutSettings, decode: bool = True, on_chunk=None, block_forwards: list | None = None):
+            settings: RolloutSettings, decode: bool = True, on_chunk=None, block_forwards: list | None = None,
+            scheduler_step=None):
     """One image per (prompt, seed) with the pipeline's own sampler, in chunks.
 
     For K samples per prompt pass each prompt K times with K seeds (prompts are never expanded with
@@ -486,6 +487,9 @@ def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[st
     skip decisions are made for a whole chunk at once, so a cached image also depends on its chunk.
     `block_forwards`, if given, receives one dict per chunk, {text tokens: block forwards x rows
     actually run} (counting_block_forwards; the FLOP accounting reads it).
+    `scheduler_step(scheduler, generators, n_real)`, if given, returns the step function that replaces
+    `pipe.scheduler.step` during each chunk's pipeline call (e.g. `SDERecorder.chunk_step`: Flow-GRPO's
+    SDE sampler), the chunk's per-image generators (already past the initial noise) and real rows.
     Returns (packed latents [N, S, 64] float32 on CPU, PIL images or None).
     """
     assert len(prompts) == len(seeds)
@@ -496,12 +500,12 @@ def rollout(pipe: QwenImagePipeline, prompt_cache: PromptCache, prompts: list[st
                 counts.clear()
                 if on_chunk is not None:
                     on_chunk(start, latents, images)
-            return _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, count_chunk)
+            return _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, count_chunk, scheduler_step)
     with rollout_cache(pipe.transformer, settings.cache):
-        return _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk)
+        return _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk, scheduler_step)
 
 
-def _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk):
+def _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk, scheduler_step=None):
     transformer_dtype = pipe.transformer.dtype
     do_cfg = settings.true_cfg_scale > 1.0
     prompt_cache.warm(list(prompts) + ([settings.negative_prompt] if do_cfg else []))
@@ -520,10 +524,11 @@ def _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk):
             neg_embeds, neg_mask = prompt_cache([settings.negative_prompt] * len(chunk),
                                                 device=pipe._execution_device, dtype=transformer_dtype)
             kwargs = dict(negative_prompt_embeds=neg_embeds, negative_prompt_embeds_mask=neg_mask)
-        latents = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=settings.true_cfg_scale,
-                       height=settings.height, width=settings.width,
-                       num_inference_steps=settings.num_inference_steps, generator=generators,
-                       output_type="latent", return_dict=False, **kwargs)[0]
+        with _scheduler_step_replaced(pipe, scheduler_step, generators, n_real):
+            latents = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=settings.true_cfg_scale,
+                           height=settings.height, width=settings.width,
+                           num_inference_steps=settings.num_inference_steps, generator=generators,
+                           output_type="latent", return_dict=False, **kwargs)[0]
         chunk_latents = latents[:n_real].float().cpu()
         all_latents.append(chunk_latents)
         chunk_images = None
@@ -533,6 +538,79 @@ def _rollout(pipe, prompt_cache, prompts, seeds, settings, decode, on_chunk):
         if on_chunk is not None:
             on_chunk(start, chunk_latents, chunk_images)
     return torch.cat(all_latents), (all_images if decode else None)
+
+
+@contextlib.contextmanager
+def _scheduler_step_replaced(pipe, scheduler_step, generators, n_real):
+    if scheduler_step is None:
+        yield
+        return
+    scheduler = pipe.scheduler
+    scheduler.step = scheduler_step(scheduler, generators, n_real)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del scheduler.step
+
+
+class SDERecorder:
+    """Flow-GRPO's SDE sampler run by QwenImagePipeline itself: `rollout(..., scheduler_step=
+    recorder.chunk_step)` keeps the pipeline's timesteps (its dynamic shift mu from the image sequence
+    length), transformer calls and true CFG, and replaces only the scheduler's update: at the SDE
+    steps x_next = flow_grpo's SDE step with noise level a (fp32, cast back to the pipeline's latent
+    dtype as its Euler step does), elsewhere the scheduler's own Euler step. The noise of image b
+    comes from its own generator (the one that drew its initial latents), so a trajectory depends on
+    its seed only. For each trained step j it records x_j, x_{j+1} (exactly the tensors the pipeline
+    fed to and got from the step) and log p(x_{j+1} | x_j) of the recorded x_{j+1}.
+
+    `result()` after the rollout: dict with before [N, T, S, 64], after [N, T, S, 64] (the pipeline's
+    latent dtype, CPU), log_probs [N, T] fp32, sigmas [T], sigmas_next [T] (fp32), sigma_max (the
+    scheduler's s_1), steps (the trained step indices) and noise_level; N = the rollout's images in
+    order, T = len(trained_steps)."""
+
+    def __init__(self, noise_level: float, sde_steps, trained_steps):
+        self.noise_level = float(noise_level)
+        self.sde_steps, self.trained_steps = set(sde_steps), list(trained_steps)
+        self.chunks = []
+
+    def chunk_step(self, scheduler, generators, n_real):
+        import flow_grpo
+
+        original = type(scheduler).step.__get__(scheduler)
+        record = {"before": [], "after": [], "log_probs": [], "sigmas": [], "sigmas_next": []}
+        self.chunks.append(record)
+        calls = [0]
+
+        def step(model_output, timestep, sample, return_dict=False, **kwargs):
+            i = calls[0]
+            calls[0] += 1
+            euler = original(model_output, timestep, sample, return_dict=False, **kwargs)[0]  # advances the index
+            sigmas = scheduler.sigmas
+            if i not in self.sde_steps:
+                return (euler,)
+            # a = 0 runs the same formula: the Euler step, bit for bit in fp32
+            mean, step_std, _ = flow_grpo.sde_step_mean(sample, model_output, sigmas[i], sigmas[i + 1],
+                                                       float(sigmas[1]), self.noise_level)
+            eps = torch.stack([torch.randn(sample.shape[1:], generator=g, dtype=torch.float32) for g in generators])
+            next_latents = (mean + step_std * eps.to(mean.device)).to(euler.dtype)
+            if i in self.trained_steps:  # the log-prob of what is recorded (after the cast), as training recomputes it
+                record["before"].append(sample[:n_real].detach().cpu())
+                record["after"].append(next_latents[:n_real].detach().cpu())
+                record["log_probs"].append(flow_grpo.transition_log_prob(next_latents, mean, step_std)[:n_real].cpu())
+                record["sigmas"].append(float(sigmas[i]))
+                record["sigmas_next"].append(float(sigmas[i + 1]))
+                self.sigma_max = float(sigmas[1])
+            return (next_latents,)  # the pipeline calls with return_dict=False
+
+        return step
+
+    def result(self) -> dict:
+        first = self.chunks[0]
+        return {"before": torch.cat([torch.stack(c["before"], 1) for c in self.chunks]),
+                "after": torch.cat([torch.stack(c["after"], 1) for c in self.chunks]),
+                "log_probs": torch.cat([torch.stack(c["log_probs"], 1) for c in self.chunks]),
+                "sigmas": torch.tensor(first["sigmas"]), "sigmas_next": torch.tensor(first["sigmas_next"]),
+                "sigma_max": self.sigma_max, "steps": list(self.trained_steps), "noise_level": self.noise_level}
 
 
 def _latent_stats(pipe, device, dtype):

@@ -69,8 +69,7 @@ class Config:
     # reward
     reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
-    # objective: "dpo" (Diffusion-DPO on pairs), "dgpo", "nft" (DiffusionNFT) or "awm" (objectives.py)
-    objective: str = "dpo"  # dpo (Diffusion-DPO on pairs), dgpo, nft (DiffusionNFT) or awm (objectives.py)
+    objective: str = "dpo"  # dpo (Diffusion-DPO on pairs), dgpo, nft (DiffusionNFT), awm or grpo (Flow-GRPO) (objectives.py)
     reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
     beta: float = 100.0  # Diffusion-DPO's beta (> 0; docs/objectives.md, "Diffusion-DPO")
@@ -131,6 +130,13 @@ class Config:
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0  # run seed: rollout, noise and data-order seeds derive from it
     preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
+    # ---- Flow-GRPO (objective grpo; flow_grpo.py)
+    grpo_noise_level: float = 0.7  # SDE noise level a, sigma_t = a sqrt(t/(1-t)) (official config/base.py sample.noise_level)
+    grpo_sde_window: str = ""  # "": SDE on every step; "start,length": SDE on those steps, ODE elsewhere (official train_sd3_fast.py sde_window_size)
+    grpo_timestep_fraction: float = 0.99  # trains the first int(SDE steps x fraction) SDE steps (official config/grpo.py general_ocr_sd3 train.timestep_fraction)
+    grpo_clip_range: float = 1e-4  # PPO clip range of the likelihood ratio (official config/base.py train.clip_range)
+    grpo_adv_clip: float = 5.0  # advantages clipped to +-c (official config/base.py train.adv_clip_max)
+    grpo_kl_weight: float = 0.04  # weight of the KL to the reference on the SDE step means (official config/grpo.py general_ocr_sd3 train.beta)
 
 
 PRESETS = {
@@ -206,6 +212,7 @@ def validate_objective(config: Config):
         except ValueError:
             ok = False
         require(ok, field, "must be 'start,rate,max' with start >= 0, rate >= 0 and 0 <= max < 1")
+    validate_grpo(config)
     if config.objective in OBJECTIVES:
         require(not build(config).uses_old_adapter or config.train_mode == "lora", "train_mode",
                 f"must be 'lora' with objective {config.objective!r}: its old policy is a second LoRA adapter")
@@ -218,6 +225,26 @@ def objective_knobs(config: Config) -> tuple[str, ...]:
 
     objective = OBJECTIVES.get(config.objective)
     return objective.knobs if objective else ()
+
+
+def validate_grpo(config: Config):
+    """Flow-GRPO's knobs (checked whatever the objective, like the others')."""
+    import flow_grpo
+    from run_config import require
+
+    for field in ("grpo_noise_level", "grpo_clip_range", "grpo_adv_clip"):
+        value = getattr(config, field)
+        require(math.isfinite(value) and value > 0, field, "must be a finite number > 0")
+    require(math.isfinite(config.grpo_kl_weight) and config.grpo_kl_weight >= 0, "grpo_kl_weight",
+            "must be a finite number >= 0")
+    require(0 < config.grpo_timestep_fraction <= 1, "grpo_timestep_fraction", "must be in (0, 1]")
+    require(not (config.objective == "grpo" and config.rollout_cache), "rollout_cache",
+            "must be '' with objective grpo: its likelihood ratios need the exact sampler of its recorded steps")
+    try:
+        flow_grpo.sde_steps(config.num_inference_steps, config.grpo_sde_window, config.grpo_timestep_fraction)
+    except ValueError as error:
+        field = "grpo_sde_window" if "window" in str(error) else "grpo_timestep_fraction"
+        require(False, field, str(error))
 
 
 def main(argv=None):
@@ -289,6 +316,8 @@ def train(config: Config):
         seeds = prompt_data.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
         block_forwards = [] if config.rollout_cache else None  # under a step cache: the block forwards that ran
+        recorder = objective.recorder() if hasattr(objective, "recorder") else None  # grpo: the SDE sampler
+        scheduler_step = recorder.chunk_step if recorder else None
         # NFT samples with its old adapter (the paper's behaviour policy); the other objectives with the trained one
         with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
             if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
@@ -302,12 +331,12 @@ def train(config: Config):
                     return combined
                 with perf.OverlappedScorer(score_chunk) as scorer:
                     latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer,
-                                                 block_forwards=block_forwards)
+                                                 block_forwards=block_forwards, scheduler_step=scheduler_step)
                     t1 = time.perf_counter()
                     combined = scorer.results()
             else:
                 latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings,  # [N, S, 64]
-                                             block_forwards=block_forwards)
+                                             block_forwards=block_forwards, scheduler_step=scheduler_step)
                 t1 = time.perf_counter()
                 # 4. rewards
                 # parts: the components of a multi-reward
@@ -321,7 +350,8 @@ def train(config: Config):
         # rollouts or rewards (every rank agrees); a step without an optimizer step is counted.
         steps_before, metrics, shown_pairs = policy.optimizer_steps, {}, torch.zeros(0, 2, dtype=torch.long)
         if policy.check_rollouts(latents, rewards, step, metrics):
-            batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts)
+            batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts,
+                                        trajectory=recorder.result() if recorder else None)
             metrics, shown_pairs = objective.update(policy, batch, prompt_cache, step)
         policy.note_step(steps_before, metrics)
         t3 = time.perf_counter()

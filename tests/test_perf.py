@@ -412,3 +412,32 @@ def test_gpu_check_runs_end_to_end_on_the_tiny_model(tmp_path):
     cached = saved["rollout"]["eager_native_cache_first_block_0.1"]
     assert 0 < cached["blocks_run_frac"] <= 1 and cached["images_per_s"] > 0
     assert saved["rollout"]["eager_native_2_steps"]["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("kl_weight", [0.04, 0.0])
+def test_grpo_update_flops_match_the_counter_on_a_real_update(tiny_dir, kl_weight):
+    """grpo's perf/update_tflop: per kept row, one policy forward + backward (+ the reference forward
+    when the KL is on) per TRAINED STEP, not one per row, against torch's counter around the real
+    update (3 kept groups of 4 rows, 2 trained steps, 2 updates)."""
+    import objective_worker
+    import objectives
+    import distributed
+    from policy import Policy
+
+    config = objective_worker.config_for("grpo", tiny_dir, "none", ["--grpo_kl_weight", str(kl_weight)])
+    accelerator = distributed.make_accelerator(config)
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    cache = qi.PromptCache(pipe, config.max_sequence_length)
+    cache.warm(objective_worker.PROMPTS)
+    objective = objectives.build(config)
+    policy = Policy(config, pipe, accelerator)
+    assert objective.needs_reference == (kl_weight > 0)
+    batch = objective_worker.rollouts_for(0, 0, 1, objective_worker.grpo_trajectory(policy, cache, 0))
+    logged = []
+    counted = counted_flops(lambda: logged.append(objective.update(policy, batch, cache, 0)[0]))
+    predicted = logged[0]["perf/update_tflop"] * 1e12
+    assert logged[0]["adv/samples_kept"] == 12 and abs(predicted - counted) / counted < 0.02, (predicted, counted)
+    once = perf.update_flops(pipe.transformer.config, 16, perf.text_lengths(cache, batch.prompts[:4] + batch.prompts[8:]),
+                             4, config.updates_per_rollout, "lora", config.lora_rank,
+                             tuple(config.lora_targets.split(",")), reference=kl_weight > 0)
+    assert predicted == pytest.approx(2 * once, rel=1e-12)  # 2 trained steps: twice one pass over the rows

@@ -83,7 +83,15 @@ def lora(output_dir):
     ("adam_epsilon", "0", "adam_epsilon"),
     ("resume_from_checkpoint", "/nonexistent/checkpoint-5", "resume_from_checkpoint"),
     ("output_dir", "/dev/null/run", "output_dir"),  # a folder below a file: not writable, even for root
-    ("objective", "grpo", "objective"),
+    ("objective", "ppo", "objective"),
+    ("grpo_noise_level", "0", "grpo_noise_level"),  # a = 0: the transition has no density
+    ("grpo_clip_range", "nan", "grpo_clip_range"),
+    ("grpo_adv_clip", "-1", "grpo_adv_clip"),
+    ("grpo_kl_weight", "-0.04", "grpo_kl_weight"),
+    ("grpo_timestep_fraction", "1.5", "grpo_timestep_fraction"),
+    ("grpo_timestep_fraction", "0.1", "grpo_timestep_fraction"),  # 4 steps x 0.1: no trained step
+    ("grpo_sde_window", "3,2", "grpo_sde_window"),  # past the preset's 4 sampling steps
+    ("grpo_sde_window", "two", "grpo_sde_window"),
     ("advantage_std", "global", "advantage_std"),
     ("micro_batch_groups", "0", "micro_batch_groups"),
     ("dgpo_beta", "0", "dgpo_beta"),
