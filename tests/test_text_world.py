@@ -38,14 +38,13 @@ GROUP_KNOBS = {"dgpo": ["--dgpo_beta", "10"], "nft": [], "awm": ["--awm_old_kl_w
                # default, 7 trained steps x 4 updates, costs ~7x the update of nft here: perf/update_tflop)
                "grpo": ["--grpo_sde_window", "0,2", "--grpo_timestep_fraction", "1", "--updates_per_rollout", "2",
                         "--learning_rate", "3e-3"]}
-# grpo, measured on this machine with those knobs, 8 forward and 8 reversed steps: forward reward
-# +0.014 +- 0.019, exact match +0.010 +- 0.032 (not significant); reversed -0.108 +- 0.019 / -0.135 +-
-# 0.032; apart +0.122 +- 0.023 / +0.146 +- 0.035. At lr 5e-4 (the preset's), 12 / 8 steps: forward
-# +0.009 +- 0.010, reversed -0.017 +- 0.008, apart +0.026 +- 0.011. The forward side at 12 steps is
-# unmeasured: marked xfail (not strict) until it is.
-GROUP_PARAMS = [pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="grpo's forward gain within 12 "
-                                                          "steps is not established (see the figures above)"))
-                if name == "grpo" else name for name in GROUP_KNOBS]
+# grpo, measured with those knobs, 8 forward and 8 reversed steps: forward reward +0.014 +- 0.019, exact
+# match +0.010 +- 0.032 (not significant); reversed -0.108 +- 0.019 / -0.135 +- 0.032; apart +0.122 +-
+# 0.023 / +0.146 +- 0.035. Its forward side is not asked to clear 2 SE within 12 steps (the comparison
+# in docs/objectives.md measures it at 40 steps); it must not lose more than 1 SE, and the reversed
+# side and the two runs' distance must clear their margins like the others'.
+FORWARD_MARGIN_SE_REWARD = {"grpo": -1.0}
+GROUP_PARAMS = list(GROUP_KNOBS)
 GROUP_FORWARD_STEPS, GROUP_REVERSED_STEPS, GROUP_MARGIN_SE_REWARD, GROUP_MARGIN_SE_APART = 12, 8, 2.0, 3.0
 
 
@@ -143,9 +142,10 @@ def test_each_group_objective_on_the_world_raises_the_reward_and_negated_advanta
     up, down = run_logs.eval_history(forward)[-1], run_logs.eval_history(backward)[-1]
     apart = evaluation.paired_gain(up["eval/rewards"], down["eval/rewards"], exact_match=True)
     print(name, "forward", evaluation.format_gain(up), "| reversed", evaluation.format_gain(down), "| apart", evaluation.format_gain(apart))
-    assert up["eval/reward_gain"] > GROUP_MARGIN_SE_REWARD * up["eval/reward_gain_se"], up
+    forward_margin = FORWARD_MARGIN_SE_REWARD.get(name, GROUP_MARGIN_SE_REWARD)
+    assert up["eval/reward_gain"] > forward_margin * up["eval/reward_gain_se"], up
     assert down["eval/reward_gain"] < -GROUP_MARGIN_SE_REWARD * down["eval/reward_gain_se"], down
-    assert up["eval/exact_match_gain"] > 0 > down["eval/exact_match_gain"], (up, down)
+    assert (up["eval/exact_match_gain"] > 0 or forward_margin < 0) and down["eval/exact_match_gain"] < 0, (up, down)
     for key in ("eval/exact_match_gain", "eval/reward_gain"):
         assert apart[key] > GROUP_MARGIN_SE_APART * apart[key + "_se"], (key, apart)
     with open(os.path.join(forward, "metrics.jsonl")) as f:
