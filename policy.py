@@ -44,6 +44,7 @@ class Policy:
         self.config, self.accelerator = config, accelerator
         self.dtype = getattr(torch, config.dtype)
         self.transformer = transformer = pipe.transformer
+        self.scheduler, self.vae_scale_factor = pipe.scheduler, pipe.vae_scale_factor  # sampler_sigmas
         self.reference = None
         self.has_old = old_adapter
         if config.train_mode == "lora":
@@ -183,6 +184,19 @@ class Policy:
         metrics["update/grad_norm"] = float(grad_norm)
         return True
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far (skipped non-finite updates not counted): the LR scheduler's
+        step count, so a checkpoint restores it. The old adapter's EMA decay is a function of it."""
+        return int(self.lr_scheduler.last_epoch)
+
+    def sampler_sigmas(self) -> torch.Tensor:
+        """[num_inference_steps]: the sigmas the rollout's sampler steps through (qwen_image.sampler_sigmas)."""
+        import qwen_image as qi
+
+        return qi.sampler_sigmas(self.scheduler, self.config.num_inference_steps, self.config.height, self.config.width,
+                                 self.vae_scale_factor)
+
     @torch.no_grad()
     def update_old(self, decay: float):
         """old <- decay * old + (1 - decay) * trained (elementwise, on each rank's shard)."""
@@ -283,7 +297,7 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
     totals, good_updates = [0.0, 0.0, 0.0], 0
     for update in range(updates):
         generator = torch.Generator().manual_seed(dpo_noise_seed(config.seed, step, rank, stream, update))
-        noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
+        noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme or "logit_normal",
                                                      logit_mean=config.logit_mean, logit_std=config.logit_std)
         target = velocity_target(x0, noise)
         sums = [0.0, 0.0, 0.0]  # loss, implicit accuracy, implicit reward margin, summed over pairs

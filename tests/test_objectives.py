@@ -40,9 +40,10 @@ def one_process(tiny_dir, tmp_path_factory):
 def test_update_logs_its_diagnostics_and_exports_only_the_trained_adapter(one_process, name):
     out, logged = one_process[0], one_process[1][name]
     for metrics in logged:
-        # group 1 of 4 ties: dropped and counted; 3 x K = 12 samples train
-        assert metrics["adv/groups"] == 4 and metrics["adv/zero_variance_groups_dropped"] == 1
-        assert metrics["adv/samples_kept"] == 12 and 0 < metrics["adv/abs_mean"] <= 1  # group std 1
+        # group 1 of 4 ties: trained with A = 0 (as the official scripts) and counted; 4 x K = 16 samples train
+        assert metrics["adv/groups"] == 4 and metrics["adv/tied_groups"] == 1 and metrics["adv/tied_groups_trained"] == 1
+        assert metrics["adv/zero_variance_groups_dropped"] == 0 and metrics["adv/samples_kept"] == 16
+        assert 0 < metrics["adv/abs_mean"] < 2
         assert metrics["update/grad_norm"] > 0 and torch.isfinite(torch.tensor(metrics[f"{name}/loss"]))
     expected = {"dgpo": ["implicit_acc", "z_mean", "reward_pos", "reward_neg", "clip_frac", "kl"],
                 "nft": ["r_mean", "loss_pos", "loss_neg", "old_deviation", "kl"],
@@ -97,10 +98,10 @@ def test_nonfinite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch, name, 
     real = getattr(group_losses, loss)
     calls = {"n": 0}
 
-    def nan_in_the_first_update(*args, **kwargs):  # 3 kept groups, 1 per micro-batch: 3 calls an update
+    def nan_in_the_first_update(*args, **kwargs):  # 4 groups (the tied one too), 1 per micro-batch: 4 calls an update
         calls["n"] += 1
         value, metrics = real(*args, **kwargs)
-        if calls["n"] > 3:
+        if calls["n"] > 4:
             return value, metrics
         return value * float("nan"), {**metrics, "loss": float("nan")}
 
