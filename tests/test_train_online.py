@@ -84,7 +84,7 @@ def lora(output_dir):
     ("resume_from_checkpoint", "/nonexistent/checkpoint-5", "resume_from_checkpoint"),
     ("output_dir", "/dev/null/run", "output_dir"),  # a folder below a file: not writable, even for root
     ("objective", "grpo", "objective"),
-    ("advantage_std", "global", "advantage_std"),
+    ("advantage_std", "batch", "advantage_std"),
     ("micro_batch_groups", "0", "micro_batch_groups"),
     ("dgpo_beta", "0", "dgpo_beta"),
     ("dgpo_kl_weight", "-1", "dgpo_kl_weight"),
