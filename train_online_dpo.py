@@ -90,6 +90,8 @@ class Config:
     eval_samples_per_prompt: int = 1
     eval_inference_steps: int = 50
     max_eval_prompts: int = 0  # 0 = all
+    eval_with_ema: bool = False  # evaluate and export an EMA of the trained LoRA (a third adapter), as the official NFT / AWM / DGPO runs do (train.ema)
+    eval_ema_decay: float = 0.9  # that EMA's decay cap: min((1+k)/(10+k), cap) after optimizer step k (official NFT/DGPO EMAModuleWrapper decay 0.9; AWM 0.99)
     eval_baseline: str = ""  # a run folder whose step-0 eval (same model, eval settings) this run takes as its own
     checkpoint_every: int = 20
     checkpoints_total_limit: int = 3
@@ -180,6 +182,9 @@ def validate_objective(config: Config):
     require(config.objective != "dpo" or config.sigma_scheme not in ("sampler", "sampler_stratified"), "sigma_scheme",
             "sampler and sampler_stratified are the group objectives' schemes; dpo takes logit_normal, uniform or mode")
     require(config.dgpo_switch_ema_ref >= 0, "dgpo_switch_ema_ref", "must be >= 0")
+    require(math.isfinite(config.eval_ema_decay) and 0 <= config.eval_ema_decay < 1, "eval_ema_decay", "must be in [0, 1)")
+    require(not config.eval_with_ema or config.train_mode == "lora", "train_mode",
+            "must be 'lora' with eval_with_ema: the EMA is a LoRA adapter")
     require(config.micro_batch_groups >= 1, "micro_batch_groups", "must be >= 1: a micro-batch holds whole groups")
     for field in ("dgpo_beta", "nft_beta", "nft_adv_clip", "awm_clip_range", "awm_adv_clip"):
         value = getattr(config, field)
@@ -251,6 +256,12 @@ def train(config: Config):
 
     rollout_settings = tu.rollout_settings(config, config.num_inference_steps)
     run_eval = tu.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
+    if config.eval_with_ema:  # the eval samples with the EMA adapter (rollouts keep the trained / old one)
+        eval_trained = run_eval
+
+        def run_eval(step):
+            with policy.sampling_with_ema():
+                return eval_trained(step)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)

@@ -479,7 +479,7 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "train_state.json")
 # evaluation, logging, ...) may change on resume. Extend this tuple when a field changes what the
 # weights mean (a field missing from an older checkpoint's config counts as its default).
 WEIGHT_DEFINING_FIELDS = ("pretrained", "train_mode", "lora_rank", "lora_alpha", "lora_targets", "lora_init",
-                          "objective")
+                          "objective", "eval_with_ema", "eval_ema_decay")
 # ... and the online objective's own knobs (objectives.OBJECTIVES[name].knobs): they decide what the
 # checkpoint holds (an old adapter or not, and how it moves) and what the update optimises.
 LORA_ONLY_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init")

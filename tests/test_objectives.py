@@ -116,25 +116,30 @@ def test_nonfinite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch, name, 
 TINY_RUN = ["--preset", "cpu_tiny", "--prompts_per_step", "2", "--samples_per_prompt", "4", "--micro_batch_groups", "1",
             "--eval_every", "0", "--sample_grid_every", "0", "--checkpoint_every", "1",
             "--nft_old_ema", "0,0.5,0.5", "--awm_old_ema", "0,0.5,0.5", "--dgpo_old_ema", "0,0.5,0.5",
-            "--dgpo_clip_range", "0.05"]
+            "--dgpo_clip_range", "0.05", "--eval_with_ema", "--updates_per_rollout", "2"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", GROUP_OBJECTIVES)
 def test_resume_continues_exactly_with_the_old_adapter(tmp_path, name):
     """2 steps straight == 1 step, resume, 1 step. The old adapter (an EMA that moves at once
-    here) is in the checkpoint: were it not restored, the second step's loss would differ."""
+    here) is in the checkpoint: were it not restored, the second step's loss would differ; so are the
+    eval EMA (the export) and the optimizer-step count the EMA decays are computed from."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     common = TINY_RUN + ["--objective", name]
     train_online_dpo.main(common + ["--output_dir", straight, "--max_steps", "2"])
     train_online_dpo.main(common + ["--output_dir", split, "--max_steps", "1"])
     saved = load_file(os.path.join(split, "checkpoint-1", "trainable.safetensors"))
-    assert any(".old." in k for k in saved)
+    assert any(".old." in k for k in saved) and any(".ema." in k for k in saved)
     train_online_dpo.main(common + ["--output_dir", split, "--max_steps", "2", "--resume_from_checkpoint", "latest"])
     a, b = lora(straight), lora(split)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     losses = lambda d: [r[f"{name}/loss"] for r in read_metrics(d) if f"{name}/loss" in r]
     assert len(losses(straight)) == 2 and losses(split) == pytest.approx(losses(straight), abs=1e-6)
+    decays = lambda d: [r["old/ema_decay"] for r in read_metrics(d) if "old/ema_decay" in r]
+    assert decays(split) == decays(straight) and len(decays(straight)) == 2
+    with open(os.path.join(split, "lora", "README.md")) as f:
+        assert "EMA of the trained LoRA" in f.read()
 
 
 def test_objective_rules_before_any_model_loads_and_on_resume():
@@ -320,3 +325,38 @@ def test_sampler_sigmas_are_the_pipelines_and_each_objective_draws_its_official_
     # the official strata for its OCR recipe: 14 steps, fraction 0.9, 6 timesteps -> boundaries 1,2,4,6,8,10,12
     assert objectives.stratified_sampler_indices(14, 6, 0.9, torch.zeros(6)).tolist() == [1, 2, 4, 6, 8, 10]
     assert objectives.stratified_sampler_indices(14, 6, 0.9, torch.full((6,), 0.999)).tolist() == [1, 3, 5, 7, 9, 11]
+
+
+def test_eval_with_ema_keeps_the_official_ema_and_exports_it(tiny_dir, tmp_path):
+    """A third adapter follows the official EMAModuleWrapper (decay min((1+k)/(10+k), 0.9) after
+    optimizer step k, k counted after the step); the export holds it, not the trained weights."""
+    from safetensors.torch import load_file
+
+    objective, policy, cache = objective_worker.setup("nft", tiny_dir, extra=["--eval_with_ema"])
+    expected = trained_lora(policy)
+    real_step = policy.optimizer_step
+
+    def recording_step(*args, **kwargs):
+        stepped = real_step(*args, **kwargs)
+        if stepped:
+            k = policy.optimizer_steps
+            decay = min((1 + k) / (10 + k), 0.9)
+            for key, value in trained_lora(policy).items():
+                expected[key] = expected[key] * decay + value * (1 - decay)
+        return stepped
+
+    policy.optimizer_step = recording_step
+    for step in range(2):
+        objective.update(policy, objective_worker.rollouts_for(step, 0, 1), cache, step)
+    ema = {n.replace(".ema.", ".default."): p.detach() for n, p in policy.transformer.named_parameters() if ".ema." in n}
+    assert ema.keys() == expected.keys()
+    assert max((ema[k] - expected[k]).abs().max().item() for k in ema) <= 1e-6
+    trained = trained_lora(policy)
+    assert max((ema[k] - trained[k]).abs().max().item() for k in ema) > 1e-5  # a real EMA, not a copy
+    exported = load_file(os.path.join(policy.save_final(str(tmp_path)), "pytorch_lora_weights.safetensors"))
+    for name, value in ema.items():
+        key = "transformer." + name.replace(".default.", ".")
+        assert torch.equal(exported[key], value.cpu()), key
+    import model_card
+    assert "EMA of the trained LoRA" in model_card.exported_weights_line({"eval_with_ema": True, "eval_ema_decay": 0.9})
+    assert "no EMA" in model_card.exported_weights_line({})
