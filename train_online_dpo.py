@@ -108,9 +108,7 @@ class Config:
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0
     preset: str = ""
-    # ---- group objectives (objectives.py; formulas and sources in group_losses.py). Defaults are the
-    # official recipes' (NVlabs/DiffusionNFT config/nft.py sd3_ocr, scxue/advantage_weighted_matching
-    # config/dgx_awm.py ocr_sd3_no_cfg_1node, Luo-Yihong/DGPO config/dgpo.py) unless a comment says otherwise.
+    # ---- group objectives (objectives.py; formulas in group_losses.py; defaults: the official OCR configs, DiffusionNFT config/nft.py sd3_ocr, AWM config/dgx_awm.py ocr_sd3_no_cfg_1node, DGPO config/dgpo.py, unless a comment says otherwise)
     advantage_std: str = "global"  # "global": (r - group mean) / (std of all the step's rewards + 1e-4) (official sample.global_std); "group": / the group's std
     drop_tied_groups: bool = False  # drop groups whose rewards are all equal (A = 0) before the update; official: trained (they count in the mean, carry the KL / old terms)
     micro_batch_groups: int = 1  # whole prompt groups (K samples each) per forward/backward (not an official knob)
