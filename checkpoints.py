@@ -24,7 +24,7 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "train_state.json")
 # evaluation, logging, ...) may change on resume. Extend this tuple when a field changes what the
 # weights mean (a field missing from an older checkpoint's config counts as its default).
 WEIGHT_DEFINING_FIELDS = ("pretrained", "train_mode", "lora_rank", "lora_alpha", "lora_targets", "lora_init",
-                          "objective")
+                          "objective", "eval_with_ema", "eval_ema_decay")
 # ... and the `knobs` a script adds (the online trainer: its objective's own knobs, objectives.OBJECTIVES[
 # name].knobs, which decide what the checkpoint holds and what the update optimises; this module does
 # not know the objectives). The LoRA fields count only when both runs train LoRA:

@@ -14,14 +14,15 @@ Conventions (shared with dpo_loss.py)
   NFT and AWM), so a trainer that splits a batch over micro-batches or ranks weights each call by
   its units / all units; metrics are detached python floats (means over the units of the call).
 
-Advantages (`group_advantages`): A_i = (r_i - mean_g) / std_g, std_g the population std of the
-group (or one shared scale, see `std`). A group whose rewards are all equal has no preference in
-it: its samples get A = 0, `keep` False, and it is counted in `zero_variance_groups` (like tie
-groups in pairing.py); the trainer drops those rows before the update, so they cost no compute and
-contribute nothing. The official DGPO / NFT / AWM OCR recipes normalise by the std of ALL rewards
-of the step (`sample.global_std = True` in their configs, with + 1e-4); pass that scale as a float
-`std` to reproduce it. The per-group std (default here) makes a group's advantages invariant to an
-affine change of its rewards.
+Advantages (`group_advantages`): A_i = (r_i - mean_g) / scale, scale the population std of the
+group (`std="group"`) or one shared scale (a float). A group whose rewards are all equal ("tied")
+has A = 0 for its samples and `keep` False, and is counted in `zero_variance_groups`; whether it is
+trained is the caller's choice. The official DGPO / NFT / AWM scripts keep tied groups (they count
+in the mean; NFT still pulls them towards the old policy, AWM and DGPO still apply their KL
+terms), and their OCR recipes normalise by the std of ALL rewards of the step plus 1e-4
+(`sample.global_std = True`; flow_grpo/stat_tracking.py `np.std(rewards) + 1e-4`): pass that scale
+as a float `std`. The per-group std makes a group's advantages invariant to an affine change of
+its rewards.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def _non_negative(value, name):
 
 def dgpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor,
               group_index: torch.Tensor, beta: float = 100.0, kl_weight: float = 0.0,
-              old_pred: torch.Tensor | None = None, clip_range: float = 0.0) -> tuple[torch.Tensor, dict]:
+              old_pred: torch.Tensor | None = None, clip_range: float = 0.0,
+              exact_gradient: bool = False) -> tuple[torch.Tensor, dict]:
     """Direct Group Preference Optimization (Luo, Hu, Tang, arXiv 2510.08425), flow-matching form.
 
     The group's above-mean samples form G+ and its below-mean samples G-; the group-level implicit
@@ -162,13 +164,17 @@ def dgpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Te
 
         z_g    = (1 / K_g) * sum_{i in g} A_i * rho_i            per group (K_g rows of group g)
         loss_g = -logsigmoid(z_g)                                per group
-        loss   = mean over groups + kl_weight * mean over rows of mean((v_model - v_ref)^2)
+        loss   = (1 / beta) * mean over groups of loss_g + kl_weight * mean over rows of mean((v_model - v_ref)^2)
 
     Per sample: A_i, err_model_i, err_ref_i, rho_i. Per group: z_g, loss_g. Units: groups (every
     group of the call must be WHOLE: z_g needs all its rows). The 1/K_g and the absence of a 0.5
     factor follow the official code (`compute_group_dgpo_loss_allreduce`: advantages * beta_dpo *
-    (dsm - ref_dsm) / group_size); its loss is a surrogate sigmoid(-z_g).detach() * A_i * err_i whose
-    gradient is this one divided by beta; here the exact -logsigmoid is used (log 2 at the start).
+    (dsm - ref_dsm) / group_size). Its loss is the surrogate mean_i sigmoid(-z_g).detach() * A_i * err_i,
+    whose gradient is that of mean_g -logsigmoid(z_g) divided by beta: the 1/beta above makes the
+    gradient the official one, so `kl_weight` (the official `train.beta`) weighs the KL against the
+    policy term as it does there. `exact_gradient=True` drops the 1/beta (the -logsigmoid's own
+    gradient, beta times the official: the KL then counts beta times less). The reported
+    metrics["loss"] is mean_g -logsigmoid(z_g) either way (log 2 at the start).
 
     Optional PPO-style clip (the official `clip_dsm`, with an EMA "old" policy): a row whose ratio
     exp(err_old - err_model) is above 1 + clip_range with A > 0, or below 1 - clip_range with A <= 0,
@@ -177,6 +183,7 @@ def dgpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Te
     Defaults and sources: beta 100 (official README / config/dgpo.py `train.beta_dpo`, "10 ~ 100"
     with a frozen reference); kl_weight 0 here (README mode 1: `train.beta` 1e-3; the OCR config
     uses 0.02); clip_range 0 here (official OCR config 1e-2, with its EMA reference).
+    Metrics' "loss" is the -logsigmoid mean (not divided by beta).
     Metrics: loss, kl, implicit_acc (fraction of groups with z_g > 0), z_mean, implicit rewards of
     the above-mean / below-mean rows (reward_pos, reward_neg), clip_frac.
     """
@@ -200,8 +207,9 @@ def dgpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Te
     sizes = torch.zeros(n_groups, device=target.device).index_add_(0, dense, torch.ones_like(advantages))
     z = torch.zeros(n_groups, device=target.device).index_add_(0, dense, advantages * implicit_reward) / sizes
     loss = -F.logsigmoid(z).mean()
+    policy = loss if exact_gradient else loss / beta  # official gradient scale (see above)
     kl = per_sample_mse(model_pred, ref_pred.detach()).mean()
-    total = loss + kl_weight * kl if kl_weight > 0 else loss
+    total = policy + kl_weight * kl if kl_weight > 0 else policy
     with torch.no_grad():
         pos, neg = advantages > 0, advantages < 0
         metrics = {
@@ -297,19 +305,27 @@ def awm_log_likelihood(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.T
 def awm_loss(model_pred: torch.Tensor, old_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor,
              advantages: torch.Tensor, clip_range: float = 1.0, adv_clip: float = 5.0, advantage_max: float = 1.0,
              weighting: str = "uniform", ghuber_power: float = 0.25, ref_pred: torch.Tensor | None = None,
-             kl_weight: float = 0.003, old_kl_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+             kl_weight: float = 0.003, old_kl_weight: float = 1.0,
+             rollout_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Advantage Weighted Matching (Xue et al., arXiv 2509.25050): policy-gradient RL whose
     log-likelihood is the (weighted) flow-matching loss on the rollout's clean sample.
 
     Per sample i:
-        l_i     = awm_log_likelihood(v_model)_i,   l_old_i = the same with v_old (detached)
-        ratio_i = exp(l_i - l_old_i)
+        l_i     = awm_log_likelihood(v_model)_i
+        ratio_i = exp(l_i - l_roll_i)      l_roll_i: the same under the policy that sampled the rollouts
         a_i     = clip(A_i, -c, c) / c * advantage_max
         pg_i    = max(-a_i * ratio_i, -a_i * clip(ratio_i, 1 - eps, 1 + eps))       PPO-style clip
     loss = mean_i pg_i + kl_weight * mean_i mean((v_model - v_ref)^2)
                        + old_kl_weight * mean_i mean((v_model - v_old)^2)
     At v_model = v_old the gradient is -a_i * grad l_i: the flow-matching loss of each sample is
     weighted by its advantage (lowered for good samples, raised for bad ones). Units: samples.
+
+    The ratio's denominator: `rollout_logp` [N] (detached), the likelihood under the policy that
+    produced the rollouts. The official OCR recipe is on-policy (`train.off_policy = False`): its
+    `old_log_probs` are the trained weights' before the batch's first optimizer step (the first
+    step uses the current log-prob detached: ratio exactly 1). None: the old (EMA) prediction
+    `old_pred` is the denominator (the official off-policy mode, where that EMA also sampled).
+    `old_pred` is always the old-KL term's policy.
 
     Defaults and sources (official code, scripts/train_sd3_awm.py and config/dgx_awm.py
     `ocr_sd3_no_cfg_1node`): eps = clip_range 1 (`train.clip_range`), c = adv_clip 5
@@ -329,9 +345,12 @@ def awm_loss(model_pred: torch.Tensor, old_pred: torch.Tensor, target: torch.Ten
     _check_sigmas_and_reference(sigmas, target, kl_weight, ref_pred, "awm_loss")
     advantages = advantages.to(target.device).float()
     logp = awm_log_likelihood(model_pred, target, sigmas, weighting, ghuber_power)
-    with torch.no_grad():
-        old_logp = awm_log_likelihood(old_pred.detach(), target, sigmas, weighting, ghuber_power)
-    ratio = torch.exp(logp - old_logp)
+    if rollout_logp is None:
+        with torch.no_grad():
+            rollout_logp = awm_log_likelihood(old_pred.detach(), target, sigmas, weighting, ghuber_power)
+    elif rollout_logp.shape != logp.shape:
+        raise ValueError(f"awm_loss: rollout_logp {tuple(rollout_logp.shape)} must be [{logp.shape[0]}]")
+    ratio = torch.exp(logp - rollout_logp.detach().to(logp.device).float())
     a = advantages.clamp(-adv_clip, adv_clip) / adv_clip * advantage_max
     policy = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range))
     loss = policy.mean()

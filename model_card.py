@@ -45,6 +45,14 @@ def _eval_table(evals: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def exported_weights_line(config: dict) -> str:
+    """Which weights the exported adapter holds: the trained LoRA, or its EMA (eval_with_ema)."""
+    if config.get("eval_with_ema"):
+        return (f"Weights: the EMA of the trained LoRA (eval_with_ema, decay min((1+k)/(10+k), "
+                f"{config.get('eval_ema_decay')}) after optimizer step k); the evaluation below used it too.")
+    return "Weights: the trained LoRA as of the last step (no EMA)."
+
+
 def write_model_card(lora_dir: str, config: dict, evals: list[dict], grid_path: str | None = None,
                      kind: str = "online") -> str:
     """lora_dir/README.md: YAML metadata (base_model, library_name diffusers, license, tags, widget)
@@ -66,6 +74,8 @@ def write_model_card(lora_dir: str, config: dict, evals: list[dict], grid_path: 
 LoRA (rank {config.get('lora_rank')}, alpha {config.get('lora_alpha')}) on `{base_model}`, trained with
 {kind} Diffusion-DPO (Wallace et al., 2024, adapted to flow matching) for {config.get('max_steps')} steps,
 beta {config.get('beta')}, reward `{config.get('reward')}`.
+
+{exported_weights_line(config)}
 
 ## Evaluation
 

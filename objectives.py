@@ -13,10 +13,12 @@ updates the `Policy` (policy.py):
           of each trained step's transition log-probability, KL to the reference (flow_grpo.py).
 
 The group objectives share one update (`GroupObjective.update`): advantages within each group
-(zero-variance groups dropped and counted), one noise and one sigma per group and update, whole
-groups per micro-batch, the predictions the loss needs (reference, old), the loss from
-group_losses.py, backward scaled to the global mean over the loss's units, one guarded optimizer
-step per update, then the old adapter's EMA step. Each subclass only says what its loss is.
+(tied groups trained with A = 0 as the official scripts do, or dropped with drop_tied_groups; both
+counted), noise and sigma per group or sample and update (each objective's official timestep
+scheme by default), whole groups per micro-batch, the predictions the loss needs (reference, old,
+and for AWM the rollout policy's), the loss from group_losses.py, backward scaled to the global
+mean over the loss's units, one guarded optimizer step per update, and the old adapter's EMA step
+(decay from the optimizer-step count, as the official schedules). Each subclass says what its loss is.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class DPO:
     name = "dpo"
     knobs = ("beta", "pair_strategy", "min_reward_margin")  # compared on resume (checkpoints.config_changes)
     uses_old_adapter = False
-    samples_with_old = False
 
     def __init__(self, config):
         self.config = config
+
+    def samples_with_old(self, optimizer_steps: int) -> bool:
+        return False
 
     def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
         """-> (metrics, pairs [P, 2] of (chosen, rejected) row indices, for the sample grid)."""
@@ -95,6 +99,18 @@ class DPO:
         return metrics, pairs
 
 
+GROUP_SIGMA_SCHEMES = ("sampler", "sampler_stratified")  # besides pairing.SIGMA_SCHEMES
+
+
+def stratified_sampler_indices(n_steps: int, strata: int, fraction: float, u: torch.Tensor) -> torch.Tensor:
+    """AWM's `time_type = "discrete_wo_init"` (scripts/train_sd3_awm.py): the sampler's step indices
+    1 .. int(n_steps * fraction) split into `strata` intervals (boundaries linspace(1, top, strata + 1)
+    floored); u [strata] in [0, 1) picks one index in each -> long [strata]."""
+    boundaries = torch.linspace(1, int(n_steps * fraction), strata + 1)
+    lower, upper = boundaries[:-1].long(), boundaries[1:].long()
+    return lower + (u * (upper - lower)).long()
+
+
 class GroupObjective:
     """The update shared by the group-wise objectives; a subclass defines `loss` (and its knobs)."""
 
@@ -102,53 +118,104 @@ class GroupObjective:
     knobs: tuple[str, ...] = ()  # the config fields of this objective, compared on resume
     units = "samples"  # what the loss averages over: "samples" or "groups"
     uses_old_adapter = True
-    samples_with_old = False
     needs_reference = True
-    ema = "0,0,0"  # the old adapter's EMA schedule (parse_ema)
+    ratio_to_rollout = False  # AWM: the loss needs the rollout policy's likelihood (precomputed per update)
+    old_ema_per_optimizer_step = False  # DGPO: the old EMA steps after every optimizer step (NFT, AWM: per rollout)
+    shared_noise = False  # one noise per group (DGPO's `use_shared_noise`) or per sample (NFT, AWM: randn_like)
+    official_sigma_scheme = "logit_normal"  # what sigma_scheme "" means for this objective
+    ema = "0,0,0"  # the old adapter's EMA schedule (parse_ema), of the optimizer-step count
 
     def __init__(self, config):
         self.config = config
+        self.sigma_scheme = config.sigma_scheme or self.official_sigma_scheme
 
-    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+    def samples_with_old(self, optimizer_steps: int) -> bool:
+        """Whether this step's rollouts are sampled with the old adapter."""
+        return False
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index, rollout_logp=None):
         raise NotImplementedError
 
     def advantages(self, rollouts: Rollouts, accelerator):
         from group_losses import group_advantages
 
         std = "group"
-        if self.config.advantage_std == "batch":  # one scale: the std of every reward of the step, all ranks
+        if self.config.advantage_std == "global":
+            # one scale: the std of every reward of the step (all ranks) + 1e-4, as the official
+            # `sample.global_std = True` (flow_grpo/stat_tracking.py: np.std(rewards) + 1e-4)
             everything = accelerator.gather(rollouts.rewards.to(accelerator.device)) if accelerator.num_processes > 1 \
                 else rollouts.rewards
-            spread = everything.double().std(unbiased=False).item()
-            std = spread if spread > 0 else "group"  # 0: every group is tied and dropped anyway
+            std = everything.double().std(unbiased=False).item() + 1e-4
         advantages, keep, group_index, stats = group_advantages(rollouts.rewards, rollouts.group_ids, std=std,
                                                                 group_size=self.config.samples_per_prompt)
         if self.config.reverse_preference:  # control run: train towards the worse samples
             advantages = -advantages
         return advantages, keep, group_index, stats
 
+    def _draws(self, policy, rollouts, groups_list, step, shape, n_updates):
+        """-> [(noise [M, *shape], sigmas [M]) per update] for the rows of `groups_list` in order.
+        Everything a group draws comes from generators seeded by (seed, step, [update,] its id), so
+        the same on any number of ranks. Noise: one per group (shared_noise) or per row. Sigmas per
+        `sigma_scheme`: logit_normal / uniform / mode: one per group and update (pairing.sample_sigmas);
+        "sampler": per row, the sampler's own sigmas (qwen_image.sampler_sigmas) in a random order
+        per row, update u taking the u-th (official NFT: `timesteps` of the sampler, permuted per
+        sample, scripts/train_nft_sd3.py); "sampler_stratified": per group, one sampler step index
+        per stratum (stratified_sampler_indices, strata = updates_per_rollout, visited in a random
+        order; official AWM `time_type = "discrete_wo_init"`, `train.timestep_fraction` 0.9)."""
+        from pairing import sample_sigmas
+
+        config = self.config
+        scheme = self.sigma_scheme
+        schedule = policy.sampler_sigmas() if scheme in GROUP_SIGMA_SCHEMES else None  # [n_steps]
+        keys = [zlib.crc32(rollouts.group_ids[g[0]].encode()) for g in groups_list]
+        per_rollout = [torch.Generator().manual_seed(derived_seed("group_timesteps", config.seed, step, key))
+                       for key in keys]
+        if scheme == "sampler":
+            orders = [[torch.randperm(len(schedule), generator=gen) for _ in g] for gen, g in zip(per_rollout, groups_list)]
+        elif scheme == "sampler_stratified":
+            orders = [torch.randperm(n_updates, generator=gen) for gen in per_rollout]
+        draws = []
+        for update in range(n_updates):
+            noises, sigmas = [], []
+            for number, (key, g) in enumerate(zip(keys, groups_list)):
+                gen = torch.Generator().manual_seed(derived_seed("group_noise", config.seed, step, update, key))
+                if self.shared_noise:
+                    noises.append(torch.randn(tuple(shape), generator=gen).expand(len(g), *shape))
+                else:
+                    noises.append(torch.randn((len(g), *shape), generator=gen))
+                if scheme == "sampler":
+                    sigmas.append(torch.stack([schedule[order[update % len(schedule)]] for order in orders[number]]))
+                elif scheme == "sampler_stratified":
+                    index = stratified_sampler_indices(len(schedule), n_updates, 0.9, torch.rand(n_updates, generator=gen))
+                    sigmas.append(schedule[index[orders[number][update]]].expand(len(g)))
+                else:
+                    sigma = sample_sigmas(1, scheme, gen, logit_mean=config.logit_mean, logit_std=config.logit_std)
+                    sigmas.append(sigma.float().expand(len(g)))
+            draws.append((torch.cat(noises), torch.cat(sigmas).float()))
+        return draws
+
     def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
-        """`updates_per_rollout` optimizer steps on this rank's kept groups; the loss is the mean over
+        """`updates_per_rollout` optimizer steps on this rank's groups; the loss is the mean over
         every unit (sample or group) of every rank. -> (metrics, best/worst pairs for the grid)."""
         from dpo_loss import velocity_target
-        from group_losses import sample_group_noise_and_sigmas
-        from pairing import sample_sigmas, select_pairs
+        from pairing import select_pairs
 
         config, accelerator = self.config, policy.accelerator
         world, device = accelerator.num_processes, accelerator.device
         advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
-        # kept groups, each a list of row indices; zero-variance groups are dropped here
+        # the groups trained, each a list of row indices; tied groups (A = 0) too unless drop_tied_groups
+        trained = keep if config.drop_tied_groups else torch.ones_like(keep)
         groups: dict[int, list[int]] = {}
-        for row in torch.nonzero(keep).flatten().tolist():
+        for row in torch.nonzero(trained).flatten().tolist():
             groups.setdefault(int(group_index[row]), []).append(row)
         groups_list = list(groups.values())
         n_groups = len(groups_list)
         units_local = n_groups if self.units == "groups" else sum(len(g) for g in groups_list)
         units_total = all_sum(accelerator, units_local)[0]
-        metrics = self._advantage_metrics(accelerator, stats, advantages[keep])
+        metrics = self._advantage_metrics(accelerator, stats, advantages[trained], config.drop_tied_groups)
         grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
         if units_total == 0:
-            accelerator.print(f"step {step}: every group has equal rewards; update skipped")
+            accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
             metrics["update/skipped_no_groups"] = 1.0
             return metrics, grid_pairs
         if n_groups == 0:  # nothing on this rank: one placeholder group with zero weight joins the collectives
@@ -164,34 +231,33 @@ class GroupObjective:
         per_micro = config.micro_batch_groups
         n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups_list) / per_micro))))
 
-        def sigma_sampler(n, generator):
-            return sample_sigmas(n, config.sigma_scheme, generator, logit_mean=config.logit_mean,
-                                 logit_std=config.logit_std)
-
-        # a group's noise and sigma come from (seed, step, update, its id): the same on any number of ranks
-        group_keys = [zlib.crc32(rollouts.group_ids[g[0]].encode()) for g in groups_list]
-        totals, good_updates = {}, 0
-        for update in range(config.updates_per_rollout):
-            generators = [torch.Generator().manual_seed(derived_seed("group_noise", config.seed, step, update, key))
-                          for key in group_keys]
-            noise, sigmas = sample_group_noise_and_sigmas(dense_group, x0.shape[1:], generators, sigma_sampler)
-            noise, sigmas = noise.to(device, x0.dtype), sigmas.to(device)
-            target = velocity_target(x0, noise)
-            sums = {}
+        def micro_batches():  # -> (micro, rows, units, weight, first group)
             for micro in range(n_micro):
                 first, last = micro * per_micro, min((micro + 1) * per_micro, n_groups)
                 weight = 1.0
                 if last <= first:  # padding micro-batch: same kind of work, no contribution
                     first, last, weight = 0, 1, 0.0
-                rows = slice(bounds[first], bounds[last])
                 units = (last - first) if self.units == "groups" else (bounds[last] - bounds[first])
+                yield micro, slice(bounds[first], bounds[last]), units, weight, first
+
+        draws = [(noise.to(device, x0.dtype), sigmas.to(device))
+                 for noise, sigmas in self._draws(policy, rollouts, groups_list, step, x0.shape[1:],
+                                                  config.updates_per_rollout)]
+        rollout_logp = self._rollout_likelihoods(policy, prompt_cache, x0, prompts, draws, micro_batches, device)
+        totals, good_updates, decay = {}, 0, None
+        for update in range(config.updates_per_rollout):
+            noise, sigmas = draws[update]
+            target = velocity_target(x0, noise)
+            sums = {}
+            for micro, rows, units, weight, first in micro_batches():
                 args = (x0[rows], noise[rows], sigmas[rows], *policy.conditioning(prompt_cache, prompts[rows], device))
                 ref_pred = policy.reference_velocity(*args) if self.needs_reference else None
                 old_pred = policy.old_velocity(*args) if self.uses_old_adapter else None
                 with policy.no_sync(micro == n_micro - 1):
                     model_pred = policy.velocity(*args)
                     loss, m = self.loss(model_pred, ref_pred, old_pred, target[rows], sigmas[rows], adv[rows],
-                                        dense_group[rows] - first)
+                                        dense_group[rows] - first,
+                                        rollout_logp=rollout_logp[update][rows] if update > 0 and self.ratio_to_rollout else None)
                     # DDP / FSDP average gradients over ranks: scale to the global mean over units
                     accelerator.backward(loss * (weight * units * world / units_total))
                 for key, value in m.items():
@@ -200,52 +266,96 @@ class GroupObjective:
                 good_updates += 1
                 for key, value in sums.items():
                     totals[key] = totals.get(key, 0.0) + value
+                if self.uses_old_adapter and self.old_ema_per_optimizer_step:
+                    # official DGPO: ema_ref.step after each optimizer step, decay min(0.3, 0.001 * global_step)
+                    # with global_step = the optimizer steps before this one
+                    decay = ema_decay(self.ema, policy.optimizer_steps - 1)
+                    policy.update_old(decay)
         metrics["perf/update_tflop"] = perf.update_tflop(
             config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * per_micro,
             reference=self.needs_reference, old=self.uses_old_adapter) if n_groups else 0.0
-        if self.uses_old_adapter:
-            decay = ema_decay(self.ema, step)
+        if self.uses_old_adapter and not self.old_ema_per_optimizer_step:
+            # official NFT / AWM: once per rollout batch, after its optimizer steps, with the decay of
+            # the optimizer-step count (`global_step` in scripts/train_nft_sd3.py, train_sd3_awm.py)
+            decay = ema_decay(self.ema, policy.optimizer_steps)
             policy.update_old(decay)
+        if decay is not None:
             metrics["old/ema_decay"] = decay
+        metrics["update/optimizer_steps"] = float(policy.optimizer_steps)
         if good_updates:
             keys = sorted(totals)
             summed = all_sum(accelerator, *[totals[k] for k in keys])
             metrics.update({f"{self.name}/{k}": v / (units_total * good_updates) for k, v in zip(keys, summed)})
         return metrics, grid_pairs
 
+    def _rollout_likelihoods(self, policy, prompt_cache, x0, prompts, draws, micro_batches, device):
+        """AWM (ratio_to_rollout): [updates][M] the likelihood of every update's (noise, sigma) under
+        the weights that sampled the rollouts, computed before the first optimizer step (as the
+        official on-policy recipe computes its `old_log_probs`); the first update needs none (its
+        own prediction, detached). Every rank runs the same forwards (padding included)."""
+        if not self.ratio_to_rollout or len(draws) < 2:
+            return None
+        from dpo_loss import velocity_target
+
+        out = [None]
+        for noise, sigmas in draws[1:]:
+            target = velocity_target(x0, noise)
+            logp = torch.zeros(x0.shape[0], device=device)
+            for _, rows, _, _, _ in micro_batches():
+                args = (x0[rows], noise[rows], sigmas[rows], *policy.conditioning(prompt_cache, prompts[rows], device))
+                with torch.no_grad():
+                    logp[rows] = self.likelihood(policy.velocity(*args), target[rows], sigmas[rows])
+            out.append(logp)
+        return out
+
     @staticmethod
-    def _advantage_metrics(accelerator, stats, kept_advantages) -> dict:
-        """Over every rank: groups, zero-variance groups dropped, samples kept, mean |A|, max and min A."""
-        groups, zero_variance, kept, abs_sum = all_sum(
-            accelerator, stats["groups"], stats["zero_variance_groups"], stats["samples_kept"],
-            float(kept_advantages.abs().sum()))
-        has = kept_advantages.numel() > 0
-        top = all_max(accelerator, kept_advantages.max().item() if has else -math.inf)
-        bottom = -all_max(accelerator, -kept_advantages.min().item() if has else -math.inf)
-        return {"adv/groups": groups, "adv/zero_variance_groups_dropped": zero_variance, "adv/samples_kept": kept,
+    def _advantage_metrics(accelerator, stats, trained_advantages, dropped: bool) -> dict:
+        """Over every rank: groups, tied groups (all rewards equal) and how many of them were trained,
+        samples trained, mean |A|, max and min A of the trained samples."""
+        groups, tied, kept, abs_sum = all_sum(
+            accelerator, stats["groups"], stats["zero_variance_groups"], float(trained_advantages.numel()),
+            float(trained_advantages.abs().sum()))
+        has = trained_advantages.numel() > 0
+        top = all_max(accelerator, trained_advantages.max().item() if has else -math.inf)
+        bottom = -all_max(accelerator, -trained_advantages.min().item() if has else -math.inf)
+        return {"adv/groups": groups, "adv/tied_groups": tied, "adv/tied_groups_trained": 0.0 if dropped else tied,
+                "adv/zero_variance_groups_dropped": tied if dropped else 0.0, "adv/samples_kept": kept,
                 "adv/abs_mean": abs_sum / max(kept, 1), "adv/max": top if kept else 0.0,
                 "adv/min": bottom if kept else 0.0}
 
 
+COMMON_GROUP_KNOBS = ("advantage_std", "drop_tied_groups", "sigma_scheme")
+
+
 class DGPO(GroupObjective):
-    """group_losses.dgpo_loss: -logsigmoid((1/K) sum_i A_i * -beta (err_model_i - err_ref_i)) per group.
-    Knobs: dgpo_beta, dgpo_kl_weight, dgpo_clip_range (> 0 adds the old adapter, an EMA with
-    schedule dgpo_old_ema, and the official PPO-style clip on each sample's error)."""
+    """group_losses.dgpo_loss: (1/beta) * -logsigmoid((1/K) sum_i A_i * -beta (err_model_i - err_ref_i))
+    per group (the official gradient). Knobs: dgpo_beta, dgpo_kl_weight, dgpo_exact_gradient,
+    dgpo_clip_range (> 0 adds the old adapter, an EMA with schedule dgpo_old_ema stepped after every
+    optimizer step, the official PPO-style clip on each sample's error, and rollouts sampled with
+    that EMA once more than dgpo_switch_ema_ref optimizer steps are done)."""
 
     name, units = "dgpo", "groups"
-    knobs = ("advantage_std", "dgpo_beta", "dgpo_kl_weight", "dgpo_clip_range", "dgpo_old_ema")
+    knobs = COMMON_GROUP_KNOBS + ("dgpo_beta", "dgpo_kl_weight", "dgpo_exact_gradient", "dgpo_clip_range",
+                                  "dgpo_old_ema", "dgpo_switch_ema_ref")
+    old_ema_per_optimizer_step = True
+    shared_noise = True  # official config/dgpo.py `use_shared_noise = True`
 
     def __init__(self, config):
         super().__init__(config)
         self.uses_old_adapter = config.dgpo_clip_range > 0
         self.ema = config.dgpo_old_ema
 
-    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+    def samples_with_old(self, optimizer_steps: int) -> bool:
+        # official scripts/train_sd3_dgpo.py: `if global_step > config.switch_ema_ref: ema_ref.copy_ema_to(...)`
+        # before sampling (the EMA reference is the clip's old policy)
+        return self.uses_old_adapter and optimizer_steps > self.config.dgpo_switch_ema_ref
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index, rollout_logp=None):
         from group_losses import dgpo_loss
 
         c = self.config
         return dgpo_loss(model_pred, ref_pred, target, advantages, group_index, c.dgpo_beta, c.dgpo_kl_weight,
-                         old_pred=old_pred, clip_range=c.dgpo_clip_range)
+                         old_pred=old_pred, clip_range=c.dgpo_clip_range, exact_gradient=c.dgpo_exact_gradient)
 
 
 class NFT(GroupObjective):
@@ -254,15 +364,18 @@ class NFT(GroupObjective):
     (the paper's behaviour policy). Knobs: nft_beta, nft_adv_clip, nft_kl_weight, nft_old_ema."""
 
     name = "nft"
-    knobs = ("advantage_std", "nft_beta", "nft_adv_clip", "nft_kl_weight", "nft_old_ema")
-    samples_with_old = True
+    knobs = COMMON_GROUP_KNOBS + ("nft_beta", "nft_adv_clip", "nft_kl_weight", "nft_old_ema")
+    official_sigma_scheme = "sampler"  # official: trains on the sampler's own timesteps
 
     def __init__(self, config):
         super().__init__(config)
         self.needs_reference = config.nft_kl_weight > 0
         self.ema = config.nft_old_ema
 
-    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+    def samples_with_old(self, optimizer_steps: int) -> bool:
+        return True  # official scripts/train_nft_sd3.py: set_adapter("old") around sampling
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index, rollout_logp=None):
         from group_losses import nft_loss
 
         c = self.config
@@ -271,26 +384,36 @@ class NFT(GroupObjective):
 
 
 class AWM(GroupObjective):
-    """group_losses.awm_loss: PPO-clipped ratio of flow-matching likelihoods to the old adapter,
-    weighted by the advantage, plus KL to the reference and to the old adapter. Knobs: awm_clip_range,
-    awm_adv_clip, awm_weighting, awm_kl_weight, awm_old_kl_weight, awm_old_ema."""
+    """group_losses.awm_loss: PPO-clipped ratio of flow-matching likelihoods to the policy that
+    sampled the rollouts (on-policy, as the official OCR recipe), weighted by the advantage, plus KL
+    to the reference and to the old (EMA) adapter. Knobs: awm_clip_range, awm_adv_clip,
+    awm_weighting, awm_kl_weight, awm_old_kl_weight, awm_old_ema."""
 
     name = "awm"
-    knobs = ("advantage_std", "awm_clip_range", "awm_adv_clip", "awm_weighting", "awm_kl_weight", "awm_old_kl_weight",
-             "awm_old_ema")
+    knobs = COMMON_GROUP_KNOBS + ("awm_clip_range", "awm_adv_clip", "awm_weighting", "awm_kl_weight",
+                                  "awm_old_kl_weight", "awm_old_ema")
+    ratio_to_rollout = True
+    official_sigma_scheme = "sampler_stratified"  # official OCR `time_type = "discrete_wo_init"`
 
     def __init__(self, config):
         super().__init__(config)
         self.needs_reference = config.awm_kl_weight > 0
         self.ema = config.awm_old_ema
 
-    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index):
+    def likelihood(self, pred, target, sigmas):
+        from group_losses import awm_log_likelihood
+
+        return awm_log_likelihood(pred, target, sigmas, self.config.awm_weighting)
+
+    def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index, rollout_logp=None):
         from group_losses import awm_loss
 
         c = self.config
+        if rollout_logp is None:  # the batch's first update: the rollout policy is the current one
+            rollout_logp = self.likelihood(model_pred.detach(), target, sigmas)
         return awm_loss(model_pred, old_pred, target, sigmas, advantages, clip_range=c.awm_clip_range,
                         adv_clip=c.awm_adv_clip, weighting=c.awm_weighting, ref_pred=ref_pred,
-                        kl_weight=c.awm_kl_weight, old_kl_weight=c.awm_old_kl_weight)
+                        kl_weight=c.awm_kl_weight, old_kl_weight=c.awm_old_kl_weight, rollout_logp=rollout_logp)
 
 
 class GRPO(GroupObjective):
@@ -350,16 +473,18 @@ class GRPO(GroupObjective):
         if trajectory is None:
             raise ValueError("objective grpo needs the SDE rollout's trajectory (Rollouts.trajectory)")
         advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
+        # tied groups (A = 0) are trained too unless drop_tied_groups: they carry the KL term (official train_sd3.py)
+        trained = keep if config.drop_tied_groups else torch.ones_like(keep)
         groups: dict[int, list[int]] = {}
-        for row in torch.nonzero(keep).flatten().tolist():
+        for row in torch.nonzero(trained).flatten().tolist():
             groups.setdefault(int(group_index[row]), []).append(row)
         groups_list = list(groups.values())
         n_groups = len(groups_list)
         rows_total = all_sum(accelerator, sum(len(g) for g in groups_list))[0]
-        metrics = self._advantage_metrics(accelerator, stats, advantages[keep])
+        metrics = self._advantage_metrics(accelerator, stats, advantages[trained], config.drop_tied_groups)
         grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
         if rows_total == 0:
-            accelerator.print(f"step {step}: every group has equal rewards; update skipped")
+            accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
             metrics["update/skipped_no_groups"] = 1.0
             return metrics, grid_pairs
         if n_groups == 0:  # nothing on this rank: one placeholder group with zero weight joins the collectives

@@ -25,6 +25,7 @@ from prompt_data import dpo_noise_seed
 from run_config import config_dict
 
 OLD_ADAPTER = "old"  # the name of the "old" / EMA policy's LoRA adapter; the trained one is peft's "default"
+EMA_ADAPTER = "ema"  # eval_with_ema: the evaluation / export EMA of the trained adapter (not the old policy)
 
 
 class TrainingStopped(FloatingPointError):
@@ -51,16 +52,20 @@ class Policy:
         self.config, self.accelerator = config, accelerator
         self.dtype = getattr(torch, config.dtype)
         self.transformer = transformer = pipe.transformer
+        self.scheduler, self.vae_scale_factor = pipe.scheduler, pipe.vae_scale_factor  # sampler_sigmas
         self.reference = None
         self.has_old = old_adapter
+        self.has_ema = bool(getattr(config, "eval_with_ema", False))
         if config.train_mode == "lora":
             qi.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_targets.split(","),
                         config.lora_init)
             if old_adapter:
                 add_old_adapter(transformer)
+            if self.has_ema:
+                add_old_adapter(transformer, EMA_ADAPTER)
         else:
-            if old_adapter:
-                raise ValueError("an old-policy adapter needs train_mode 'lora'")
+            if old_adapter or self.has_ema:
+                raise ValueError("an old-policy or EMA adapter needs train_mode 'lora'")
             # Policy and reference must compute in the same precision, or the DPO margin is not 0 at
             # step 0: both are fp32 copies of the same weights (a bf16 frozen copy next to an fp32
             # policy would not be). --dtype then applies to the text encoder and VAE only.
@@ -82,6 +87,8 @@ class Policy:
         named = dict(transformer.named_parameters())
         self.old_pairs = [(named[n.replace(f".{OLD_ADAPTER}.", ".default.")], p) for n, p in named.items()
                           if f".{OLD_ADAPTER}." in n] if old_adapter else []
+        self.ema_pairs = [(named[n.replace(f".{EMA_ADAPTER}.", ".default.")], p) for n, p in named.items()
+                          if f".{EMA_ADAPTER}." in n] if self.has_ema else []
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.weight_decay, eps=config.adam_epsilon)
         # Not prepared: accelerate's scheduler wrapper steps once per process per optimizer step, which
@@ -95,7 +102,6 @@ class Policy:
         transformer.train()
         self.nonfinite_in_a_row = 0  # updates (and online steps with non-finite rollouts) in a row
         self.degenerate_in_a_row = 0  # online steps in a row that took no optimizer step (note_step)
-        self.optimizer_steps = 0  # taken in this process (a step compares it before and after its update)
         self.rollouts_nonfinite = False  # the current weights' last rollouts held NaN / inf: never export them
         self.step_nonfinite = False  # this step's rollout latents or rewards were non-finite (check_rollouts)
 
@@ -198,11 +204,12 @@ class Policy:
                                          "(max_nonfinite_in_a_row); stopping")
             return False
         self.nonfinite_in_a_row = 0
-        self.optimizer_steps += 1
         grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.has_ema:
+            self.update_ema()
         # finite gradients can still give non-finite weights (e.g. Adam dividing 0 by 0): stop
         # before they make NaN images, tied rewards and a NaN LoRA
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
@@ -257,6 +264,36 @@ class Policy:
                                   "every group tied, or every update / rollout non-finite; "
                                   "max_degenerate_steps_in_a_row); stopping, no final weights written")
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far (skipped non-finite updates not counted): the LR scheduler's
+        step count, so a checkpoint restores it. The old adapter's EMA decay is a function of it."""
+        return int(self.lr_scheduler.last_epoch)
+
+    def sampler_sigmas(self) -> torch.Tensor:
+        """[num_inference_steps]: the sigmas the rollout's sampler steps through (qwen_image.sampler_sigmas)."""
+        import qwen_image as qi
+
+        return qi.sampler_sigmas(self.scheduler, self.config.num_inference_steps, self.config.height, self.config.width,
+                                 self.vae_scale_factor)
+
+    def ema_decay(self) -> float:
+        """The eval EMA's decay after the current optimizer step k (k = optimizer_steps): the official
+        EMAModuleWrapper's min((1 + k) / (10 + k), eval_ema_decay) (flow_grpo/ema.py, stepped after
+        each optimizer step with the incremented global_step in scripts/train_nft_sd3.py)."""
+        k = self.optimizer_steps
+        return min((1 + k) / (10 + k), self.config.eval_ema_decay)
+
+    @torch.no_grad()
+    def update_ema(self):
+        decay = self.ema_decay()
+        for trained, ema in self.ema_pairs:
+            ema.mul_(decay).add_(trained.detach(), alpha=1.0 - decay)
+
+    def sampling_with_ema(self):
+        """Context: the pipeline samples with the eval EMA adapter (eval_with_ema)."""
+        return adapter_active(self.transformer, EMA_ADAPTER)
+
     @torch.no_grad()
     def update_old(self, decay: float):
         """old <- decay * old + (1 - decay) * trained (elementwise, on each rank's shard)."""
@@ -265,7 +302,7 @@ class Policy:
 
     # -- state: the trained weights, and the old adapter when there is one
     def _also_frozen(self) -> tuple[str, ...]:
-        return (f".{OLD_ADAPTER}.",) if self.has_old else ()
+        return ((f".{OLD_ADAPTER}.",) if self.has_old else ()) + ((f".{EMA_ADAPTER}.",) if self.has_ema else ())
 
     def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
         if self.rollouts_nonfinite:  # weights that sample NaN: a checkpoint would only rotate good ones out
@@ -292,8 +329,9 @@ class Policy:
 
     def save_final(self, output_dir: str) -> str | None:
         """LoRA: output_dir/lora/pytorch_lora_weights.safetensors (diffusers format; the trained
-        adapter only); full: output_dir/transformer/ (QwenImageTransformer2DModel.from_pretrained).
-        Refused (TrainingStopped, nothing written) when the weights' last rollouts were non-finite."""
+        adapter only, or with eval_with_ema its EMA, as the official scripts save); full: output_dir/transformer/
+        (QwenImageTransformer2DModel.from_pretrained). Refused (TrainingStopped, nothing written) when the
+        weights' last rollouts were non-finite."""
         import qwen_image as qi
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -305,6 +343,9 @@ class Policy:
         if not self.accelerator.is_main_process:
             return None
         assert_finite(full_state, "final weights")
+        if self.has_ema:  # export the EMA in the trained adapter's place (the model card says so)
+            full_state = {k: (full_state[k.replace(".default.", f".{EMA_ADAPTER}.")] if ".default." in k else v)
+                          for k, v in full_state.items()}
         if self.config.train_mode == "lora":
             out = os.path.join(output_dir, "lora")
             qi.save_lora(self.transformer, out, state_dict=full_state)
@@ -317,18 +358,18 @@ class Policy:
         return out
 
 
-def add_old_adapter(transformer):
-    """A second LoRA adapter with the trained one's config, holding a copy of its weights; frozen.
-    The trained adapter stays the active one."""
+def add_old_adapter(transformer, adapter: str = OLD_ADAPTER):
+    """Another LoRA adapter (`adapter`) with the trained one's config, holding a copy of its weights;
+    frozen. The trained adapter stays the active one."""
     import copy
 
-    transformer.add_adapter(copy.deepcopy(transformer.peft_config["default"]), adapter_name=OLD_ADAPTER)
+    transformer.add_adapter(copy.deepcopy(transformer.peft_config["default"]), adapter_name=adapter)
     transformer.set_adapter("default")
     named = dict(transformer.named_parameters())
     with torch.no_grad():
         for name, p in named.items():
-            if f".{OLD_ADAPTER}." in name:
-                p.data = named[name.replace(f".{OLD_ADAPTER}.", ".default.")].detach().clone().float()
+            if f".{adapter}." in name:
+                p.data = named[name.replace(f".{adapter}.", ".default.")].detach().clone().float()
                 p.requires_grad_(False)
 
 
@@ -367,7 +408,7 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
     totals, good_updates = [0.0, 0.0, 0.0], 0
     for update in range(updates):
         generator = torch.Generator().manual_seed(dpo_noise_seed(config.seed, step, rank, stream, update))
-        noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme,
+        noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme or "logit_normal",
                                                      logit_mean=config.logit_mean, logit_std=config.logit_std)
         target = velocity_target(x0, noise)
         sums = [0.0, 0.0, 0.0]  # loss, implicit accuracy, implicit reward margin, summed over pairs

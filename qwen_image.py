@@ -613,6 +613,24 @@ class SDERecorder:
                 "sigma_max": self.sigma_max, "steps": list(self.trained_steps), "noise_level": self.noise_level}
 
 
+def sampler_sigmas(scheduler, num_inference_steps: int, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
+    """[num_inference_steps] fp32: the sigmas `QwenImagePipeline.__call__` steps through (its
+    timesteps / 1000, the final 0 left out), computed the pipeline's way: sigmas
+    linspace(1, 1/n, n), shifted by the scheduler with mu = calculate_shift(packed image tokens,
+    the scheduler config's base/max seq len and shift). A copy of `scheduler` is set, not it."""
+    import numpy as np
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    image_seq_len = (height // vae_scale_factor // 2) * (width // vae_scale_factor // 2)  # packed 2x2 latent tokens
+    cfg = scheduler.config
+    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    schedule = copy.deepcopy(scheduler)
+    schedule.set_timesteps(num_inference_steps, sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps),
+                           mu=mu)
+    return (schedule.timesteps.float() / 1000).cpu()
+
+
 def _latent_stats(pipe, device, dtype):
     cfg = pipe.vae.config
     mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)

@@ -34,7 +34,9 @@ def validate_policy_config(config, world_size: int = 1):
             "hub_model_id", "push_to_hub needs a repository id (--hub_model_id user/name)")
     require(getattr(config, "pair_strategy", PAIR_STRATEGIES[0]) in PAIR_STRATEGIES, "pair_strategy",
             f"must be one of {PAIR_STRATEGIES}")
-    require(config.sigma_scheme in SIGMA_SCHEMES, "sigma_scheme", f"must be one of {SIGMA_SCHEMES}")
+    # the online trainer also takes "" (the objective's official scheme) and the group objectives' schemes
+    schemes = SIGMA_SCHEMES + (("", "sampler", "sampler_stratified") if hasattr(config, "objective") else ())
+    require(config.sigma_scheme in schemes, "sigma_scheme", f"must be one of {', '.join(repr(x) for x in schemes)}")
     require(getattr(config, "min_reward_margin", 0.0) >= 0, "min_reward_margin", "must be >= 0")
     require(config.train_mode in ("lora", "full"), "train_mode", "must be 'lora' or 'full'")
     require(config.sharding in ("none", "fsdp2"), "sharding", "must be 'none' or 'fsdp2'")

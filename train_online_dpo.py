@@ -76,28 +76,11 @@ class Config:
     pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
     min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     reverse_preference: bool = False  # control run: train towards the rejected sample
-    sigma_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    sigma_scheme: str = ""  # "" = the objective's official: dpo, dgpo logit_normal; nft sampler (the sampler's own sigmas); awm sampler_stratified; or logit_normal, uniform, mode (any), sampler, sampler_stratified (group objectives)
+    logit_mean: float = 0.0  # mean of the logit-normal sigma distribution (logit_normal scheme)
+    logit_std: float = 1.0  # std of the logit-normal sigma distribution (logit_normal scheme)
     updates_per_rollout: int = 1  # optimizer steps per rollout batch, fresh noise and sigma each
     micro_batch_pairs: int = 1  # pairs per forward/backward; gradients accumulate over micro-batches
-    # group objectives (dgpo, nft, awm; group_losses.py states each formula and where each default comes from)
-    advantage_std: str = "group"  # "group": (r - group mean) / group std; "batch": / std of all the step's rewards
-    micro_batch_groups: int = 1  # whole prompt groups (K samples each) per forward/backward
-    dgpo_beta: float = 100.0  # DGPO's DPO beta (official OCR recipe: 100)
-    dgpo_kl_weight: float = 0.0  # weight of mean (v - v_ref)^2 (official README mode 1: 1e-3)
-    dgpo_clip_range: float = 0.0  # > 0: PPO-style clip against an EMA old adapter (official OCR: 1e-2)
-    dgpo_old_ema: str = "0,0.001,0.3"  # old adapter EMA "start,rate,max": decay = min(max, rate*(step-start))
-    nft_beta: float = 0.1  # DiffusionNFT's beta: v+ = beta v + (1-beta) v_old (official OCR: 0.1)
-    nft_adv_clip: float = 5.0  # advantages clipped to +-c; r = A/(2c) + 1/2 (official: 5)
-    nft_kl_weight: float = 1e-4  # weight of mean (v - v_ref)^2 (official: 1e-4)
-    nft_old_ema: str = "75,0.0075,0.999"  # old adapter EMA schedule (official OCR: decay_type 2)
-    awm_clip_range: float = 1.0  # PPO clip range of the likelihood ratio (official OCR: 1)
-    awm_adv_clip: float = 5.0  # advantages clipped to +-c, then divided by c (official: 5)
-    awm_weighting: str = "uniform"  # likelihood weighting: uniform, t or ghuber (official OCR: ghuber)
-    awm_kl_weight: float = 0.003  # weight of mean (v - v_ref)^2 (official: 0.003)
-    awm_old_kl_weight: float = 1.0  # weight of mean (v - v_old)^2 (official ema_beta: 1)
-    awm_old_ema: str = "0,0.001,0.3"  # old adapter EMA schedule (official: linear up to 0.3)
     # optimisation
     learning_rate: float = 3e-4  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -114,6 +97,8 @@ class Config:
     eval_samples_per_prompt: int = 1  # eval images per prompt (sample j of prompt i has seed i * 1000 + j)
     eval_inference_steps: int = 50  # sampling steps of an eval image
     max_eval_prompts: int = 0  # evaluate on the first N prompts of eval_data (0 = all)
+    eval_with_ema: bool = False  # evaluate and export an EMA of the trained LoRA (a third adapter), as the official NFT / AWM / DGPO runs do (train.ema)
+    eval_ema_decay: float = 0.9  # that EMA's decay cap: min((1+k)/(10+k), cap) after optimizer step k (official NFT/DGPO EMAModuleWrapper decay 0.9; AWM 0.99)
     eval_baseline: str = ""  # a run folder whose step-0 eval (same model, eval settings) this run takes as its own
     checkpoint_every: int = 20  # checkpoint every N steps (0 = never; a stop signal always writes one)
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints (0 = all)
@@ -130,6 +115,27 @@ class Config:
     overwrite_output_dir: bool = False  # a fresh run into a folder holding a run: delete that run's files first
     seed: int = 0  # run seed: rollout, noise and data-order seeds derive from it
     preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
+    # ---- group objectives (objectives.py; formulas in group_losses.py; defaults: the official OCR configs, DiffusionNFT config/nft.py sd3_ocr, AWM config/dgx_awm.py ocr_sd3_no_cfg_1node, DGPO config/dgpo.py, unless a comment says otherwise)
+    advantage_std: str = "global"  # "global": (r - group mean) / (std of all the step's rewards + 1e-4) (official sample.global_std); "group": / the group's std
+    drop_tied_groups: bool = False  # drop groups whose rewards are all equal (A = 0) before the update; official: trained (they count in the mean, carry the KL / old terms)
+    micro_batch_groups: int = 1  # whole prompt groups (K samples each) per forward/backward (not an official knob)
+    dgpo_beta: float = 100.0  # DGPO's DPO beta (official train.beta_dpo: 100)
+    dgpo_kl_weight: float = 0.0  # weight of mean (v - v_ref)^2, relative to the official-scale policy term (official train.beta: OCR 0.02, README mode 1 1e-3; 0 here)
+    dgpo_exact_gradient: bool = False  # use the -logsigmoid's own gradient, beta times the official surrogate's (then the KL weight counts 1/beta as much)
+    dgpo_clip_range: float = 0.0  # > 0: PPO-style clip against an EMA old adapter (official clip_range with clip_dsm: OCR 1e-2; 0 here)
+    dgpo_old_ema: str = "0,0.001,0.3"  # old adapter EMA "start,rate,max" of the optimizer-step count, stepped per optimizer step (official ema_ref: min(0.3, 0.001 * global_step))
+    dgpo_switch_ema_ref: int = 200  # with dgpo_clip_range > 0: rollouts sampled with the old (EMA) adapter after this many optimizer steps (official switch_ema_ref: 200)
+    nft_beta: float = 0.1  # DiffusionNFT's beta: v+ = beta v + (1-beta) v_old (official config.beta, OCR: 0.1)
+    nft_adv_clip: float = 5.0  # advantages clipped to +-c; r = A/(2c) + 1/2 (official train.adv_clip_max: 5)
+    nft_kl_weight: float = 1e-4  # weight of mean (v - v_ref)^2 (official train.beta: 1e-4)
+    nft_old_ema: str = "75,0.0075,0.999"  # old adapter EMA schedule of the optimizer-step count, stepped per rollout batch (official decay_type 2)
+    awm_clip_range: float = 1.0  # PPO clip range of the likelihood ratio to the rollout policy (official train.clip_range: 1)
+    awm_adv_clip: float = 5.0  # advantages clipped to +-c, then divided by c (official train.adv_clip_max: 5)
+    awm_weighting: str = "uniform"  # likelihood weighting: uniform, t or ghuber (official train.weighting, OCR: ghuber; uniform here: the plain flow-matching loss)
+    awm_kl_weight: float = 0.003  # weight of mean (v - v_ref)^2 (official train.beta: 0.003)
+    awm_old_kl_weight: float = 1.0  # weight of mean (v - v_old)^2 (official train.ema_beta: 1)
+    awm_old_ema: str = "0,0.001,0.3"  # old adapter EMA schedule of the optimizer-step count, stepped per rollout batch (official kl_ema_decay_type linear, kl_ema_decay 0.3)
+
     # ---- Flow-GRPO (objective grpo; flow_grpo.py)
     grpo_noise_level: float = 0.7  # SDE noise level a, sigma_t = a sqrt(t/(1-t)) (official config/base.py sample.noise_level)
     grpo_sde_window: str = ""  # "": SDE on every step; "start,length": SDE on those steps, ODE elsewhere (official train_sd3_fast.py sde_window_size)
@@ -137,7 +143,6 @@ class Config:
     grpo_clip_range: float = 1e-4  # PPO clip range of the likelihood ratio (official config/base.py train.clip_range)
     grpo_adv_clip: float = 5.0  # advantages clipped to +-c (official config/base.py train.adv_clip_max)
     grpo_kl_weight: float = 0.04  # weight of the KL to the reference on the SDE step means (official config/grpo.py general_ocr_sd3 train.beta)
-
 
 PRESETS = {
     # The tiny random Qwen-Image on a CPU with a reward it can learn (run_config.CPU_TINY_OVERRIDES), 8 prompts
@@ -196,7 +201,13 @@ def validate_objective(config: Config):
     from run_config import require
 
     require(config.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
-    require(config.advantage_std in ("group", "batch"), "advantage_std", "must be 'group' or 'batch'")
+    require(config.advantage_std in ("global", "group"), "advantage_std", "must be 'global' or 'group'")
+    require(config.objective != "dpo" or config.sigma_scheme not in ("sampler", "sampler_stratified"), "sigma_scheme",
+            "sampler and sampler_stratified are the group objectives' schemes; dpo takes logit_normal, uniform or mode")
+    require(config.dgpo_switch_ema_ref >= 0, "dgpo_switch_ema_ref", "must be >= 0")
+    require(math.isfinite(config.eval_ema_decay) and 0 <= config.eval_ema_decay < 1, "eval_ema_decay", "must be in [0, 1)")
+    require(not config.eval_with_ema or config.train_mode == "lora", "train_mode",
+            "must be 'lora' with eval_with_ema: the EMA is a LoRA adapter")
     require(config.micro_batch_groups >= 1, "micro_batch_groups", "must be >= 1: a micro-batch holds whole groups")
     for field in ("dgpo_beta", "nft_beta", "nft_adv_clip", "awm_clip_range", "awm_adv_clip"):
         value = getattr(config, field)
@@ -299,6 +310,12 @@ def train(config: Config):
     # the training rollout's settings: the step cache applies here only (the eval uses eval_inference_steps, no cache)
     rollout_settings = evaluation.rollout_settings(config, config.num_inference_steps, cache=config.rollout_cache)
     run_eval = evaluation.make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log)
+    if config.eval_with_ema:  # the eval samples with the EMA adapter (rollouts keep the trained / old one)
+        eval_trained = run_eval
+
+        def run_eval(step):
+            with policy.sampling_with_ema():
+                return eval_trained(step)
 
     if start_step == 0 and config.eval_every:
         run_eval(0)
@@ -318,8 +335,9 @@ def train(config: Config):
         block_forwards = [] if config.rollout_cache else None  # under a step cache: the block forwards that ran
         recorder = objective.recorder() if hasattr(objective, "recorder") else None  # grpo: the SDE sampler
         scheduler_step = recorder.chunk_step if recorder else None
-        # NFT samples with its old adapter (the paper's behaviour policy); the other objectives with the trained one
-        with policy.sampling_with_old() if objective.samples_with_old else contextlib.nullcontext():
+        # NFT samples with its old adapter (the paper's behaviour policy), DGPO with it after dgpo_switch_ema_ref
+        # optimizer steps (when it has one); the other objectives with the trained one
+        with policy.sampling_with_old() if objective.samples_with_old(policy.optimizer_steps) else contextlib.nullcontext():
             if config.reward_overlap:  # 4. rewards, chunk by chunk while the next chunk is sampled
                 reward_parts = {}
 

@@ -75,7 +75,8 @@ def rollouts_for(step: int, rank: int, world: int, trajectory: dict | None = Non
                     prompts=[PROMPTS[i // K] for i in rows], trajectory=mine_of)
 
 
-def run(objective_name: str, tiny_dir: str, out: str, sharding: str = "none", extra=()) -> list[dict]:
+def setup(objective_name: str, tiny_dir: str, sharding: str = "none", extra=()):
+    """-> (objective, policy, prompt cache), the policy's LoRA initialised from the config's seed."""
     import torch
 
     import objectives
@@ -90,7 +91,12 @@ def run(objective_name: str, tiny_dir: str, out: str, sharding: str = "none", ex
     cache = qi.PromptCache(pipe, config.max_sequence_length)
     cache.warm(PROMPTS)
     objective = objectives.build(config)
-    policy = Policy(config, pipe, accelerator, old_adapter=objective.uses_old_adapter)
+    return objective, Policy(config, pipe, accelerator, old_adapter=objective.uses_old_adapter), cache
+
+
+def run(objective_name: str, tiny_dir: str, out: str, sharding: str = "none", extra=()) -> list[dict]:
+    objective, policy, cache = setup(objective_name, tiny_dir, sharding, extra)
+    accelerator = policy.accelerator
     logged = []
     for step in range(STEPS):
         trajectory = grpo_trajectory(policy, cache, step) if objective_name == "grpo" else None

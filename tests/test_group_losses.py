@@ -28,14 +28,31 @@ def mse(a, b):
     return ((a.double() - b.double()) ** 2).mean()
 
 
-def ref_dgpo(model, ref, target, adv, groups, beta, kl_weight=0.0):
+def ref_dgpo(model, ref, target, adv, groups, beta, kl_weight=0.0, exact=False):
+    """(1/beta) * mean over groups of -logsigmoid(z_g) (+ KL): the official gradient scale."""
     losses = []
     for g in dict.fromkeys(groups.tolist()):
         rows = [i for i in range(len(groups)) if groups[i] == g]
         z = sum(adv[i].double() * (-beta) * (mse(model[i], target[i]) - mse(ref[i], target[i])) for i in rows) / len(rows)
         losses.append(-torch.nn.functional.logsigmoid(z))
     kl = sum(mse(model[i], ref[i]) for i in range(len(model))) / len(model)
-    return sum(losses) / len(losses) + kl_weight * kl
+    return sum(losses) / len(losses) / (1.0 if exact else beta) + kl_weight * kl
+
+
+def official_dgpo_surrogate(model, ref, target, adv, groups, beta, kl_weight=0.0):
+    """The official DGPO loss, re-derived from scripts/train_sd3_dgpo.py
+    (`compute_group_dgpo_loss_allreduce`, then `loss = dgpo_loss + train.beta * kl_loss`): a group
+    weight sigmoid(sum_{i in g} A_i * beta * (err_i - err_ref_i) / K), detached, times A_i * err_i,
+    averaged over rows; the KL a mean over rows of mean((v - v_ref)^2)."""
+    rows = range(len(groups))
+    weights = {}
+    for g in dict.fromkeys(groups.tolist()):
+        members = [i for i in rows if groups[i] == g]
+        s = sum(adv[i].double() * beta * (mse(model[i], target[i]) - mse(ref[i], target[i])).detach() for i in members)
+        weights[g] = torch.sigmoid(s / len(members))
+    policy = sum(weights[groups[i].item()] * adv[i].double() * mse(model[i], target[i]) for i in rows) / len(groups)
+    kl = sum(mse(model[i], ref[i]) for i in rows) / len(groups)
+    return policy + kl_weight * kl, policy, kl
 
 
 def ref_nft(model, old, target, sigmas, adv, beta, c, ref=None, kl_weight=0.0):
@@ -104,6 +121,20 @@ def test_group_advantages_match_a_loop_and_skip_zero_variance_groups():
         assert values.std(unbiased=False).item() == pytest.approx(1, abs=1e-5)
 
 
+def test_global_std_advantages_of_a_nearly_tied_group():
+    """Fifteen 1.0 and one 0.98: the group's own std makes the odd one -3.87; the official global
+    scale (std of all the step's rewards + 1e-4) keeps it small next to a group that really differs."""
+    ids = [0] * 16 + [1] * 16
+    rewards = [1.0] * 15 + [0.98] + [0.0, 1.0] * 8
+    by_group = group_advantages(rewards, ids)[0]
+    assert by_group[15].item() == pytest.approx(-3.873, abs=1e-3)
+    everything = torch.tensor(rewards, dtype=torch.float64)
+    scale = math.sqrt(sum((r - everything.mean().item()) ** 2 for r in rewards) / len(rewards)) + 1e-4
+    adv = group_advantages(rewards, ids, std=scale)[0]
+    assert adv[15].item() == pytest.approx((0.98 - (15 + 0.98) / 16) / scale, rel=1e-5)
+    assert abs(adv[15].item()) < 0.05 and adv[16].item() == pytest.approx(-0.5 / scale, rel=1e-5)
+
+
 def test_group_advantages_shared_scale_and_centring_only():
     ids, rewards = [0, 0, 1, 1], [1.0, 2.0, 5.0, 9.0]
     assert group_advantages(rewards, ids, std=2.0)[0].tolist() == pytest.approx([-0.25, 0.25, -1.0, 1.0])
@@ -169,11 +200,31 @@ def test_dgpo_value_and_gradient_match_a_per_group_loop(beta, kl_weight):
     assert all(isinstance(v, float) for v in metrics.values())
 
 
+@pytest.mark.parametrize("beta,kl_weight", [(100.0, 0.02), (10.0, 1e-3)])
+def test_dgpo_gradient_is_the_official_surrogates_and_so_is_the_kl_to_policy_ratio(beta, kl_weight):
+    """The gradient (policy and KL parts) equals that of the official surrogate, so the KL weight
+    means what the official `train.beta` means; exact_gradient multiplies the policy part by beta."""
+    target, model, ref, _, _ = batch(n=8, shape=(2, 5), seed=21, spread=0.05)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = torch.tensor(ref_advantages([0.3, 0.1, 0.9, 0.4, 0.2, 0.7, 0.5, 0.6], groups.tolist()), dtype=torch.float32)
+    _, grad = grads(lambda m: dgpo_loss(m, ref, target, adv, groups, beta, kl_weight=kl_weight), model)
+    _, official = grads(lambda m: official_dgpo_surrogate(m, ref, target, adv, groups, beta, kl_weight)[0], model.double())
+    assert torch.allclose(grad.double(), official, rtol=1e-4, atol=1e-9)
+    _, policy_grad = grads(lambda m: dgpo_loss(m, ref, target, adv, groups, beta), model)
+    _, kl_grad = grads(lambda m: official_dgpo_surrogate(m, ref, target, adv, groups, beta, 1.0)[2], model.double())
+    _, official_policy = grads(lambda m: official_dgpo_surrogate(m, ref, target, adv, groups, beta)[1], model.double())
+    ratio = (kl_weight * kl_grad.norm() / policy_grad.double().norm()).item()
+    assert ratio == pytest.approx((kl_weight * kl_grad.norm() / official_policy.norm()).item(), rel=1e-4)
+    _, exact = grads(lambda m: dgpo_loss(m, ref, target, adv, groups, beta, exact_gradient=True), model)
+    assert torch.allclose(exact, beta * policy_grad, rtol=1e-4, atol=1e-9)  # the previous default: KL beta x weaker
+
+
 def test_dgpo_starts_at_log2_and_moves_good_samples_towards_the_target():
     target, model, ref, _, _ = batch(n=4, seed=3)
     groups, adv = torch.tensor([0, 0, 0, 0]), torch.tensor([1.5, 0.5, -0.5, -1.5])
     loss, metrics = dgpo_loss(ref.clone(), ref, target, adv, groups, 100.0)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and metrics["implicit_acc"] == 0.0
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics["implicit_acc"] == 0.0
+    assert loss.item() == pytest.approx(math.log(2) / 100.0, abs=1e-8)  # the optimised value: / beta
     _, grad = grads(lambda m: dgpo_loss(m, ref, target, adv, groups, 10.0), ref)
     stepped = ref - 0.01 * grad
     before, after = [mse(ref[i], target[i]).item() for i in range(4)], [mse(stepped[i], target[i]).item() for i in range(4)]
@@ -239,6 +290,20 @@ def test_awm_value_and_gradient_match_a_per_sample_loop(eps, kl_weight, old_kl_w
     metrics = awm_loss(model, old, target, sigmas, adv, **kwargs)[1]
     ratio = torch.tensor([torch.exp(-mse(model[i], target[i]) + mse(old[i], target[i])).item() for i in range(6)])
     assert metrics["clip_frac"] == pytest.approx(((ratio - 1).abs() > eps).float().mean().item())
+
+
+def test_awm_ratio_is_to_the_rollout_likelihood_and_the_old_kl_to_old_pred():
+    target, model, ref, old, sigmas = batch(n=5, seed=12)
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.2])
+    own = awm_log_likelihood(model, target, sigmas).detach()
+    _, metrics = awm_loss(model, old, target, sigmas, adv, kl_weight=0.0, rollout_logp=own)
+    assert metrics["ratio_mean"] == 1.0 and metrics["clip_frac"] == 0.0  # exactly 1 in fp32
+    assert metrics["old_kl"] == pytest.approx(mse(model, old).item(), rel=1e-5)
+    rollout = own - torch.tensor([0.1, 0.0, -0.2, 0.3, 0.0])
+    _, metrics = awm_loss(model, old, target, sigmas, adv, kl_weight=0.0, rollout_logp=rollout)
+    assert metrics["ratio_mean"] == pytest.approx(torch.exp(own - rollout).mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="rollout_logp"):
+        awm_loss(model, old, target, sigmas, adv, kl_weight=0.0, rollout_logp=own[:3])
 
 
 def test_awm_at_the_old_policy_is_advantage_weighted_flow_matching():

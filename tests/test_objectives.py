@@ -40,9 +40,10 @@ def one_process(tiny_dir, tmp_path_factory):
 def test_update_logs_its_diagnostics_and_exports_only_the_trained_adapter(one_process, name):
     out, logged = one_process[0], one_process[1][name]
     for metrics in logged:
-        # group 1 of 4 ties: dropped and counted; 3 x K = 12 samples train
-        assert metrics["adv/groups"] == 4 and metrics["adv/zero_variance_groups_dropped"] == 1
-        assert metrics["adv/samples_kept"] == 12 and 0 < metrics["adv/abs_mean"] <= 1  # group std 1
+        # group 1 of 4 ties: trained with A = 0 (as the official scripts) and counted; 4 x K = 16 samples train
+        assert metrics["adv/groups"] == 4 and metrics["adv/tied_groups"] == 1 and metrics["adv/tied_groups_trained"] == 1
+        assert metrics["adv/zero_variance_groups_dropped"] == 0 and metrics["adv/samples_kept"] == 16
+        assert 0 < metrics["adv/abs_mean"] < 2
         assert metrics["update/grad_norm"] > 0 and torch.isfinite(torch.tensor(metrics[f"{name}/loss"]))
     expected = {"dgpo": ["implicit_acc", "z_mean", "reward_pos", "reward_neg", "clip_frac", "kl"],
                 "nft": ["r_mean", "loss_pos", "loss_neg", "old_deviation", "kl"],
@@ -105,9 +106,9 @@ def test_nonfinite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch, name, 
     module = flow_grpo if name == "grpo" else group_losses
     real = getattr(module, loss)
     calls = {"n": 0}
-    per_update = 3 * (2 if name == "grpo" else 1)  # 3 kept groups, 1 per micro-batch (grpo: x 2 trained steps)
+    per_update = 4 * (2 if name == "grpo" else 1)  # 4 groups (the tied one too), 1 per micro-batch (grpo: x 2 trained steps)
 
-    def nan_in_the_first_update(*args, **kwargs):
+    def nan_in_the_first_update(*args, **kwargs):  # every group (the tied one too), 1 per micro-batch
         calls["n"] += 1
         value, metrics = real(*args, **kwargs)
         if calls["n"] > per_update:
@@ -125,26 +126,31 @@ def test_nonfinite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch, name, 
 TINY_RUN = ["--preset", "cpu_tiny", "--prompts_per_step", "2", "--samples_per_prompt", "4", "--micro_batch_groups", "1",
             "--eval_every", "0", "--sample_grid_every", "0", "--checkpoint_every", "1",
             "--nft_old_ema", "0,0.5,0.5", "--awm_old_ema", "0,0.5,0.5", "--dgpo_old_ema", "0,0.5,0.5",
-            "--dgpo_clip_range", "0.05"]
+            "--dgpo_clip_range", "0.05", "--eval_with_ema", "--updates_per_rollout", "2"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", GROUP_OBJECTIVES)
 def test_resume_continues_exactly_with_the_old_adapter(tmp_path, name):
     """2 steps straight == 1 step, resume, 1 step. The old adapter (an EMA that moves at once
-    here) is in the checkpoint: were it not restored, the second step's loss would differ. grpo has
-    none: its SDE trajectory is regenerated from the seeds by the restored policy."""
+    here) is in the checkpoint: were it not restored, the second step's loss would differ; so are the
+    eval EMA (the export) and the optimizer-step count the EMA decays are computed from. grpo has no
+    old adapter: its SDE trajectory is regenerated from the seeds by the restored policy."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     common = TINY_RUN + ["--objective", name]
     train_online_dpo.main(common + ["--output_dir", straight, "--max_steps", "2"])
     train_online_dpo.main(common + ["--output_dir", split, "--max_steps", "1"])
     saved = load_file(os.path.join(split, "checkpoint-1", "trainable.safetensors"))
-    assert any(".old." in k for k in saved) == (name != "grpo")  # grpo: no old adapter; its trajectory is regenerated
+    assert any(".old." in k for k in saved) == (name != "grpo") and any(".ema." in k for k in saved)
     train_online_dpo.main(common + ["--output_dir", split, "--max_steps", "2", "--resume_from_checkpoint", "latest"])
     a, b = lora(straight), lora(split)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     losses = lambda d: [r[f"{name}/loss"] for r in read_metrics(d) if f"{name}/loss" in r]
     assert len(losses(straight)) == 2 and losses(split) == pytest.approx(losses(straight), abs=1e-6)
+    decays = lambda d: [r["old/ema_decay"] for r in read_metrics(d) if "old/ema_decay" in r]
+    assert decays(split) == decays(straight) and len(decays(straight)) == (0 if name == "grpo" else 2)
+    with open(os.path.join(split, "lora", "README.md")) as f:
+        assert "EMA of the trained LoRA" in f.read()
 
 
 def test_objective_rules_before_any_model_loads_and_on_resume():
@@ -192,3 +198,194 @@ def test_grpo_ratio_is_exactly_one_at_the_first_update_and_moves_after_it(tiny_d
     assert first["grpo/ratio_mean"] == 1.0 and first["grpo/approx_kl"] == 0.0 and first["grpo/clip_frac"] == 0.0
     assert first["grpo/kl"] == 0.0  # the policy is the reference before its first step
     assert second["grpo/approx_kl"] > 0 and second["grpo/kl"] > 0
+
+
+# ---------------------------------------------------------------- faithful to the official scripts
+
+def trained_lora(policy):
+    """{name: copy} of the trained adapter's weights."""
+    return {n: p.detach().clone() for n, p in policy.transformer.named_parameters() if ".default." in n}
+
+
+def old_lora(policy):
+    return {n.replace(".old.", ".default."): p.detach().clone() for n, p in policy.transformer.named_parameters()
+            if ".old." in n}
+
+
+@pytest.mark.parametrize("name", GROUP_OBJECTIVES)
+def test_old_ema_follows_the_official_schedule_of_optimizer_steps(tiny_dir, name):
+    """3 rollout steps x 2 updates. The old adapter equals an independent re-run of the official
+    schedule on the trained weights recorded after each optimizer step: DGPO (ema_ref.step after
+    every optimizer step, decay of the steps before it), NFT and AWM (once per rollout batch, decay
+    of all optimizer steps so far). The old code stepped once per rollout with the rollout index."""
+    spec = "1,0.2,0.7"  # flat for the first optimizer step, then 0.2 per step up to 0.7
+    objective, policy, cache = objective_worker.setup(name, tiny_dir, extra=[f"--{name}_old_ema", spec])
+    after_each_step = []
+    real_step = policy.optimizer_step
+
+    def recording_step(*args, **kwargs):
+        stepped = real_step(*args, **kwargs)
+        if stepped:
+            after_each_step.append(trained_lora(policy))
+        return stepped
+
+    policy.optimizer_step = recording_step
+    expected = trained_lora(policy)  # the old adapter starts as a copy of the trained one
+
+    def official_decay(global_step):  # the official schedules, written out (start 1, rate 0.2, max 0.7)
+        return 0.0 if global_step < 1 else min(0.2 * (global_step - 1), 0.7)
+
+    def ema(decay, weights):
+        for key in expected:
+            expected[key] = expected[key] * decay + weights[key] * (1 - decay)
+
+    for step in range(3):
+        first = len(after_each_step)
+        metrics, _ = objective.update(policy, objective_worker.rollouts_for(step, 0, 1), cache, step)
+        assert len(after_each_step) == first + 2
+        if name == "dgpo":
+            for k in (first, first + 1):
+                ema(official_decay(k), after_each_step[k])
+        else:
+            ema(official_decay(len(after_each_step)), after_each_step[-1])
+        assert metrics["update/optimizer_steps"] == 2 * (step + 1)
+    old = old_lora(policy)
+    assert old.keys() == expected.keys()
+    assert max((old[k] - expected[k]).abs().max().item() for k in old) <= 1e-6
+    assert policy.optimizer_steps == 6
+
+
+def test_awm_ratio_is_to_the_rollout_weights_not_the_ema(tiny_dir):
+    """Step 1 (the old EMA has moved): at the first update the ratio is exactly 1 (fp32); at the
+    second, the denominator is the likelihood under the weights that were trained when the rollouts
+    were made (recomputed here from a copy), not under the old adapter."""
+    import group_losses
+
+    objective, policy, cache = objective_worker.setup("awm", tiny_dir)
+    objective.update(policy, objective_worker.rollouts_for(0, 0, 1), cache, 0)
+    at_rollout = trained_lora(policy)
+    seen, velocities = [], []
+    real_loss, real_velocity = group_losses.awm_loss, policy.velocity
+
+    def spy_loss(model_pred, old_pred, target, sigmas, advantages, **kwargs):
+        value, metrics = real_loss(model_pred, old_pred, target, sigmas, advantages, **kwargs)
+        seen.append((target, sigmas, kwargs["rollout_logp"], metrics["ratio_mean"], old_pred))
+        return value, metrics
+
+    def spy_velocity(*args):
+        if torch.is_grad_enabled():
+            velocities.append(args)
+        return real_velocity(*args)
+
+    group_losses.awm_loss, policy.velocity = spy_loss, spy_velocity
+    try:
+        metrics, _ = objective.update(policy, objective_worker.rollouts_for(1, 0, 1), cache, 1)
+    finally:
+        group_losses.awm_loss = real_loss
+        del policy.velocity
+    assert len(seen) == 8 and len(velocities) == 8  # 4 groups x 2 updates
+    assert all(ratio == 1.0 for *_, ratio, _ in seen[:4])  # first update: exactly 1
+    assert any(ratio != 1.0 for *_, ratio, _ in seen[4:])
+    named = dict(policy.transformer.named_parameters())
+    with torch.no_grad():
+        for key, value in at_rollout.items():
+            named[key].copy_(value)
+        for (target, sigmas, rollout_logp, _, old_pred), args in zip(seen[4:], velocities[4:]):
+            expected = objective.likelihood(policy.velocity(*args), target, sigmas)
+            assert torch.allclose(rollout_logp, expected, rtol=0, atol=1e-6)
+            assert not torch.allclose(rollout_logp, objective.likelihood(old_pred, target, sigmas), atol=1e-6)
+
+
+def test_dgpo_samples_with_the_ema_after_switch_ema_ref_optimizer_steps():
+    import objectives
+    from run_config import parse_config
+
+    def build(*argv):
+        return objectives.build(parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, list(argv)))
+
+    assert train_online_dpo.Config.dgpo_switch_ema_ref == 200  # official config/dgpo.py switch_ema_ref
+    dgpo = build("--objective", "dgpo", "--dgpo_clip_range", "0.01")
+    assert not dgpo.samples_with_old(200) and dgpo.samples_with_old(201)  # official: global_step > switch_ema_ref
+    assert build("--objective", "dgpo", "--dgpo_clip_range", "0.01", "--dgpo_switch_ema_ref", "3").samples_with_old(4)
+    assert not build("--objective", "dgpo").samples_with_old(10 ** 6)  # no clip: no EMA to sample with
+    assert build("--objective", "nft").samples_with_old(0) and not build("--objective", "awm").samples_with_old(10 ** 6)
+
+
+def test_tied_groups_can_be_dropped(tiny_dir, tmp_path):
+    logged = objective_worker.run("dgpo", tiny_dir, str(tmp_path), extra=["--drop_tied_groups"])
+    assert logged[0]["adv/tied_groups"] == 1 and logged[0]["adv/tied_groups_trained"] == 0
+    assert logged[0]["adv/zero_variance_groups_dropped"] == 1 and logged[0]["adv/samples_kept"] == 12
+
+
+def test_sampler_sigmas_are_the_pipelines_and_each_objective_draws_its_official_timesteps(tiny_dir):
+    """qwen_image.sampler_sigmas equals the schedule the pipeline itself ran; NFT trains each sample
+    on the sampler's sigmas (a random order per sample, distinct over updates); AWM on one index per
+    stratum of 1 .. int(0.9 n) per group (official `discrete_wo_init`)."""
+    import objectives
+    import qwen_image as qi
+
+    objective, policy, cache = objective_worker.setup("nft", tiny_dir, extra=["--num_inference_steps", "6"])
+    settings = qi.RolloutSettings(height=64, width=64, num_inference_steps=6, true_cfg_scale=1.0, negative_prompt=" ",
+                                  chunk_size=1)
+    schedule = policy.sampler_sigmas()
+    ran = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    qi.rollout(ran, qi.PromptCache(ran, 64), ["a cat"], [0], settings, decode=False)
+    assert torch.allclose(schedule, ran.scheduler.timesteps.float() / 1000, atol=1e-7) and len(schedule) == 6
+    assert len(set(schedule.tolist())) == 6 and schedule[0] == 1.0
+
+    rollouts = objective_worker.rollouts_for(0, 0, 1)
+    groups = [list(range(g * 4, g * 4 + 4)) for g in range(4)]
+    draws = objective._draws(policy, rollouts, groups, 0, (16, 64), 3)
+    sigmas = torch.stack([s for _, s in draws])  # [updates, rows]
+    assert all(any(torch.isclose(v, schedule).tolist()) for v in sigmas.flatten())
+    assert all(len(set(sigmas[:, row].tolist())) == 3 for row in range(16))  # no sigma twice for a row
+    assert len(set(sigmas[0, :4].tolist())) > 1  # drawn per sample
+    noise = draws[0][0]
+    assert not torch.equal(noise[0], noise[1])  # per-sample noise (official randn_like)
+
+    awm = objectives.AWM(objective.config)
+    awm.sigma_scheme = "sampler_stratified"
+    sigmas = torch.stack([s for _, s in awm._draws(policy, rollouts, groups, 0, (16, 64), 2)])
+    index = [[int(torch.isclose(schedule, v).nonzero()[0]) for v in row] for row in sigmas]
+    for g in range(4):
+        rows = range(g * 4, g * 4 + 4)
+        assert len({index[u][r] for u in range(2) for r in rows}) == 2  # shared in the group, one per stratum
+        assert sorted(index[u][g * 4] for u in range(2)) in ([1, 3], [1, 4], [2, 3], [2, 4])  # strata [1,3) and [3,5)
+    # the official strata for its OCR recipe: 14 steps, fraction 0.9, 6 timesteps -> boundaries 1,2,4,6,8,10,12
+    assert objectives.stratified_sampler_indices(14, 6, 0.9, torch.zeros(6)).tolist() == [1, 2, 4, 6, 8, 10]
+    assert objectives.stratified_sampler_indices(14, 6, 0.9, torch.full((6,), 0.999)).tolist() == [1, 3, 5, 7, 9, 11]
+
+
+def test_eval_with_ema_keeps_the_official_ema_and_exports_it(tiny_dir, tmp_path):
+    """A third adapter follows the official EMAModuleWrapper (decay min((1+k)/(10+k), 0.9) after
+    optimizer step k, k counted after the step); the export holds it, not the trained weights."""
+    from safetensors.torch import load_file
+
+    objective, policy, cache = objective_worker.setup("nft", tiny_dir, extra=["--eval_with_ema"])
+    expected = trained_lora(policy)
+    real_step = policy.optimizer_step
+
+    def recording_step(*args, **kwargs):
+        stepped = real_step(*args, **kwargs)
+        if stepped:
+            k = policy.optimizer_steps
+            decay = min((1 + k) / (10 + k), 0.9)
+            for key, value in trained_lora(policy).items():
+                expected[key] = expected[key] * decay + value * (1 - decay)
+        return stepped
+
+    policy.optimizer_step = recording_step
+    for step in range(2):
+        objective.update(policy, objective_worker.rollouts_for(step, 0, 1), cache, step)
+    ema = {n.replace(".ema.", ".default."): p.detach() for n, p in policy.transformer.named_parameters() if ".ema." in n}
+    assert ema.keys() == expected.keys()
+    assert max((ema[k] - expected[k]).abs().max().item() for k in ema) <= 1e-6
+    trained = trained_lora(policy)
+    assert max((ema[k] - trained[k]).abs().max().item() for k in ema) > 1e-5  # a real EMA, not a copy
+    exported = load_file(os.path.join(policy.save_final(str(tmp_path)), "pytorch_lora_weights.safetensors"))
+    for name, value in ema.items():
+        key = "transformer." + name.replace(".default.", ".")
+        assert torch.equal(exported[key], value.cpu()), key
+    import model_card
+    assert "EMA of the trained LoRA" in model_card.exported_weights_line({"eval_with_ema": True, "eval_ema_decay": 0.9})
+    assert "no EMA" in model_card.exported_weights_line({})

@@ -92,7 +92,11 @@ def lora(output_dir):
     ("grpo_timestep_fraction", "0.1", "grpo_timestep_fraction"),  # 4 steps x 0.1: no trained step
     ("grpo_sde_window", "3,2", "grpo_sde_window"),  # past the preset's 4 sampling steps
     ("grpo_sde_window", "two", "grpo_sde_window"),
-    ("advantage_std", "global", "advantage_std"),
+    ("advantage_std", "batch", "advantage_std"),
+    ("sigma_scheme", "sampler", "sigma_scheme"),  # dpo (the default objective) has no sampler scheme
+    ("sigma_scheme", "shifted", "sigma_scheme"),
+    ("dgpo_switch_ema_ref", "-1", "dgpo_switch_ema_ref"),
+    ("eval_ema_decay", "1", "eval_ema_decay"),
     ("micro_batch_groups", "0", "micro_batch_groups"),
     ("dgpo_beta", "0", "dgpo_beta"),
     ("dgpo_kl_weight", "-1", "dgpo_kl_weight"),
@@ -130,7 +134,11 @@ def test_recipe_defaults():
     assert (c.pretrained, c.reward, c.height, c.width, c.samples_per_prompt, c.num_inference_steps) == \
         ("Qwen/Qwen-Image", "ocr", 512, 512, 16, 35)
     assert (c.true_cfg_scale, c.max_sequence_length, c.lora_rank, c.lora_alpha, c.learning_rate) == (1.0, 256, 64, 128, 3e-4)
-    assert (c.weight_decay, c.max_grad_norm, c.beta, c.sigma_scheme, c.max_steps) == (1e-4, 1.0, 100.0, "logit_normal", 300)
+    assert (c.weight_decay, c.max_grad_norm, c.beta, c.sigma_scheme, c.max_steps) == (1e-4, 1.0, 100.0, "", 300)
+    import objectives  # "" = each objective's official scheme; DPO's is logit_normal
+    assert [objectives.OBJECTIVES[n](c).sigma_scheme for n in ("dgpo", "nft", "awm")] == \
+        ["logit_normal", "sampler", "sampler_stratified"]
+    assert (c.advantage_std, c.drop_tied_groups, c.dgpo_switch_ema_ref, c.eval_with_ema) == ("global", False, 200, False)
     assert (c.eval_every, c.checkpoint_every, c.pair_strategy, c.lr_warmup_steps) == (20, 20, "best_worst", 0)
     import qwen_image
 
