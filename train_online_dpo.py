@@ -148,8 +148,13 @@ PRESETS = {
 
 def validate(config: Config, world_size: int = 1):
     """Every rule checked before any model loads; errors name the field."""
+    from getting_started import ONLINE_TRY, missing_data_rule
     from trainer_utils import require, validate_policy_config
 
+    for field in ("train_data", "eval_data"):  # first: a run without data says what to run instead
+        path = getattr(config, field)
+        require(tu.data_source_exists(path), field,
+                missing_data_rule(path, "train_online_dpo.py", "--train_data, --eval_data", ONLINE_TRY))
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt to make a pair")
@@ -161,7 +166,6 @@ def validate(config: Config, world_size: int = 1):
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     validate_objective(config)
-    require(tu.data_source_exists(config.train_data), "train_data", f"file {config.train_data!r} does not exist")
 
 
 def validate_objective(config: Config):
