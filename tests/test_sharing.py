@@ -1,0 +1,95 @@
+"""Sharing a trained LoRA: the model card says what was trained and its snippet runs; evaluate.py,
+export_checkpoint.py and generate.py on exported LoRAs and on checkpoint folders."""
+
+import dataclasses
+import os
+import re
+
+import pytest
+import torch
+
+import model_card
+import train_online_dpo
+from conftest import ROOT
+
+TINY_PROMPTS = os.path.join(ROOT, "data", "tiny_prompts.txt")
+
+
+def online_config(**overrides) -> dict:
+    return dataclasses.asdict(train_online_dpo.Config()) | overrides
+
+
+def card_of(tmp_path, config, evals=(), **kw) -> tuple[str, str]:
+    folder = tmp_path / config.get("objective", "dpo")
+    folder.mkdir(exist_ok=True)
+    text = open(model_card.write_model_card(str(folder), config, list(evals), **kw)).read()
+    return text.split("---")[1], text  # (YAML metadata, whole card)
+
+
+EVALS = [{"step": 0, "eval/reward_mean": 0.25, "eval/reward_se": 0.01, "eval/images": 64.0},
+         {"step": 20, "eval/reward_mean": 0.5, "eval/reward_se": 0.02, "eval/images": 64.0,
+          "eval/reward_gain": 0.25, "eval/reward_gain_se": 0.015}]
+
+
+def test_the_card_describes_the_objective_its_knobs_the_data_and_the_hub_base_model(tmp_path):
+    metadata, card = card_of(tmp_path, online_config(eval_data=TINY_PROMPTS), EVALS)
+    assert "base_model: Qwen/Qwen-Image" in metadata and "- diffusion-dpo" in metadata
+    assert "Diffusion-DPO" in card and "beta 100.0, pair_strategy best_worst, min_reward_margin 0.0" in card
+    assert "| before | 0 | 0.2500" in card and "| after | 20 | 0.5000" in card and "reward +0.2500 ± 0.015" in card
+    assert "prompts `data/ocr/train.parquet`, 32 prompts x 16 samples per step" in card
+    assert "TODO" not in card and "proofread" not in card  # nothing of diffusers' template left in
+    first_prompt = open(TINY_PROMPTS).readline().strip()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert f'QwenImagePipeline.from_pretrained(\'Qwen/Qwen-Image\', dtype=dtype)' in snippet
+    assert f"pipe({first_prompt!r}, height=512, width=512, num_inference_steps=50, true_cfg_scale=1.0" in snippet
+
+    nft = online_config(objective="nft", eval_data=TINY_PROMPTS, pretrained=os.path.join(ROOT, "worlds", "text_world"))
+    metadata, card = card_of(tmp_path, nft, EVALS)
+    assert "- diffusion-nft" in metadata and "diffusion-dpo" not in metadata and "base_model" not in metadata
+    assert "DiffusionNFT" in card and "Diffusion-DPO" not in card and "beta 100" not in card
+    assert ("advantage_std group, nft_beta 0.1, nft_adv_clip 5.0, nft_kl_weight 0.0001, nft_old_ema 75,0.0075,0.999"
+            in card)
+    assert "a local model at `worlds/text_world`" in card and "TODO" not in card
+
+
+def test_a_checkpoint_card_reports_the_eval_of_its_own_step_or_says_there_is_none(tmp_path):
+    evals = EVALS + [{"step": 40, "eval/reward_mean": 0.75, "eval/reward_se": 0.03, "eval/images": 64.0}]
+    _, card = card_of(tmp_path, online_config(eval_data=TINY_PROMPTS), evals, step=20)
+    assert "| after | 20 | 0.5000" in card and "0.7500" not in card and "for 20 steps" in card
+    _, card = card_of(tmp_path, online_config(eval_data=TINY_PROMPTS), evals, step=30)
+    assert "No evaluation was run at step 30" in card and "(evaluated steps: 0, 20, 40)" in card
+
+
+def tiny_lora(tiny_dir, folder, seed=1):
+    """A LoRA with non-zero weights on the tiny model, saved in the diffusers format."""
+    import qwen_image as qi
+
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    qi.add_lora(pipe.transformer, rank=4, alpha=4, target_modules=qi.TINY_LORA_TARGETS)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=generator) * 0.3
+    qi.save_lora(pipe.transformer, str(folder))
+    return str(folder)
+
+
+def test_the_card_snippet_runs_on_the_model_it_names(tmp_path, tiny_dir, monkeypatch):
+    import qwen_image as qi
+
+    lora = tiny_lora(tiny_dir, tmp_path / "lora")
+    config = online_config(pretrained=tiny_dir, eval_data=TINY_PROMPTS, height=32, width=48, eval_inference_steps=2,
+                           lora_rank=4, lora_alpha=4)
+    model_card.write_model_card(lora, config, [])
+    snippet = re.search(r"```python\n(.*?)```", open(os.path.join(lora, "README.md")).read(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "card-snippet", "exec"), {})  # exactly the card's lines
+    image = __import__("PIL.Image").Image.open(tmp_path / "sample.png")
+    assert image.size == (48, 32)
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    pipe.load_lora_weights(lora)
+    expected = pipe(open(TINY_PROMPTS).readline().strip(), height=32, width=48, num_inference_steps=2,
+                    generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    import numpy as np
+
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB")))
