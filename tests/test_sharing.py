@@ -93,3 +93,58 @@ def test_the_card_snippet_runs_on_the_model_it_names(tmp_path, tiny_dir, monkeyp
     import numpy as np
 
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step cpu_tiny run: evals at steps 0, 1, 2 (2 prompts x 4 samples), checkpoints at 1 and 2."""
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", out, "--max_steps", "2", "--eval_every", "1",
+                           "--checkpoint_every", "1", "--max_eval_prompts", "2", "--sample_grid_every", "0"])
+    return out
+
+
+def read_rows(run):
+    import json
+
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_an_exported_checkpoint_loads_in_diffusers_reproduces_the_policy_and_its_card_has_its_step(tiny_run, tmp_path):
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    import export_checkpoint
+    import qwen_image as qi
+    import trainer_utils as tu
+    from policy import Policy
+
+    final = export_checkpoint.main(["--checkpoint", os.path.join(tiny_run, "checkpoint-2"),
+                                    "--output_dir", str(tmp_path / "at2")])
+    trained = load_file(os.path.join(tiny_run, "lora", "pytorch_lora_weights.safetensors"))
+    exported = load_file(os.path.join(final, "pytorch_lora_weights.safetensors"))
+    assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
+
+    out = export_checkpoint.main(["--checkpoint", os.path.join(tiny_run, "checkpoint-1")])
+    assert out == os.path.join(tiny_run, "lora-1")
+    # the checkpoint's policy, restored as a resume restores it
+    config = tu.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny"])
+    pipe = qi.load_pipeline("tiny", dtype=torch.float32)
+    policy = Policy(config, pipe, Accelerator(cpu=True))
+    assert policy.load_checkpoint(os.path.join(tiny_run, "checkpoint-1")) == 1
+    settings = qi.RolloutSettings(height=64, width=64, num_inference_steps=4, chunk_size=4)
+    prompts, seeds = ["a red square"] * 2, [3, 4]
+    expected, _ = qi.rollout(pipe, qi.PromptCache(pipe, 64), prompts, seeds, settings, decode=False)
+    fresh = qi.load_pipeline("tiny", dtype=torch.float32)
+    fresh.load_lora_weights(out)  # diffusers' own loader
+    got, _ = qi.rollout(fresh, qi.PromptCache(fresh, 64), prompts, seeds, settings, decode=False)
+    base = qi.load_pipeline("tiny", dtype=torch.float32)
+    untrained, _ = qi.rollout(base, qi.PromptCache(base, 64), prompts, seeds, settings, decode=False)
+    assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(got, untrained, atol=1e-3)
+
+    rows = {row["step"]: row for row in read_rows(tiny_run) if "eval/reward_mean" in row}
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"| after | 1 | {rows[1]['eval/reward_mean']:.4f}" in card and f"| before | 0 | {rows[0]['eval/reward_mean']:.4f}" in card
+    assert f"{rows[2]['eval/reward_mean']:.4f}" not in card and "for 1 steps" in card
+    with pytest.raises(FileExistsError, match="--overwrite_output true"):
+        export_checkpoint.main(["--checkpoint", os.path.join(tiny_run, "checkpoint-1")])
