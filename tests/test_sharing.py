@@ -148,3 +148,33 @@ def test_an_exported_checkpoint_loads_in_diffusers_reproduces_the_policy_and_its
     assert f"{rows[2]['eval/reward_mean']:.4f}" not in card and "for 1 steps" in card
     with pytest.raises(FileExistsError, match="--overwrite_output true"):
         export_checkpoint.main(["--checkpoint", os.path.join(tiny_run, "checkpoint-1")])
+
+
+def test_evaluate_takes_a_checkpoint_or_the_exported_lora_and_prints_a_summary_with_a_progress_bar(tiny_run, tmp_path,
+                                                                                                    capsys):
+    import json
+
+    import evaluate
+
+    step2 = [row for row in read_rows(tiny_run) if row.get("step") == 2 and "eval/reward_mean" in row][0]
+    step0 = [row for row in read_rows(tiny_run) if row.get("step") == 0 and "eval/reward_mean" in row][0]
+    by = {}
+    for name, lora in (("exported", os.path.join(tiny_run, "lora")), ("checkpoint", os.path.join(tiny_run, "checkpoint-2"))):
+        out = str(tmp_path / name)
+        by[name] = evaluate.main(["--run_dir", tiny_run, "--lora_dir", lora, "--output_dir", out])
+        printed = capsys.readouterr()
+        base, lora_row = by[name]["base"], by[name]["lora"]
+        # the trainer's own evals of the base model (step 0) and of the step-2 weights
+        assert base["scores"] == pytest.approx(step0["eval/rewards"], abs=1e-6)
+        assert lora_row["scores"] == pytest.approx(step2["eval/rewards"], abs=1e-6)
+        assert "evaluated 2 prompts x 4 samples = 8 images (reward brightness, 4 steps, 64x64)" in printed.out
+        assert f"base  reward {base['reward_mean']:.4f} ± {base['reward_se']:.2g}" in printed.out
+        assert f"LoRA  reward {lora_row['reward_mean']:.4f} ± {lora_row['reward_se']:.2g}" in printed.out
+        assert (f"gain (LoRA - base, paired image by image): reward {lora_row['reward_gain']:+.4f} ± "
+                f"{lora_row['reward_gain_se']:.2g}") in printed.out
+        assert f"grid: {out}/grid.png" in printed.out and f"json: {out}/eval.json" in printed.out
+        assert "sampling lora" in printed.err and "8/8" in printed.err  # the tqdm bar
+        assert json.load(open(os.path.join(out, "eval.json")))["lora"]["reward_mean"] == lora_row["reward_mean"]
+    assert by["checkpoint"]["lora"]["scores"] == by["exported"]["lora"]["scores"]
+    with pytest.raises(ValueError, match="config field `lora_dir`: .* has neither pytorch_lora_weights"):
+        evaluate.main(["--run_dir", tiny_run, "--lora_dir", str(tmp_path)])
