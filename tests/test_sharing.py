@@ -178,3 +178,39 @@ def test_evaluate_takes_a_checkpoint_or_the_exported_lora_and_prints_a_summary_w
     assert by["checkpoint"]["lora"]["scores"] == by["exported"]["lora"]["scores"]
     with pytest.raises(ValueError, match="config field `lora_dir`: .* has neither pytorch_lora_weights"):
         evaluate.main(["--run_dir", tiny_run, "--lora_dir", str(tmp_path)])
+
+
+def test_generate_draws_the_images_of_the_eval_sampler_and_a_lora_or_checkpoint_changes_them(tiny_run, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import generate
+    import qwen_image as qi
+
+    def pixels(folder):
+        rows = json.load(open(os.path.join(folder, "images.json")))
+        return [np.asarray(Image.open(os.path.join(folder, r["file"])).convert("RGB")) for r in rows], rows
+
+    common = ["--pretrained", "tiny", "--prompt", "a red square", "--prompt", "a blue circle", "--samples_per_prompt", "2",
+              "--height", "64", "--width", "64", "--num_inference_steps", "4", "--chunk_size", "4"]
+    generate.main(common + ["--output_dir", str(tmp_path / "base")])
+    base_images, rows = pixels(str(tmp_path / "base"))
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a red square", 0), ("a red square", 1),
+                                                         ("a blue circle", 1000), ("a blue circle", 1001)]
+    assert os.path.exists(tmp_path / "base" / "grid.png")
+    # the same images as the eval's sampler (qwen_image.rollout, seeds i * 1000 + j)
+    pipe = qi.load_pipeline("tiny", dtype=torch.float32)
+    _, expected = qi.rollout(pipe, qi.PromptCache(pipe, 256), ["a red square"] * 2 + ["a blue circle"] * 2,
+                             [0, 1, 1000, 1001], qi.RolloutSettings(height=64, width=64, num_inference_steps=4, chunk_size=4))
+    assert all(np.array_equal(a, np.asarray(b.convert("RGB"))) for a, b in zip(base_images, expected))
+    generate.main(common + ["--lora", os.path.join(tiny_run, "lora"), "--output_dir", str(tmp_path / "lora")])
+    generate.main(common + ["--lora", os.path.join(tiny_run, "checkpoint-2"), "--output_dir", str(tmp_path / "ckpt")])
+    lora_images, _ = pixels(str(tmp_path / "lora"))
+    checkpoint_images, _ = pixels(str(tmp_path / "ckpt"))
+    assert all(np.array_equal(a, b) for a, b in zip(lora_images, checkpoint_images))
+    assert all(not np.array_equal(a, b) for a, b in zip(lora_images, base_images))
+    generate.main(["--run_dir", tiny_run, "--prompt", "a red square", "--output_dir", str(tmp_path / "run")])
+    from_run, _ = pixels(str(tmp_path / "run"))  # the run's model, resolution, eval steps and its LoRA
+    assert np.array_equal(from_run[0], lora_images[0])
