@@ -51,6 +51,16 @@ def test_the_card_describes_the_objective_its_knobs_the_data_and_the_hub_base_mo
             in card)
     assert "a local model at `worlds/text_world`" in card and "TODO" not in card
 
+    import train_offline_dpo
+
+    offline = dataclasses.asdict(train_offline_dpo.Config()) | dict(eval_data=TINY_PROMPTS, pretrained="tiny")
+    folder = tmp_path / "offline"
+    folder.mkdir()
+    card = open(model_card.write_model_card(str(folder), offline, [], kind="offline")).read()
+    assert "trained with offline Diffusion-DPO" in card and "Objective knobs: beta 2000.0." in card
+    assert "preference pairs `data/pairs/pairs.parquet`, 32 pairs per step at 512x512" in card
+    assert "qwen_image.load_pipeline('tiny', dtype=dtype, device=device)" in card
+
 
 def test_a_checkpoint_card_reports_the_eval_of_its_own_step_or_says_there_is_none(tmp_path):
     evals = EVALS + [{"step": 40, "eval/reward_mean": 0.75, "eval/reward_se": 0.03, "eval/images": 64.0}]
