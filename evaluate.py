@@ -4,6 +4,7 @@
     python evaluate.py --preset cpu_tiny --lora_dir outputs/demo/lora --output_dir outputs/demo/eval
     python evaluate.py --pretrained tiny --lora_dir outputs/demo/lora --prompts data/tiny_prompts.txt \\
         --reward brightness --height 64 --width 64 --num_inference_steps 4 --output_dir outputs/demo/eval
+    python evaluate.py --run_dir outputs/demo --lora_dir outputs/demo/checkpoint-10   # a checkpoint, as is
 
 With `--run_dir`, the run's config.json sets the defaults (model, dtype, eval prompts and their
 count, reward, samples per prompt, eval sampling steps, resolution, CFG, sequence length, chunk
@@ -11,8 +12,10 @@ size; lora_dir = RUN_DIR/lora, output_dir = RUN_DIR/eval): the numbers reproduce
 eval rows in metrics.jsonl. Explicit flags still win.
 
 Writes OUTPUT_DIR/eval.json ({"base": {...}, "lora": {...}, "per_prompt": [...]}) and
-OUTPUT_DIR/grid.png (base on top, LoRA below, each with its reward). Runs under accelerate launch
-too: prompts are split across processes.
+OUTPUT_DIR/grid.png (base on top, LoRA below, each with its reward), and prints a summary: reward
+(and OCR exact match) with standard errors, base -> LoRA, the paired gain, where the files went.
+`--lora_dir` takes an exported LoRA folder or a training checkpoint (RUN/checkpoint-N, read without
+resuming: export_checkpoint.py). Runs under accelerate launch too: prompts are split across processes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import run_logs
 @dataclass
 class EvalConfig:
     pretrained: str = "Qwen/Qwen-Image"  # hub id, local save_pretrained dir, or "tiny" / "tiny-bench"
-    lora_dir: str = ""  # a directory with pytorch_lora_weights.safetensors; "" evaluates the base only
+    lora_dir: str = ""  # a LoRA folder (pytorch_lora_weights.safetensors) or a checkpoint (RUN/checkpoint-N); "" = the base only
     prompts: str = "data/ocr/test.parquet"  # parquet from data_process, a directory of them, or .txt
     max_prompts: int = 0  # 0 = all
     reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
@@ -76,14 +79,75 @@ def run_dir_defaults(run_dir: str) -> dict:
     return values | {"lora_dir": os.path.join(run_dir, "lora"), "output_dir": os.path.join(run_dir, "eval")}
 
 
+def require_lora_source(path: str, field: str):
+    """An exported LoRA folder or a complete LoRA checkpoint ("" passes: no LoRA)."""
+    from checkpoints import checkpoint_problem
+    from export_checkpoint import is_checkpoint
+
+    if not path or os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
+        return
+    run_config.require(is_checkpoint(path), field, f"{path!r} has neither pytorch_lora_weights.safetensors "
+                       "(an exported LoRA) nor trainable.safetensors (a checkpoint)")
+    problem = checkpoint_problem(path)
+    run_config.require(problem is None, field, f"{path!r} is not a complete checkpoint: {problem}")
+
+
+def load_lora_source(pipe, path: str):
+    """qwen_image.load_lora of an exported LoRA folder, or of a checkpoint's trained adapter (written
+    to a temporary folder by export_checkpoint, then loaded through diffusers like any LoRA)."""
+    import tempfile
+
+    import qwen_image as qi
+    from export_checkpoint import is_checkpoint, save_checkpoint_lora
+
+    if not is_checkpoint(path):
+        return qi.load_lora(pipe, path)
+    with tempfile.TemporaryDirectory(prefix="checkpoint-lora-") as folder:
+        save_checkpoint_lora(path, folder)
+        qi.load_lora(pipe, folder)
+
+
+def progress_prompt_cache(pipe, max_sequence_length: int, bar, negative_prompt: str | None):
+    """A PromptCache that advances `bar` by each chunk of images the rollout asks embeddings for (the
+    rollout asks once per chunk; with CFG once more for the negative prompt, not counted)."""
+    import qwen_image as qi
+
+    class ProgressPromptCache(qi.PromptCache):
+        def __call__(self, prompts, device=None, dtype=None):
+            if negative_prompt is None or any(p != negative_prompt for p in prompts):
+                bar.update(min(len(prompts), bar.total - bar.n))  # the last chunk is padded to full size
+            return super().__call__(prompts, device, dtype)
+
+    return ProgressPromptCache(pipe, max_sequence_length)
+
+
+def summary(results: dict, config: "EvalConfig", n_prompts: int) -> str:
+    """What evaluate prints: each variant's reward (and exact match) ± standard error, the paired
+    gain, where the grid and JSON went."""
+    images = int(results["base"]["images"])
+    lines = [f"evaluated {n_prompts} prompts x {config.samples_per_prompt} samples = {images} images "
+             f"(reward {config.reward}, {config.num_inference_steps} steps, {config.height}x{config.width})"]
+    for variant, label in (("base", "base"), ("lora", "LoRA")):
+        if variant in results:
+            row = results[variant]
+            text = f"  {label:<5} reward {row['reward_mean']:.4f} ± {row['reward_se']:.2g}"
+            if "exact_match" in row:
+                text += f", exact match {row['exact_match']:.3f} ± {row['exact_match_se']:.2g}"
+            lines.append(text)
+    if "lora" in results:
+        lora = {f"eval/{k}": v for k, v in results["lora"].items() if isinstance(v, float)}
+        lines.append(f"  gain (LoRA - base, paired image by image): {evaluation.format_gain(lora)}")
+    lines += [f"grid: {os.path.join(config.output_dir, 'grid.png')}", f"json: {os.path.join(config.output_dir, 'eval.json')}"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     from run_config import flag_value, parse_config, require, require_writable_dir, validate_reward
 
     run_dir = flag_value(list(sys.argv[1:] if argv is None else argv), "run_dir")
     config = parse_config(EvalConfig, PRESETS, argv, defaults=run_dir_defaults(run_dir) if run_dir else None)
     require(run_config.data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
-    require(not config.lora_dir or os.path.isfile(os.path.join(config.lora_dir, "pytorch_lora_weights.safetensors")),
-            "lora_dir", f"{config.lora_dir!r} has no pytorch_lora_weights.safetensors")
+    require_lora_source(config.lora_dir, "lora_dir")
     validate_reward(config.reward, config.reward_kwargs)
     require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
@@ -92,7 +156,10 @@ def main(argv=None):
 
 
 def run(config: EvalConfig) -> dict:
+    import math
+
     from accelerate import Accelerator
+    from tqdm.auto import tqdm
 
     import qwen_image as qi
     from rewards import OCR_REWARDS, build_reward, uses_ocr_target
@@ -104,7 +171,10 @@ def run(config: EvalConfig) -> dict:
         rows = rows[: config.max_prompts]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=accelerator.device)
-    cache = qi.PromptCache(pipe, config.max_sequence_length)
+    per_rank = math.ceil(len(rows) * config.samples_per_prompt / accelerator.num_processes)
+    bar = tqdm(total=per_rank, unit="image", disable=not accelerator.is_local_main_process)
+    cache = progress_prompt_cache(pipe, config.max_sequence_length, bar,
+                                  config.negative_prompt if config.true_cfg_scale > 1 else None)
     settings = qi.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
                                   true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
                                   chunk_size=config.chunk_size)
@@ -112,8 +182,10 @@ def run(config: EvalConfig) -> dict:
     results, grids = {}, {}
     variants = ["base"] + (["lora"] if config.lora_dir else [])
     for variant in variants:
+        bar.reset(total=per_rank)
+        bar.set_description(f"sampling {variant}")
         if variant == "lora":
-            qi.load_lora(pipe, config.lora_dir)  # LoRA kept in fp32, as the trainer keeps it
+            load_lora_source(pipe, config.lora_dir)  # LoRA kept in fp32, as the trainer keeps it
         metrics, images, scores = evaluation.evaluate(pipe, cache, rows, reward_fn, settings, config.samples_per_prompt,
                                                       accelerator, exact_match=is_ocr)
         all_scores = metrics.pop("eval/rewards")  # every rank's, in (prompt, seed) order
@@ -138,8 +210,9 @@ def run(config: EvalConfig) -> dict:
         else:
             run_logs.image_grid(grids["base"][0], [f"{s:.3f}" for s in grids["base"][1]]).save(
                 os.path.join(config.output_dir, "grid.png"))
-        summary = {v: round(results[v]["reward_mean"], 6) for v in variants}
-        print(json.dumps(summary))
+    bar.close()
+    if accelerator.is_main_process:
+        print(summary(results, config, len(rows)))
     return results
 
 

@@ -29,6 +29,7 @@ import prompt_data
 import qwen_image as qi
 import run_config
 import run_lifecycle
+from getting_started import TEXT_WORLD_PAIRS
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Config:
 PRESETS = {
     # Pairs from data_process/make_offline_pairs.py --preset text_world (PP-OCRv5 on the text world).
     "text_world": dict(
-        run_config.TEXT_WORLD_OVERRIDES, pairs_path="outputs/pairs/text_world.parquet", pairs_per_step=16,
+        run_config.TEXT_WORLD_OVERRIDES, pairs_path=TEXT_WORLD_PAIRS, pairs_per_step=16,
         micro_batch_pairs=16, beta=100.0, learning_rate=5e-4, lora_rank=32, lora_alpha=32, max_steps=120,
         eval_every=40, max_eval_prompts=0, checkpoint_every=40,
     ),
@@ -118,10 +119,14 @@ PRESETS = {
 def validate(config: Config, world_size: int = 1):
     from run_config import require
     from run_lifecycle import validate_policy_config
+    from getting_started import OFFLINE_TRY, missing_data_rule
 
+    for field in ("pairs_path", "eval_data"):  # first: a run without data says what to run instead
+        path = getattr(config, field)
+        require(run_config.data_source_exists(path), field,
+                missing_data_rule(path, "train_offline_dpo.py", "--pairs_path, --eval_data", OFFLINE_TRY))
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
-    require(run_config.data_source_exists(config.pairs_path), "pairs_path", f"{config.pairs_path!r} does not exist")
     require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")

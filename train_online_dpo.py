@@ -169,7 +169,12 @@ def validate(config: Config, world_size: int = 1):
     """Every rule checked before any model loads; errors name the field."""
     from run_config import require
     from run_lifecycle import validate_policy_config
+    from getting_started import ONLINE_TRY, missing_data_rule
 
+    for field in ("train_data", "eval_data"):  # first: a run without data says what to run instead
+        path = getattr(config, field)
+        require(run_config.data_source_exists(path), field,
+                missing_data_rule(path, "train_online_dpo.py", "--train_data, --eval_data", ONLINE_TRY))
     validate_policy_config(config, world_size)
     perf.validate_config(config, require)
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt to make a pair")
@@ -190,8 +195,6 @@ def validate(config: Config, world_size: int = 1):
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     require(config.max_degenerate_steps_in_a_row >= 0, "max_degenerate_steps_in_a_row", "must be >= 0 (0: never stop)")
     validate_objective(config)
-    require(run_config.data_source_exists(config.train_data), "train_data",
-            f"file {config.train_data!r} does not exist")
 
 
 def validate_objective(config: Config):

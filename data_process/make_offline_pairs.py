@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import evaluation  # noqa: E402
 import prompt_data  # noqa: E402
 import run_config  # noqa: E402
+from getting_started import TEXT_WORLD_PAIRS  # noqa: E402
 
 
 @dataclass
@@ -46,6 +47,7 @@ class PairsConfig:
     store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
     seed: int = 0  # sample j of prompt i has a seed derived from (seed, i, j)
     output: str = "data/pairs/pairs.parquet"  # the pairs parquet to write (data_process/pairs_format.py)
+    overwrite_output: bool = False  # replace `output` if it exists (otherwise refused, as the trainers refuse a used output_dir)
     preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
 
 
@@ -56,7 +58,7 @@ PRESETS = {
                        prompts=os.path.join(run_config.TEXT_WORLD_DATA, "train.txt"),
                        samples_per_prompt=16, height=32, width=64, num_inference_steps=8, chunk_size=32,
                        max_sequence_length=64, reward="ocr", pair_strategy="top_bottom",
-                       output="outputs/pairs/text_world.parquet"),
+                       output=TEXT_WORLD_PAIRS),
     "cpu_tiny": dict(pretrained="tiny", dtype="float32", prompts=run_config.TINY_PROMPTS,
                      samples_per_prompt=8, height=64, width=64, num_inference_steps=4, chunk_size=32,
                      max_sequence_length=64, reward="brightness", pair_strategy="top_bottom"),
@@ -74,8 +76,10 @@ def validate(config: PairsConfig):
     require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
     require(config.min_reward_margin >= 0, "min_reward_margin", "must be >= 0")
     require(bool(config.output), "output", "must be a file path")
-    # fail now, not after the rollouts
-    run_config.require_writable_dir(os.path.dirname(os.path.abspath(config.output)), "output")
+    if os.path.exists(config.output) and not config.overwrite_output:  # cli: one line, exit status 2
+        raise FileExistsError(f"output {config.output!r} already exists: pass --overwrite_output true to replace it, "
+                              "or choose another --output")
+    run_config.require_writable_dir(os.path.dirname(os.path.abspath(config.output)), "output")  # fail now, not after the rollouts
 
 
 def main(argv=None):
