@@ -70,6 +70,8 @@ def field_comments(config_cls) -> dict[str, str]:
                 if texts:
                     comments[names[0].string] = " ".join(texts)
             line_tokens = []
+        elif token.type == tokenize.NL and all(t.type in (tokenize.NL, tokenize.COMMENT) for t in line_tokens):
+            line_tokens = []  # a blank or comment-only line (a section title) ends: nothing carries over
         elif token.type != tokenize.COMMENT or line_tokens:  # comment-only lines are section titles
             line_tokens.append(token)
     return comments

@@ -135,7 +135,6 @@ class Config:
     awm_kl_weight: float = 0.003  # weight of mean (v - v_ref)^2 (official train.beta: 0.003)
     awm_old_kl_weight: float = 1.0  # weight of mean (v - v_old)^2 (official train.ema_beta: 1)
     awm_old_ema: str = "0,0.001,0.3"  # old adapter EMA schedule of the optimizer-step count, stepped per rollout batch (official kl_ema_decay_type linear, kl_ema_decay 0.3)
-
     # ---- Flow-GRPO (objective grpo; flow_grpo.py)
     grpo_noise_level: float = 0.7  # SDE noise level a, sigma_t = a sqrt(t/(1-t)) (official config/base.py sample.noise_level)
     grpo_sde_window: str = ""  # "": SDE on every step; "start,length": SDE on those steps, ODE elsewhere (official train_sd3_fast.py sde_window_size)
