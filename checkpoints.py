@@ -139,7 +139,7 @@ def checkpoint_problem(path: str) -> str | None:
 
 def resolve_checkpoint(spec: str, output_dir: str, report=print) -> str | None:
     """"" -> None; "latest" -> the newest complete checkpoint in output_dir (damaged newer ones are
-    skipped and reported), or None when there is none (reported); a path -> itself if complete."""
+    skipped and reported), or None when there is none; a path -> itself if complete."""
     if not spec:
         return None
     if spec == "latest":
@@ -148,8 +148,7 @@ def resolve_checkpoint(spec: str, output_dir: str, report=print) -> str | None:
             if problem is None:
                 return path
             report(f"resume_from_checkpoint latest: skipping {path}: {problem}")
-        report(f"resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}; starting a fresh run")
-        return None
+        return None  # the caller says what happens next (a fresh run, or a refusal when the folder holds a run)
     problem = checkpoint_problem(spec)
     if problem:
         raise FileNotFoundError(f"resume_from_checkpoint: {spec!r} is not a complete checkpoint: {problem}")
@@ -222,4 +221,4 @@ def validate_output_and_resume(config):
     if spec and spec != "latest":
         problem = checkpoint_problem(spec)
         require(problem is None, "resume_from_checkpoint", f"{spec!r} is not a complete checkpoint: {problem}")
-    require_writable_dir(config.output_dir, "output_dir")
+    require_writable_dir(config.output_dir, "output_dir", create=False)  # created when the run starts (launch)

@@ -131,6 +131,9 @@ def build_parser(config_cls, presets: dict[str, dict], description: str | None =
     return parser
 
 
+LAST_ARGV: list[str] = []  # the flags parse_config last read (run_lifecycle.resume_command)
+
+
 def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None, defaults: dict | None = None,
                  description: str | None = None):
     """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `defaults` (e.g. read from
@@ -139,6 +142,8 @@ def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = 
     import difflib
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    global LAST_ARGV
+    LAST_ARGV = list(argv)  # the run's flags as given: the resume command a clean stop prints
     if description is None:  # the script's docstring heads its --help
         description = getattr(sys.modules.get(config_cls.__module__), "__doc__", None)
     parser = build_parser(config_cls, presets, description)
@@ -197,12 +202,19 @@ def require(condition: bool, field: str, rule: str):
         raise ConfigError(f"config field `{field}`: {rule}")
 
 
-def require_writable_dir(path: str, field: str):
-    """Creates `path` if needed and writes a probe file into it: a read-only or impossible folder
-    fails now, not after hours of work."""
+def require_writable_dir(path: str, field: str, create: bool = True):
+    """Writes a probe file into `path` (created first when `create`; else into the nearest folder
+    that exists, so that a run refused later leaves no empty folder behind): a read-only or
+    impossible folder fails now, not after hours of work."""
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if create:
+            os.makedirs(path, exist_ok=True)
+        probe = path
+        while not create and not os.path.exists(probe) and os.path.dirname(os.path.abspath(probe)) != os.path.abspath(probe):
+            probe = os.path.dirname(os.path.abspath(probe))
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(20, "Not a directory", probe)
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as error:
         raise ConfigError(f"config field `{field}`: folder {path!r} is not writable ({error.strerror or error})") from None

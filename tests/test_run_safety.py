@@ -1,0 +1,166 @@
+"""Issue 21, "nothing lost, nothing mislabelled": the run folder is locked for the life of a run, an
+overwrite deletes only what it names, a refused run leaves no folder, a resume keeps the eval
+settings, a stop says how to continue, side writes that fail cost no checkpoint, and bad input or a
+full disk is one line with exit status 2."""
+
+import errno
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run_config
+import run_lifecycle
+import train_online_dpo
+from conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "train_online_dpo.py")
+SMALL = ["--preset", "cpu_tiny", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--eval_every", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def config_for(argv):
+    return run_config.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, argv)
+
+
+def prepare(argv):
+    """The real accelerator and run-folder preparation of a launch (no model loads)."""
+    from distributed import make_accelerator
+
+    config = config_for(argv)
+    accelerator = make_accelerator(config)
+    try:
+        run_lifecycle.prepare_output_dir(config, accelerator, train_online_dpo.objective_knobs(config))
+    finally:
+        run_lifecycle.release_run_dir()
+    return config
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_holders_lock_is_not(tmp_path):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_lifecycle; "
+                               f"run_lifecycle.lock_run_dir({out!r}); print('locked', flush=True); time.sleep(120)"],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, SCRIPT, *SMALL, "--max_steps", "1", "--output_dir", out],
+                                env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is in use by another run" in lines[0] and f"pid {holder.pid}" in lines[0], lines
+        assert "Traceback" not in second.stderr
+        assert sorted(os.listdir(out)) == [".lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing anything: the kernel dropped its flock, a new run takes the folder
+    run_lifecycle.lock_run_dir(out)
+    try:
+        with open(os.path.join(out, ".lock")) as f:
+            assert f"pid {os.getpid()} " in f.read()
+    finally:
+        run_lifecycle.release_run_dir()
+
+
+def test_overwrite_deletes_only_the_entries_it_names(tmp_path, capsys):
+    out = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("{}\n")
+    (out / "checkpoint-1").mkdir()
+    (out / "wandb").mkdir()
+    (out / "wandb" / "my-notes.txt").write_text("mine")
+    (out / "qwen-image-online-dpo").mkdir()  # a tensorboard project folder
+    prepare(SMALL + ["--output_dir", str(out), "--overwrite_output_dir", "true"])
+    printed = capsys.readouterr().out
+    assert "deleting config.json, metrics.jsonl, checkpoint-1 in" in printed
+    assert "keeping qwen-image-online-dpo, wandb" in printed
+    assert (out / "wandb" / "my-notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(out)) == [".lock", "qwen-image-online-dpo", "wandb"]
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        train_online_dpo.main(SMALL + ["--output_dir", str(out), "--samples_per_prompt", "1"])
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="config field `output_dir`: folder '/dev/null/run' is not writable"):
+        train_online_dpo.main(SMALL + ["--output_dir", "/dev/null/run"])
+
+
+def write_checkpoint(out, step, config):
+    """A complete checkpoint in the trainer's format (checkpoints.checkpoint_problem accepts it)."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(out, f"checkpoint-{step}")
+    os.makedirs(path)
+    save_file({"w": torch.zeros(1)}, os.path.join(path, "trainable.safetensors"))
+    torch.save({"optimizer": {}, "lr_scheduler": {}}, os.path.join(path, "optimizer.pt"))
+    with open(os.path.join(path, "train_state.json"), "w") as f:
+        json.dump({"step": step}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(run_config.config_dict(config), f)
+
+
+def test_a_resume_that_changes_an_eval_setting_is_refused_naming_both_values(tmp_path):
+    out = str(tmp_path / "run")
+    first = config_for(SMALL + ["--output_dir", out])
+    write_checkpoint(out, 2, first)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 0, "eval/reward_mean": 0.5, "eval/rewards": [0.5]}) + "\n")
+    other = os.path.join(ROOT, "data", "text_world", "eval.txt")
+    with pytest.raises(ValueError, match=rf"eval_data: '{first.eval_data}' -> '{other}'"):
+        prepare(SMALL + ["--output_dir", out, "--resume_from_checkpoint", "latest", "--eval_data", other])
+    with pytest.raises(ValueError, match=r"max_eval_prompts: 0 -> 2"):
+        prepare(SMALL + ["--output_dir", out, "--resume_from_checkpoint", "latest", "--max_eval_prompts", "2"])
+    # the same settings (other fields may change) resume
+    config = prepare(SMALL + ["--output_dir", out, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"])
+    assert config.resume_from_checkpoint == os.path.join(out, "checkpoint-2")
+
+
+def test_latest_without_a_checkpoint_says_one_thing(tmp_path, capsys):
+    out = tmp_path / "run"
+    prepare(SMALL + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])  # empty: a fresh run
+    assert "starting a fresh run" in capsys.readouterr().out
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="holds a run .* but no complete checkpoint"):
+        prepare(SMALL + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert "starting a fresh run" not in capsys.readouterr().out  # not announced, then refused
+
+
+def test_the_resume_command_is_the_original_flags_with_latest():
+    config = config_for(SMALL + ["--output_dir", "out dir", "--overwrite_output_dir", "true", "--beta", "50"])
+    command = run_lifecycle.resume_command(config)
+    assert shlex.split(command) == ["python", os.path.relpath(SCRIPT), *SMALL, "--output_dir", "out dir", "--beta", "50",
+                                    "--resume_from_checkpoint", "latest"]
+    config = config_for(["--preset", "cpu_tiny", "--resume_from_checkpoint=latest"])
+    assert shlex.split(run_lifecycle.resume_command(config))[2:] == [
+        "--preset", "cpu_tiny", "--output_dir", "outputs/online_dpo", "--resume_from_checkpoint", "latest"]
+
+
+@pytest.mark.slow
+def test_a_stop_prints_the_resume_command_and_a_resume_with_nothing_left_says_so(tmp_path, capsys):
+    out = str(tmp_path / "stop")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *SMALL, "--output_dir", out, "--max_steps", "500",
+                             "--checkpoint_every", "0"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    step = int([d for d in os.listdir(out) if d.startswith("checkpoint-")][0].split("-")[1])
+    command = stdout.split("to continue:\n", 1)[1].splitlines()[0].strip()
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", os.path.relpath(SCRIPT)] and argv[-2:] == ["--resume_from_checkpoint", "latest"]
+    train_online_dpo.main(argv[2:] + ["--max_steps", str(step)])
+    printed = capsys.readouterr().out
+    assert f"nothing left to train: resumed at step {step} and max_steps is {step}" in printed
+    assert "done:" not in printed
