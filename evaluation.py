@@ -14,7 +14,7 @@ from PIL import Image
 
 import qwen_image
 from run_config import ConfigError, differing_fields, require
-from run_logs import baseline_eval, eval_history, image_grid
+from run_logs import baseline_eval, eval_history, image_grid, save_image
 
 
 def score_rows(reward_fn, images, rows) -> list[float]:
@@ -224,7 +224,7 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
     metrics_log.log(metrics, step)
     if accelerator.is_main_process and images:
         grid = image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]])
-        grid.save(os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
+        save_image(grid, os.path.join(output_dir, "samples", f"eval-{step:06d}.png"), "eval grid")  # never costs the checkpoint
         metrics_log.log_image("eval/grid", grid, step, caption=f"step {step}: {format_eval(metrics)}")
         jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][:len(images)]
         names = sorted(parts)

@@ -18,7 +18,7 @@ import qwen_image
 from checkpoints import check_resume_config, list_checkpoints, resolve_checkpoint, validate_output_and_resume
 from distributed import all_sum, make_accelerator
 from evaluation import check_eval_baseline, check_resume_eval_settings, format_gain
-from run_config import config_dict, data_source_exists, require, validate_reward
+from run_config import config_dict, require, require_data_source, require_pretrained, validate_reward
 from run_logs import MetricsLog, eval_history, setup_trackers
 
 
@@ -26,6 +26,7 @@ def validate_policy_config(config, world_size: int = 1):
     """The rules both trainers share: model, LoRA, DPO, optimiser, evaluation, logging."""
     from pairing import PAIR_STRATEGIES, SIGMA_SCHEMES
 
+    require_pretrained(config.pretrained)
     require(config.micro_batch_pairs >= 1, "micro_batch_pairs",
             "must be >= 1: a micro-batch holds whole (chosen, rejected) pairs, never half of one")
     require(math.isfinite(config.beta) and config.beta > 0, "beta", "must be a finite number > 0")
@@ -62,7 +63,7 @@ def validate_policy_config(config, world_size: int = 1):
         require(getattr(config, field) >= 0, field, "must be >= 0 (0 disables)")
     require(config.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
     require(config.log_with in ("wandb", "tensorboard", "none"), "log_with", "must be wandb, tensorboard or none")
-    require(data_source_exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+    require_data_source(config.eval_data, "eval_data")
     check_eval_baseline(config)
     validate_output_and_resume(config)
 
@@ -295,10 +296,12 @@ def finish(config, policy, metrics_log, accelerator) -> dict:
         if config.train_mode == "lora":
             import model_card
 
+            from run_logs import side_write
+
             grids = sorted(f for f in os.listdir(os.path.join(config.output_dir, "samples")) if f.startswith("eval-"))
-            model_card.write_model_card(final_dir, config_dict(config), evals,
-                                        os.path.join(config.output_dir, "samples", grids[-1]) if grids else None,
-                                        kind="offline" if hasattr(config, "pairs_path") else "online")
+            side_write("model card", os.path.join(final_dir, "README.md"), lambda: model_card.write_model_card(
+                final_dir, config_dict(config), evals, os.path.join(config.output_dir, "samples", grids[-1]) if grids else None,
+                kind="offline" if hasattr(config, "pairs_path") else "online"))
             if getattr(config, "push_to_hub", False):
                 model_card.push_to_hub(final_dir, config.hub_model_id, config.hub_token or None)
         print(run_summary(config, final_dir, evals))

@@ -176,8 +176,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     validate_objective(config)
-    require(run_config.data_source_exists(config.train_data), "train_data",
-            f"file {config.train_data!r} does not exist")
+    run_config.require_data_source(config.train_data, "train_data")
 
 
 def validate_objective(config: Config):
@@ -343,7 +342,7 @@ def train(config: Config):
             shown = shown_pairs[:8]  # dpo: its pairs; group objectives: best over worst of each group
             grid = run_logs.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
                                       rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
-            grid.save(os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
+            run_logs.save_image(grid, os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"), "sample grid")
             metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
         progress.update(1)

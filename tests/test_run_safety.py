@@ -164,3 +164,75 @@ def test_a_stop_prints_the_resume_command_and_a_resume_with_nothing_left_says_so
     printed = capsys.readouterr().out
     assert f"nothing left to train: resumed at step {step} and max_steps is {step}" in printed
     assert "done:" not in printed
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (needs root and mount; skipped elsewhere)."""
+    path = tmp_path / "full"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield str(path)
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_folder(full_disk):
+    from checkpoints import list_checkpoints, save_checkpoint
+
+    model = torch.nn.Linear(256, 256)  # 257 KB of weights: more than the disk holds
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(run_config.WriteError) as raised:
+        save_checkpoint(full_disk, 10, model, optimizer, scheduler, {}, is_main=True)
+    message = str(raised.value)
+    assert message.startswith("checkpoint at step 10 not written: ") and "trainable.safetensors" in message
+    assert "the disk is full (errno 28 ENOSPC" in message and "\n" not in message
+    assert os.listdir(full_disk) == [] and list_checkpoints(full_disk) == []
+
+
+def test_a_full_disk_anywhere_is_one_line_and_exit_status_2(capsys, monkeypatch):
+    import stat
+
+    if not stat.S_ISCHR(os.stat("/dev/full").st_mode):
+        pytest.skip("no /dev/full")
+
+    def main(argv):
+        with open("/dev/full", "w") as f:  # writes fail with ENOSPC on Linux
+            f.write("x")
+    monkeypatch.setattr(sys, "argv", ["train_online_dpo.py"])
+    with pytest.raises(SystemExit) as raised:
+        run_config.cli(main)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_online_dpo.py: the disk is full (errno 28 ENOSPC)"), err
+
+
+@pytest.mark.slow
+def test_failed_grid_writes_warn_once_and_cost_no_checkpoint(tmp_path, monkeypatch, capsys):
+    """A full disk while the eval / sample grids are written (PIL's save raises ENOSPC for samples/):
+    the run warns once per kind, naming the file, and still writes its checkpoint and weights."""
+    from PIL import Image
+
+    import run_logs
+
+    out = str(tmp_path / "run")
+    real_save = Image.Image.save
+
+    def save(image, fp, *args, **kwargs):
+        if isinstance(fp, str) and os.sep + "samples" + os.sep in fp:
+            raise OSError(errno.ENOSPC, "No space left on device", fp)
+        return real_save(image, fp, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr(run_logs, "_WARNED", set())
+    train_online_dpo.main(SMALL + ["--output_dir", out, "--max_steps", "2", "--eval_every", "1",
+                                   "--checkpoint_every", "2", "--sample_grid_every", "1", "--max_eval_prompts", "2"])
+    err = capsys.readouterr().err
+    samples = os.path.join(out, "samples")
+    assert err.count("warning: could not write the eval grid") == 1  # evals at steps 0, 1, 2: warned once
+    assert f"eval grid {os.path.join(samples, 'eval-000000.png')} (the disk is full (errno 28 ENOSPC))" in err
+    assert err.count("warning: could not write the sample grid") == 1
+    assert os.listdir(samples) == []
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "trainable.safetensors"))
+    assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))

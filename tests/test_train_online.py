@@ -592,7 +592,7 @@ def test_run_folder_rules_config_check_and_damaged_checkpoints(tmp_path, capsys)
     assert [r["step"] for r in rows if "final/param_checksums" in r] == [3]  # the first leg's final row is gone
     # an explicit overwrite replaces the old run
     train_online_dpo.main(SMALL + ["--output_dir", out, "--max_steps", "1", "--overwrite_output_dir", "true"])
-    assert sorted(os.listdir(out)) == ["config.json", "lora", "metrics.jsonl", "samples"]
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "lora", "metrics.jsonl", "samples"]  # .lock: lock_run_dir
     assert [r["step"] for r in read_metrics(out)] == [1, 1]
 
 
