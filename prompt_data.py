@@ -84,7 +84,18 @@ def _is_read_error(error: Exception) -> bool:
 def _read_rows(path: str, split: str, max_rows: int) -> list[dict]:
     from data_process.records import column_names, open_parts
 
+    from data_process.records import is_hub_id, local_files
+
     rows = []
+    if not is_hub_id(path):  # a parquet's footer first: datasets would log its own error line before raising
+        import pyarrow.parquet
+
+        for file in [f for f in local_files(path) if f.lower().endswith(".parquet")]:
+            try:
+                pyarrow.parquet.read_metadata(file)
+            except Exception as error:
+                error.source_name = file
+                raise
     try:
         parts = open_parts(path, split, extensions=(".parquet", ".jsonl", ".json", ".txt"))
     except Exception as error:

@@ -236,3 +236,47 @@ def test_failed_grid_writes_warn_once_and_cost_no_checkpoint(tmp_path, monkeypat
     assert os.listdir(samples) == []
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "trainable.safetensors"))
     assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+def cli_error(argv, capsys, monkeypatch) -> str:
+    """The trainer's command line in-process (run_config.cli): exit status 2 and one line on stderr."""
+    monkeypatch.setattr(sys, "argv", ["train_online_dpo.py", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        run_config.cli(train_online_dpo.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert raised.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_bad_data_and_model_paths_are_one_line(tmp_path, capsys, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = SMALL + ["--max_steps", "1"]
+    # a truncated parquet (a copy cut off mid-way): pyarrow's ArrowInvalid, named
+    whole, cut = tmp_path / "whole.parquet", tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(100)]}), whole)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    line = cli_error(base + ["--output_dir", str(tmp_path / "a"), "--train_data", str(cut)], capsys, monkeypatch)
+    assert f"{cut}: cannot be read (ArrowInvalid: Parquet magic bytes not found" in line
+    # an empty folder
+    (tmp_path / "empty").mkdir()
+    line = cli_error(base + ["--output_dir", str(tmp_path / "b"), "--train_data", str(tmp_path / "empty")], capsys, monkeypatch)
+    assert line.endswith(f"config field `train_data`: folder '{tmp_path / 'empty'}' holds no .parquet / .jsonl / "
+                         ".json / .txt files")
+    # a typo'd local path that is shaped like a Hub id, offline: it does not exist, without retries
+    start = time.perf_counter()
+    line = cli_error(base + ["--output_dir", str(tmp_path / "c"), "--train_data", "mydata/prompts"], capsys, monkeypatch)
+    assert "config field `train_data`: 'mydata/prompts' does not exist as a local path, and Hub dataset ids cannot be " \
+           "read offline" in line
+    assert time.perf_counter() - start < 10
+    # --pretrained: a folder that is not a pipeline, a path that does not exist (checked before loading)
+    line = cli_error(base + ["--output_dir", str(tmp_path / "d"), "--pretrained", str(tmp_path / "empty")], capsys, monkeypatch)
+    assert f"config field `pretrained`: folder '{tmp_path / 'empty'}' has no model_index.json" in line
+    line = cli_error(base + ["--output_dir", str(tmp_path / "e"), "--pretrained", "./no/such/model"], capsys, monkeypatch)
+    assert "config field `pretrained`: './no/such/model' does not exist" in line
+    line = cli_error(base + ["--output_dir", str(tmp_path / "f"), "--pretrained", "someone/not-cached-model"], capsys, monkeypatch)
+    assert "the Hub cache has no copy of it to use offline" in line
+    assert not [d for d in os.listdir(tmp_path) if d in "bcdef"]  # refused before the run folder exists
