@@ -248,6 +248,36 @@ class ServerOcrReward:
     def url(self) -> str:
         return self.base_url + "/chat/completions"
 
+    @property
+    def request_limit(self) -> float:
+        """Seconds one image's request can take before it fails for good: max_retries + 1 attempts of
+        up to `timeout` each with the backoff sleeps between them, capped by `deadline` (the whole call's
+        limit). With the defaults: 4 x 60 + 1 + 2 + 4 = 247 s, well before the 600 s deadline."""
+        retries = self.timeout * (self.max_retries + 1) + self.backoff * (2 ** self.max_retries - 1)
+        return min(self.deadline, retries)
+
+    def _limits(self) -> str:
+        return (f"each image gives up after {self.request_limit:g} s ({self.max_retries + 1} attempt(s) of up to "
+                f"{self.timeout:g} s: reward kwargs timeout, max_retries, backoff), the call after {self.deadline:g} s "
+                "(deadline)")
+
+    def probe(self, timeout: float = 5.0) -> str | None:
+        """One bounded TCP connection to the server (no request, nothing scored): None when it accepts,
+        else what failed, in one line. Run before any model loads, so that a server that is down or a
+        wrong base_url fails in seconds, not after the pipeline loads and the first rollout."""
+        import socket
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(self.base_url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                pass
+        except (OSError, ValueError) as error:
+            return (f"OCR server {self.base_url} cannot be reached ({type(error).__name__}: {error}); start it, or "
+                    "point reward_kwargs base_url / $OCR_SERVER_URL at it")
+        return None
+
     def _request(self, image: Image.Image, give_up_at: float = float("inf")) -> str:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
@@ -283,7 +313,8 @@ class ServerOcrReward:
         if time.monotonic() >= give_up_at:
             raise TimeoutError(f"OCR server {self.url}: no answer by the deadline of {self.deadline:g} s (reward kwarg "
                                f"`deadline`; last error: {last_error})")
-        raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s): {last_error}")
+        raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s) of up to {self.timeout:g} s "
+                           f"(reward kwargs timeout, max_retries): {last_error}")
 
     def transcribe(self, images: list[Image.Image]) -> list[str]:
         # Daemon worker threads (a hung request never holds up the process's exit) and a main thread
@@ -322,7 +353,7 @@ class ServerOcrReward:
                                        f"at the deadline of {self.deadline:g} s (reward kwarg `deadline`)")
                 if pending and now >= next_report:
                     print(f"waiting for OCR server {self.url}: {len(images) - len(pending)}/{len(images)} images "
-                          f"answered, {now - start:.0f} s elapsed (deadline {self.deadline:g} s)", flush=True)
+                          f"answered, {now - start:.0f} s elapsed ({self._limits()})", flush=True)
                     next_report = now + self.progress_every
             return [future.result() for future in futures]
         finally:
@@ -473,6 +504,16 @@ class WeightedReward:
 
     def __call__(self, images, prompts) -> list[float]:
         return self.score(images, prompts)[0]
+
+
+def reward_problem(reward_fn) -> str | None:
+    """What makes a built reward unusable before anything is scored: an OCR server that cannot be
+    reached (ServerOcrReward.probe, alone or in a weighted reward); None when all is well."""
+    parts = [fn for _, _, fn in reward_fn.components] if isinstance(reward_fn, WeightedReward) else [reward_fn]
+    for fn in parts:
+        if isinstance(fn, ServerOcrReward) and (problem := fn.probe()):
+            return problem
+    return None
 
 
 def _build_one(name: str, **kwargs):

@@ -7,6 +7,7 @@ its updates live in policy.py and objectives.py; the scripts keep where the trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ def validate_policy_config(config, world_size: int = 1):
             "must be >= 1: a micro-batch holds whole (chosen, rejected) pairs, never half of one")
     require(math.isfinite(config.beta) and config.beta > 0, "beta", "must be a finite number > 0")
     validate_reward(config.reward, config.reward_kwargs)
+    probe_reward(config.reward, config.reward_kwargs)
     require(not getattr(config, "push_to_hub", False) or bool(getattr(config, "hub_model_id", "").strip()),
             "hub_model_id", "push_to_hub needs a repository id (--hub_model_id user/name)")
     require(getattr(config, "pair_strategy", PAIR_STRATEGIES[0]) in PAIR_STRATEGIES, "pair_strategy",
@@ -68,23 +70,92 @@ def validate_policy_config(config, world_size: int = 1):
     validate_output_and_resume(config)
 
 
+def probe_reward(spec: str, reward_kwargs: str):
+    """The reward's server (ocr_server) answers a connection, before any model loads (rewards.reward_problem)."""
+    from rewards import build_reward, parse_reward_spec, reward_problem
+
+    if "ocr_server" not in [name for name, _ in parse_reward_spec(spec)]:
+        return
+    try:
+        reward_fn = build_reward(spec, **json.loads(reward_kwargs))
+    except TypeError as error:  # an unknown keyword for the reward's constructor
+        require(False, "reward_kwargs", str(error))
+    problem = reward_problem(reward_fn)
+    require(problem is None, "reward", problem or "")
+
+
+class StepAbandoned(KeyboardInterrupt):
+    """A stop signal while a step's rollout and reward were still running (StopFlag.abandonable):
+    the step is dropped, and `checkpoint_when_abandoned` writes the checkpoint of the last completed
+    step (no update of the dropped step has happened: the weights are that step's)."""
+
+    def __init__(self, steps_done: int):
+        super().__init__(f"step {steps_done + 1} abandoned")
+        self.steps_done = steps_done
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) at step boundaries, writes a
-    checkpoint and exits cleanly. A second signal raises KeyboardInterrupt at once (e.g. to leave a
-    hung reward call); `cli` turns it into one line and exit status 130. Checkpoints are written
-    atomically, so what is already on disk stays loadable."""
+    checkpoint and exits cleanly. While a rollout, a reward call or an eval runs (`abandonable`; one
+    process only) the signal abandons that work at once (StepAbandoned), so a hung reward server is
+    not waited for. A second signal raises KeyboardInterrupt at once (e.g. to
+    leave a hung checkpoint write); `cli` turns it into one line and exit status 130. Checkpoints are
+    written atomically, so what is already on disk stays loadable."""
 
-    def __init__(self):
+    def __init__(self, can_abandon: bool = True):
         self.raised = False
+        self.can_abandon = can_abandon  # several ranks: a rank that left mid-step would hang the others' collectives
+        self.abandon_at = None  # the steps done while a step's rollout / reward runs, else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
+    def abandonable(self, steps_done: int):
+        """From now on (a rollout, a reward call, an eval) a signal abandons the work in progress: the
+        run ends with the checkpoint of `steps_done`, the steps whose updates are complete."""
+        self.abandon_at = steps_done if self.can_abandon else None
+
+    def not_abandonable(self):
+        """From now on (an update, a checkpoint write) a signal lets the work finish, then stops."""
+        self.abandon_at = None
+
+    def run_ended(self):
+        """The checkpoint is written and the run is leaving: a late signal is ignored (at the
+        interpreter's shutdown Python restores the default handlers, and a late Ctrl-C would kill
+        the exiting process with status 130 after a clean stop)."""
+        self.ended = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if getattr(self, "ended", False):
+            return
         if self.raised:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now, without a checkpoint")
+            raise KeyboardInterrupt(f"second {name}: stopping now, without a checkpoint")
         self.raised = True
-        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+        if self.abandon_at is not None:
+            steps_done, self.abandon_at = self.abandon_at, None
+            print(f"{name}: abandoning the rollout / reward / eval in progress; the run ends with the weights of "
+                  f"step {steps_done} (send it again to stop at once)", file=sys.stderr, flush=True)
+            raise StepAbandoned(steps_done)
+        print(f"{name}: stopping after this step with a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+_ON_ABANDON = None  # set by resume_and_start_run: writes the checkpoint of the last completed step
+_STOP = None  # the run's StopFlag (launch)
+
+
+@contextlib.contextmanager
+def checkpoint_when_abandoned():
+    """Around a trainer's `train`: a step abandoned by a stop signal (StepAbandoned) ends the run
+    cleanly with the checkpoint of the last completed step and the command that continues it."""
+    try:
+        yield
+    except StepAbandoned as stop:
+        if _ON_ABANDON is None:  # before the run started: nothing to keep
+            raise KeyboardInterrupt(str(stop)) from None
+        _ON_ABANDON(stop.steps_done)
 
 
 _RUN_START = 0.0  # set by launch: the summary's wall time
@@ -99,13 +170,14 @@ def launch(config, validate, knobs: tuple[str, ...] = ()):
 
     import time
 
-    global _RUN_START
-    _RUN_START = time.perf_counter()
+    global _RUN_START, _ON_ABANDON, _STOP
+    _RUN_START, _ON_ABANDON = time.perf_counter(), None
     accelerator = make_accelerator(config)
     validate(config, accelerator.num_processes)
     prepare_output_dir(config, accelerator, knobs)
     set_seed(config.seed)
-    return accelerator, StopFlag()
+    _STOP = StopFlag(can_abandon=accelerator.num_processes == 1)
+    return accelerator, _STOP
 
 
 # What a training run writes into output_dir: what --overwrite_output_dir deletes (and names).
@@ -236,8 +308,25 @@ def resume_and_start_run(config, policy, accelerator) -> tuple[int, "MetricsLog"
     if checkpoint:
         start_step = policy.load_checkpoint(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-    global _START_STEP
+    global _START_STEP, _ON_ABANDON
     _START_STEP = start_step
+
+    def on_abandon(steps_done: int):
+        if steps_done > start_step:
+            policy.save_checkpoint(config.output_dir, steps_done, config.checkpoints_total_limit)
+            accelerator.print(f"stop signal: checkpoint written at step {steps_done} (step {steps_done + 1} abandoned), "
+                              f"exiting; to continue:\n  {resume_command(config)}")
+        elif steps_done:
+            accelerator.print(f"stop signal: no step completed since the resume from {checkpoint}; nothing new to save, "
+                              f"exiting; to continue:\n  {resume_command(config)}")
+        else:
+            accelerator.print("stop signal: no step completed; nothing trained, no checkpoint written, exiting")
+        accelerator.end_training()
+        release_run_dir()
+        _STOP.run_ended()
+    _ON_ABANDON = on_abandon
+    if _STOP is not None:
+        _STOP.abandonable(start_step)  # the step-0 eval (and until the first step) may be abandoned
     return start_step, start_run(accelerator, config, resume_step=start_step if checkpoint else None)
 
 
@@ -245,7 +334,9 @@ def after_step(steps_done: int, config, policy, accelerator, stop: "StopFlag", r
     """Periodic evaluation and checkpoint. On a stop signal (agreed across ranks) a checkpoint is
     written and True returned: the caller leaves its loop."""
     if config.eval_every and steps_done % config.eval_every == 0:
+        stop.abandonable(steps_done)  # a signal during the eval (its reward calls): the checkpoint of steps_done
         run_eval(steps_done)
+        stop.not_abandonable()
     stopping = all_sum(accelerator, float(stop.raised))[0] > 0
     if stopping or (config.checkpoint_every and steps_done % config.checkpoint_every == 0):
         policy.save_checkpoint(config.output_dir, steps_done, config.checkpoints_total_limit)
@@ -254,6 +345,7 @@ def after_step(steps_done: int, config, policy, accelerator, stop: "StopFlag", r
                           f"  {resume_command(config)}")
         accelerator.end_training()
         release_run_dir()
+        stop.run_ended()
     return stopping
 
 

@@ -132,7 +132,8 @@ def main(argv=None):
 
     config = parse_config(Config, PRESETS, argv)
     validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    return train(config)
+    with run_lifecycle.checkpoint_when_abandoned():  # a stop signal during an eval: the last step's checkpoint
+        return train(config)
 
 
 def load_pair_latents(pipe, pairs: list[dict], height: int, width: int, batch_size: int = 16) -> int:

@@ -222,7 +222,8 @@ def main(argv=None):
     config = parse_config(Config, PRESETS, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate(config, world_size)
-    return train(config)
+    with run_lifecycle.checkpoint_when_abandoned():  # a stop signal during a rollout / reward: the last step's checkpoint
+        return train(config)
 
 
 def train(config: Config):
@@ -276,6 +277,7 @@ def train(config: Config):
     K = config.samples_per_prompt
     for step in range(start_step, config.max_steps):
         # 1-3. this rank's prompts; K rollouts each with the current policy, seeds = f(seed, step, rank, j)
+        stop.abandonable(step)  # a stop signal from here to the update abandons this step (a hung reward server)
         t0 = time.perf_counter()
         rows = prompt_data.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
         flat_rows = [row for row in rows for _ in range(K)]
@@ -315,6 +317,7 @@ def train(config: Config):
         # 5-7. the objective's update: pairs (dpo) or group advantages (dgpo, nft, awm), noise and sigma,
         # reference / old / policy predictions, loss, backward, optimizer step(s)
         batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts)
+        stop.not_abandonable()  # from here a stop signal lets the step finish, then after_step checkpoints
         metrics, shown_pairs = objective.update(policy, batch, prompt_cache, step)
         t3 = time.perf_counter()
 

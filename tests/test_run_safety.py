@@ -280,3 +280,141 @@ def test_bad_data_and_model_paths_are_one_line(tmp_path, capsys, monkeypatch):
     line = cli_error(base + ["--output_dir", str(tmp_path / "f"), "--pretrained", "someone/not-cached-model"], capsys, monkeypatch)
     assert "the Hub cache has no copy of it to use offline" in line
     assert not [d for d in os.listdir(tmp_path) if d in "bcdef"]  # refused before the run folder exists
+
+
+class HangingOcrServer:
+    """A chat-completions server on 127.0.0.1 that answers its first `answered` requests ("ABC") and
+    then holds every later request open without answering (a hung OCR back end)."""
+
+    def __init__(self, answered: int = 0):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+        self.requests, self.answered, self.release = 0, answered, threading.Event()
+        self.hanging = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.requests += 1
+                if server.requests > server.answered:
+                    server.hanging.set()
+                    server.release.wait(120)  # hung
+                    return
+                body = json.dumps({"choices": [{"message": {"content": "ABC"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        import threading
+
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_the_server_rewards_limits_are_the_ones_it_applies(capsys):
+    from PIL import Image
+
+    from rewards import ServerOcrReward
+
+    assert ServerOcrReward().request_limit == 4 * 60 + 1 + 2 + 4  # the defaults: 247 s, not the 600 s deadline
+    with HangingOcrServer() as server:
+        reward = ServerOcrReward(base_url=server.url, timeout=0.3, max_retries=2, backoff=0.1, deadline=600,
+                                 progress_every=0.4)
+        assert reward.request_limit == pytest.approx(3 * 0.3 + 0.1 + 0.2)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"failed after 3 attempt\(s\) of up to 0.3 s"):
+            reward([Image.new("RGB", (8, 8))], ['a "ABC" sign'])
+        elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed < 1.2 + 0.5
+    assert "each image gives up after 1.2 s (3 attempt(s) of up to 0.3 s" in capsys.readouterr().out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_reward_server_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: connection refused
+    start = time.perf_counter()
+    line = cli_error(SMALL + ["--output_dir", str(tmp_path / "run"), "--reward", "ocr_server",
+                              "--train_data", os.path.join(ROOT, "data", "text_world", "train.txt"),
+                              "--eval_data", os.path.join(ROOT, "data", "text_world", "eval.txt"),
+                              "--reward_kwargs", json.dumps({"base_url": url})], capsys, monkeypatch)
+    assert line.startswith(f"train_online_dpo.py: config field `reward`: OCR server {url} cannot be reached "
+                           "(ConnectionRefusedError"), line
+    assert time.perf_counter() - start < 10 and not (tmp_path / "run").exists()
+
+
+def test_stop_flag_abandons_abandonable_work_at_once():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = run_lifecycle.StopFlag()
+        stop.abandonable(3)
+        with pytest.raises(run_lifecycle.StepAbandoned) as raised:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert raised.value.steps_done == 3 and stop.raised
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        stop = run_lifecycle.StopFlag()
+        stop.abandonable(3)
+        stop.not_abandonable()  # an update: the signal only asks for a stop after it
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        assert stop.raised
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_reward_server_hangs_stops_at_once_with_the_last_steps_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "run")
+    with HangingOcrServer(answered=4) as server:  # step 1's 2 prompts x 2 samples are scored, step 2's hang
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *SMALL, "--output_dir", out, "--max_steps", "5", "--checkpoint_every", "0",
+             "--reward", "ocr_server", "--reward_kwargs", json.dumps({"base_url": server.url, "concurrency": 4}),
+             "--train_data", os.path.join(ROOT, "data", "text_world", "train.txt"),
+             "--eval_data", os.path.join(ROOT, "data", "text_world", "eval.txt")],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert server.hanging.wait(240), "the trainer never reached step 2's reward"
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - signalled
+    assert proc.returncode == 0, stderr[-3000:]
+    assert took < 30, took  # not the reward's 247 s
+    assert "SIGINT: abandoning the rollout / reward / eval in progress; the run ends with the weights of step 1" in stderr
+    assert "stop signal: checkpoint written at step 1 (step 2 abandoned)" in stdout
+    assert "--resume_from_checkpoint latest" in stdout.split("to continue:")[1]
+    assert sorted(d for d in os.listdir(out) if "checkpoint" in d) == ["checkpoint-1"]
+    with open(os.path.join(out, "checkpoint-1", "train_state.json")) as f:
+        assert json.load(f)["step"] == 1
+    assert load_file(os.path.join(out, "checkpoint-1", "trainable.safetensors"))  # complete, loadable
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1]  # step 2 logged nothing

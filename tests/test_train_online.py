@@ -268,9 +268,14 @@ def test_a_second_ctrl_c_forces_the_exit(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    if proc.returncode == 0:  # the first SIGINT came during a rollout / reward: abandoned, saved and gone in 0.3 s
+        assert "SIGINT: abandoning the rollout / reward / eval in progress" in err
+        assert [d for d in os.listdir(out) if d.startswith("checkpoint-")]
+        return
     assert proc.returncode == 130, err[-2000:]
-    assert "SIGINT: stopping after this step with a checkpoint" in err
-    assert "interrupted (second SIGINT: stopping now, without a checkpoint)" in err and "Traceback" not in err, err
+    assert "SIGINT: stopping after this step with a checkpoint" in err or "SIGINT: abandoning" in err
+    assert "interrupted (second SIGINT: stopping now, without a checkpoint)" in err, err
     assert not [d for d in os.listdir(out) if d.startswith("checkpoint-")]  # forced: no checkpoint written
 
 
