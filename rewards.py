@@ -222,6 +222,11 @@ class VlmOcrReward:
         return _score_all(self.transcribe(images), prompts, self.strict)
 
 
+# Set when the caller abandons the work in progress (a trainer's stop signal): a call waiting on the
+# server (also one on a worker thread, which no signal reaches) raises within a quarter second.
+CALLS_CANCELLED = threading.Event()
+
+
 class ServerOcrReward:
     """OCR_QUESTION to an OpenAI-compatible chat-completions server (e.g. `vllm serve
     Qwen/Qwen3-VL-8B-Instruct`). base_url / model default to $OCR_SERVER_URL / $OCR_SERVER_MODEL;
@@ -347,6 +352,8 @@ class ServerOcrReward:
                                                         return_when=concurrent.futures.FIRST_EXCEPTION)
                 for future in done:
                     future.result()  # a request that failed for good raises here
+                if CALLS_CANCELLED.is_set():
+                    raise RuntimeError(f"OCR server {self.url}: call cancelled (the run is stopping)")
                 now = time.monotonic()
                 if pending and now >= give_up_at:
                     raise TimeoutError(f"OCR server {self.url}: {len(pending)} of {len(images)} image(s) unanswered "

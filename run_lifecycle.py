@@ -135,6 +135,9 @@ class StopFlag:
         self.raised = True
         if self.abandon_at is not None:
             steps_done, self.abandon_at = self.abandon_at, None
+            import rewards
+
+            rewards.CALLS_CANCELLED.set()  # a reward call on a worker thread (reward_overlap) stops waiting too
             print(f"{name}: abandoning the rollout / reward / eval in progress; the run ends with the weights of "
                   f"step {steps_done} (send it again to stop at once)", file=sys.stderr, flush=True)
             raise StepAbandoned(steps_done)
@@ -172,6 +175,9 @@ def launch(config, validate, knobs: tuple[str, ...] = ()):
 
     global _RUN_START, _ON_ABANDON, _STOP
     _RUN_START, _ON_ABANDON = time.perf_counter(), None
+    import rewards
+
+    rewards.CALLS_CANCELLED.clear()  # an earlier run in this process may have stopped
     accelerator = make_accelerator(config)
     validate(config, accelerator.num_processes)
     prepare_output_dir(config, accelerator, knobs)

@@ -390,7 +390,8 @@ def test_stop_flag_abandons_abandonable_work_at_once():
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_the_reward_server_hangs_stops_at_once_with_the_last_steps_checkpoint(tmp_path):
+@pytest.mark.parametrize("overlap", ["false", "true"])  # true: the hung call is on perf.OverlappedScorer's thread
+def test_ctrl_c_while_the_reward_server_hangs_stops_at_once_with_the_last_steps_checkpoint(tmp_path, overlap):
     from safetensors.torch import load_file
 
     out = str(tmp_path / "run")
@@ -398,6 +399,7 @@ def test_ctrl_c_while_the_reward_server_hangs_stops_at_once_with_the_last_steps_
         proc = subprocess.Popen(
             [sys.executable, SCRIPT, *SMALL, "--output_dir", out, "--max_steps", "5", "--checkpoint_every", "0",
              "--reward", "ocr_server", "--reward_kwargs", json.dumps({"base_url": server.url, "concurrency": 4}),
+             "--reward_overlap", overlap, "--rollout_chunk_size", "2",
              "--train_data", os.path.join(ROOT, "data", "text_world", "train.txt"),
              "--eval_data", os.path.join(ROOT, "data", "text_world", "eval.txt")],
             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
