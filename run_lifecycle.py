@@ -98,14 +98,15 @@ class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) at step boundaries, writes a
     checkpoint and exits cleanly. While a rollout, a reward call or an eval runs (`abandonable`; one
     process only) the signal abandons that work at once (StepAbandoned), so a hung reward server is
-    not waited for. A second signal raises KeyboardInterrupt at once (e.g. to
-    leave a hung checkpoint write); `cli` turns it into one line and exit status 130. Checkpoints are
-    written atomically, so what is already on disk stays loadable."""
+    not waited for. A second signal raises KeyboardInterrupt at once (e.g. to leave a hung checkpoint
+    write); `cli` turns it into one line and exit status 130. Checkpoints are written atomically, so
+    what is already on disk stays loadable."""
 
     def __init__(self, can_abandon: bool = True):
         self.raised = False
         self.can_abandon = can_abandon  # several ranks: a rank that left mid-step would hang the others' collectives
         self.abandon_at = None  # the steps done while a step's rollout / reward runs, else None
+        self.ended = False  # the run has written its last checkpoint and is leaving
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
@@ -128,7 +129,7 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
-        if getattr(self, "ended", False):
+        if self.ended:
             return
         if self.raised:
             raise KeyboardInterrupt(f"second {name}: stopping now, without a checkpoint")

@@ -201,6 +201,7 @@ def train(config: Config):
     progress = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                     disable=not accelerator.is_local_main_process, desc="offline DPO")
     for step in range(start_step, config.max_steps):
+        stop.not_abandonable()  # an offline step calls no reward: a signal lets it finish (only evals are abandoned)
         t0 = time.perf_counter()
         # this rank's pairs: seeded per-epoch permutations, a pure function of the step
         batch = prompt_data.prompts_for_step(pairs, step, config.pairs_per_step, rank, world, config.seed)
