@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from run_config import InputError, differing_fields, require, require_writable_dir
+from run_config import InputError, WriteError, describe_os_error, differing_fields, require, require_writable_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "train_state.json")
@@ -80,25 +80,60 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, lr_scheduler, 
     assert_finite(model_state, f"checkpoint at step {step}")
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model_state.items()}, os.path.join(tmp, "trainable.safetensors"))
-    torch.save({"optimizer": optim_state, "lr_scheduler": lr_scheduler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-    if run_config is not None:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=1)
-    with open(os.path.join(tmp, "train_state.json"), "w") as f:
-        json.dump({**train_state, "step": step}, f, indent=1)
-    if extra_writer is not None:
-        extra_writer(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp, file = None, os.path.join(output_dir, f".checkpoint-{step}-*")
+    try:  # any OSError (a full disk): the partial folder goes, one line names the file (cli: exit 2)
+        tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir)
+        file = os.path.join(tmp, "trainable.safetensors")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, file)
+        file = os.path.join(tmp, "optimizer.pt")
+        torch.save({"optimizer": optim_state, "lr_scheduler": lr_scheduler.state_dict()}, file)
+        if run_config is not None:
+            file = os.path.join(tmp, "config.json")
+            with open(file, "w") as f:
+                json.dump(run_config, f, indent=1)
+        file = os.path.join(tmp, "train_state.json")
+        with open(file, "w") as f:
+            json.dump({**train_state, "step": step}, f, indent=1)
+        if extra_writer is not None:
+            file = tmp
+            extra_writer(tmp)
+        file = final
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except Exception as error:  # safetensors and torch.save report a failed write in their own types
+        reason = _write_failure(error, output_dir)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if reason is None:
+            raise
+        raise WriteError(f"checkpoint at step {step} not written: {file}: {reason}; the run stops here (the "
+                         "checkpoints already on disk are complete)") from error
     if limit:
         for old in list_checkpoints(output_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_failure(error: Exception, folder: str) -> str | None:
+    """What went wrong when a checkpoint file could not be written, or None when `error` is not a write
+    failure. safetensors raises SafetensorError ("I/O error: No space left on device (os error 28)")
+    and torch.save a RuntimeError ("unexpected pos ...") on a full disk, so those are recognised by
+    their text and by the free space left."""
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if "os error 28" in text or "No space left" in text or (free is not None and free < 1 << 20):
+        return f"the disk is full (errno 28 ENOSPC; {free} bytes free; {type(error).__name__}: {text})"
+    if "I/O error" in text:
+        return f"{type(error).__name__}: {text}"
+    return None
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -139,7 +174,7 @@ def checkpoint_problem(path: str) -> str | None:
 
 def resolve_checkpoint(spec: str, output_dir: str, report=print) -> str | None:
     """"" -> None; "latest" -> the newest complete checkpoint in output_dir (damaged newer ones are
-    skipped and reported), or None when there is none (reported); a path -> itself if complete."""
+    skipped and reported), or None when there is none; a path -> itself if complete."""
     if not spec:
         return None
     if spec == "latest":
@@ -148,8 +183,7 @@ def resolve_checkpoint(spec: str, output_dir: str, report=print) -> str | None:
             if problem is None:
                 return path
             report(f"resume_from_checkpoint latest: skipping {path}: {problem}")
-        report(f"resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}; starting a fresh run")
-        return None
+        return None  # the caller says what happens next (a fresh run, or a refusal when the folder holds a run)
     problem = checkpoint_problem(spec)
     if problem:
         raise FileNotFoundError(f"resume_from_checkpoint: {spec!r} is not a complete checkpoint: {problem}")
@@ -222,4 +256,4 @@ def validate_output_and_resume(config):
     if spec and spec != "latest":
         problem = checkpoint_problem(spec)
         require(problem is None, "resume_from_checkpoint", f"{spec!r} is not a complete checkpoint: {problem}")
-    require_writable_dir(config.output_dir, "output_dir")
+    require_writable_dir(config.output_dir, "output_dir", create=False)  # created when the run starts (launch)

@@ -14,7 +14,7 @@ from PIL import Image
 
 import qwen_image
 from run_config import ConfigError, differing_fields, require
-from run_logs import baseline_eval, eval_history, image_grid
+from run_logs import baseline_eval, eval_history, image_grid, save_image
 
 
 def score_rows(reward_fn, images, rows) -> list[float]:
@@ -162,6 +162,23 @@ def check_eval_baseline(config):
     require(not changes, "eval_baseline", f"{where!r} evaluated under other settings ({'; '.join(changes)})")
 
 
+def check_resume_eval_settings(checkpoint: str, config):
+    """A resume keeps EVAL_SETTINGS (and `attention_backend`) as the checkpoint's run had them when the
+    run folder holds earlier evals: the paired gain compares every eval with the run's first one,
+    image by image, which only means something for the same prompts, seeds and sampling."""
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(path) or not eval_history(config.output_dir):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changes = [f"{name}: {old!r} -> {new!r}"
+               for name, old, new in differing_fields(saved, config, EVAL_SETTINGS + ("attention_backend",))]
+    if changes:
+        raise ConfigError(f"resume_from_checkpoint: {checkpoint} was evaluated with other eval settings "
+                          f"({'; '.join(changes)}): the paired gain would compare other images with the first "
+                          "eval; resume with the checkpoint's values or start a new run in another output_dir")
+
+
 def make_eval(config, pipe, prompt_cache, eval_rows, reward_fn, accelerator, metrics_log):
     """-> run_eval(step): the eval prompts at fixed seeds with `eval_inference_steps`, logged with the
     paired gain over the run's first eval (read back from metrics.jsonl after a resume)."""
@@ -207,7 +224,7 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
     metrics_log.log(metrics, step)
     if accelerator.is_main_process and images:
         grid = image_grid(images[:32], [f"{s:.3f}" for s in scores[:32]])
-        grid.save(os.path.join(output_dir, "samples", f"eval-{step:06d}.png"))
+        save_image(grid, os.path.join(output_dir, "samples", f"eval-{step:06d}.png"), "eval grid")  # never costs the checkpoint
         metrics_log.log_image("eval/grid", grid, step, caption=f"step {step}: {format_eval(metrics)}")
         jobs = [(i, j) for i in range(len(rows)) for j in range(samples_per_prompt)][:len(images)]
         names = sorted(parts)

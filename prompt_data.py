@@ -42,34 +42,19 @@ def load_prompts(path: str, need_ocr_target: bool = False, split: str = "train",
     skipped), a directory of such files, or a Hub dataset id (its `split`; column prompt, caption or
     text). Errors name the file (or `id[split]`) and row; with need_ocr_target, every prompt must
     carry a quoted OCR target. max_rows > 0 stops reading after that many prompts."""
-    from data_process.records import column_names, is_hub_id, open_parts
+    from data_process.records import is_hub_id
     from rewards import ocr_target
 
     if not os.path.exists(path) and not is_hub_id(path):
         raise FileNotFoundError(f"prompt data {path!r} does not exist")
-    rows = []
-    for name, dataset in open_parts(path, split, extensions=(".parquet", ".jsonl", ".json", ".txt")):
-        label = os.path.basename(name) if os.path.exists(name) else name
-        if name.endswith(".txt"):  # one prompt per line; uid = file:line number
-            _require_utf8_lines(name)
-            for line_number, row in enumerate(dataset, 1):
-                if row["text"].strip():
-                    rows.append({"prompt": row["text"].strip(), "ground_truth": None, "uid": f"{label}:{line_number}"})
-            continue
-        columns = column_names(dataset)  # None when a streamed source does not say before its first row
-        prompt_column = None
-        for i, row in enumerate(dataset):
-            if prompt_column is None:
-                columns = columns or list(row)
-                prompt_column = _prompt_column(name, columns)
-            prompt = row[prompt_column]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InputError(f"{name}: row {i}: empty or non-string prompt")
-            rows.append({"prompt": prompt, "ground_truth": row.get("ground_truth"), "uid": f"{label}:{i}"})
-            if max_rows and len(rows) >= max_rows:
-                break
-        if columns is not None:  # also a source without rows must have the column
-            _prompt_column(name, columns)
+    try:
+        rows = _read_rows(path, split, max_rows)
+    except Exception as error:  # a damaged file (pyarrow's ArrowInvalid, a JSON error) or the Hub: one line
+        if isinstance(error, InputError) or not _is_read_error(error):
+            raise
+        where = getattr(error, "source_name", path)
+        raise InputError(f"{where}: cannot be read ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'})") from None
     if not rows:
         raise InputError(f"{path}: no prompts")
     if need_ocr_target:
@@ -79,6 +64,79 @@ def load_prompts(path: str, need_ocr_target: bool = False, split: str = "train",
                 raise InputError(f"{row['uid']}: prompt has no quoted text for the OCR reward: {row['prompt']!r}")
             row["ground_truth"] = row["ground_truth"] if row["ground_truth"] is not None else target
     return rows[:max_rows or None]
+
+
+def _is_read_error(error: Exception) -> bool:
+    """What a damaged or unreadable data file raises through `datasets`: pyarrow's errors (a truncated
+    parquet: ArrowInvalid "Parquet magic bytes not found"), JSON decoding, datasets' own, a missing file."""
+    import pyarrow
+
+    kinds = (pyarrow.ArrowException, ValueError, OSError)
+    try:
+        from datasets.exceptions import DatasetGenerationError
+
+        kinds += (DatasetGenerationError,)
+    except ImportError:
+        pass
+    return isinstance(error, kinds)
+
+
+def _read_rows(path: str, split: str, max_rows: int) -> list[dict]:
+    from data_process.records import column_names, open_parts
+
+    from data_process.records import is_hub_id, local_files
+
+    rows = []
+    if not is_hub_id(path):  # a parquet's footer first: datasets would log its own error line before raising
+        import pyarrow.parquet
+
+        for file in [f for f in local_files(path) if f.lower().endswith(".parquet")]:
+            try:
+                pyarrow.parquet.read_metadata(file)
+            except Exception as error:
+                error.source_name = file
+                raise
+    try:
+        parts = open_parts(path, split, extensions=(".parquet", ".jsonl", ".json", ".txt"))
+    except Exception as error:
+        error.source_name = path
+        raise
+    for name, dataset in parts:
+        try:
+            _read_part(name, dataset, rows, max_rows)
+        except Exception as error:
+            error.source_name = name
+            raise
+        if max_rows and len(rows) >= max_rows:
+            break
+    return rows
+
+
+def _read_part(name: str, dataset, rows: list[dict], max_rows: int):
+    """One part's rows appended to `rows` (uid = file:line for .txt, file:row otherwise)."""
+    from data_process.records import column_names
+
+    label = os.path.basename(name) if os.path.exists(name) else name
+    if name.endswith(".txt"):  # one prompt per line; uid = file:line number
+        _require_utf8_lines(name)
+        for line_number, row in enumerate(dataset, 1):
+            if row["text"].strip():
+                rows.append({"prompt": row["text"].strip(), "ground_truth": None, "uid": f"{label}:{line_number}"})
+        return
+    columns = column_names(dataset)  # None when a streamed source does not say before its first row
+    prompt_column = None
+    for i, row in enumerate(dataset):
+        if prompt_column is None:
+            columns = columns or list(row)
+            prompt_column = _prompt_column(name, columns)
+        prompt = row[prompt_column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{name}: row {i}: empty or non-string prompt")
+        rows.append({"prompt": prompt, "ground_truth": row.get("ground_truth"), "uid": f"{label}:{i}"})
+        if max_rows and len(rows) >= max_rows:
+            break
+    if columns is not None:  # also a source without rows must have the column
+        _prompt_column(name, columns)
 
 
 def prompts_for_step(rows: list[dict], step: int, prompts_per_step: int, rank: int, world_size: int,

@@ -222,6 +222,11 @@ class VlmOcrReward:
         return _score_all(self.transcribe(images), prompts, self.strict)
 
 
+# Set when the caller abandons the work in progress (a trainer's stop signal): a call waiting on the
+# server (also one on a worker thread, which no signal reaches) raises within a quarter second.
+CALLS_CANCELLED = threading.Event()
+
+
 class ServerOcrReward:
     """OCR_QUESTION to an OpenAI-compatible chat-completions server (e.g. `vllm serve
     Qwen/Qwen3-VL-8B-Instruct`). base_url / model default to $OCR_SERVER_URL / $OCR_SERVER_MODEL;
@@ -247,6 +252,36 @@ class ServerOcrReward:
     @property
     def url(self) -> str:
         return self.base_url + "/chat/completions"
+
+    @property
+    def request_limit(self) -> float:
+        """Seconds one image's request can take before it fails for good: max_retries + 1 attempts of
+        up to `timeout` each with the backoff sleeps between them, capped by `deadline` (the whole call's
+        limit). With the defaults: 4 x 60 + 1 + 2 + 4 = 247 s, well before the 600 s deadline."""
+        retries = self.timeout * (self.max_retries + 1) + self.backoff * (2 ** self.max_retries - 1)
+        return min(self.deadline, retries)
+
+    def _limits(self) -> str:
+        return (f"each image gives up after {self.request_limit:g} s ({self.max_retries + 1} attempt(s) of up to "
+                f"{self.timeout:g} s: reward kwargs timeout, max_retries, backoff), the call after {self.deadline:g} s "
+                "(deadline)")
+
+    def probe(self, timeout: float = 5.0) -> str | None:
+        """One bounded TCP connection to the server (no request, nothing scored): None when it accepts,
+        else what failed, in one line. Run before any model loads, so that a server that is down or a
+        wrong base_url fails in seconds, not after the pipeline loads and the first rollout."""
+        import socket
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(self.base_url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                pass
+        except (OSError, ValueError) as error:
+            return (f"OCR server {self.base_url} cannot be reached ({type(error).__name__}: {error}); start it, or "
+                    "point reward_kwargs base_url / $OCR_SERVER_URL at it")
+        return None
 
     def _request(self, image: Image.Image, give_up_at: float = float("inf")) -> str:
         buffer = io.BytesIO()
@@ -283,7 +318,8 @@ class ServerOcrReward:
         if time.monotonic() >= give_up_at:
             raise TimeoutError(f"OCR server {self.url}: no answer by the deadline of {self.deadline:g} s (reward kwarg "
                                f"`deadline`; last error: {last_error})")
-        raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s): {last_error}")
+        raise RuntimeError(f"OCR server {self.url} failed after {attempt + 1} attempt(s) of up to {self.timeout:g} s "
+                           f"(reward kwargs timeout, max_retries): {last_error}")
 
     def transcribe(self, images: list[Image.Image]) -> list[str]:
         # Daemon worker threads (a hung request never holds up the process's exit) and a main thread
@@ -316,13 +352,15 @@ class ServerOcrReward:
                                                         return_when=concurrent.futures.FIRST_EXCEPTION)
                 for future in done:
                     future.result()  # a request that failed for good raises here
+                if CALLS_CANCELLED.is_set():
+                    raise RuntimeError(f"OCR server {self.url}: call cancelled (the run is stopping)")
                 now = time.monotonic()
                 if pending and now >= give_up_at:
                     raise TimeoutError(f"OCR server {self.url}: {len(pending)} of {len(images)} image(s) unanswered "
                                        f"at the deadline of {self.deadline:g} s (reward kwarg `deadline`)")
                 if pending and now >= next_report:
                     print(f"waiting for OCR server {self.url}: {len(images) - len(pending)}/{len(images)} images "
-                          f"answered, {now - start:.0f} s elapsed (deadline {self.deadline:g} s)", flush=True)
+                          f"answered, {now - start:.0f} s elapsed ({self._limits()})", flush=True)
                     next_report = now + self.progress_every
             return [future.result() for future in futures]
         finally:
@@ -473,6 +511,16 @@ class WeightedReward:
 
     def __call__(self, images, prompts) -> list[float]:
         return self.score(images, prompts)[0]
+
+
+def reward_problem(reward_fn) -> str | None:
+    """What makes a built reward unusable before anything is scored: an OCR server that cannot be
+    reached (ServerOcrReward.probe, alone or in a weighted reward); None when all is well."""
+    parts = [fn for _, _, fn in reward_fn.components] if isinstance(reward_fn, WeightedReward) else [reward_fn]
+    for fn in parts:
+        if isinstance(fn, ServerOcrReward) and (problem := fn.probe()):
+            return problem
+    return None
 
 
 def _build_one(name: str, **kwargs):

@@ -45,6 +45,22 @@ class InputError(ValueError):
     one line and exits with status 2, as it does a refused run folder (FileExistsError)."""
 
 
+class WriteError(OSError):
+    """A file the run cannot do without (a checkpoint) could not be written: `cli` prints its
+    one-line message (naming the file and the OS error) and exits with status 2."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """'the disk is full (errno 28 ENOSPC)' / 'Permission denied (errno 13 EACCES)': what the OS said."""
+    import errno
+
+    if error.errno == errno.ENOSPC:
+        return "the disk is full (errno 28 ENOSPC)"
+    if error.errno is None:
+        return str(error)
+    return f"{error.strerror or error} (errno {error.errno} {errno.errorcode.get(error.errno, '?')})"
+
+
 class ConfigError(InputError):
     """An invalid flag or value: `cli` prints its one-line message and exits with status 2."""
 
@@ -133,6 +149,9 @@ def build_parser(config_cls, presets: dict[str, dict], description: str | None =
     return parser
 
 
+LAST_ARGV: list[str] = []  # the flags parse_config last read (run_lifecycle.resume_command)
+
+
 def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = None, defaults: dict | None = None,
                  description: str | None = None):
     """Every dataclass field is a CLI flag (transformers' HfArgumentParser). `defaults` (e.g. read from
@@ -141,6 +160,8 @@ def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = 
     import difflib
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    global LAST_ARGV
+    LAST_ARGV = list(argv)  # the run's flags as given: the resume command a clean stop prints
     if description is None:  # the script's docstring heads its --help
         description = getattr(sys.modules.get(config_cls.__module__), "__doc__", None)
     parser = build_parser(config_cls, presets, description)
@@ -171,12 +192,23 @@ def parse_config(config_cls, presets: dict[str, dict], argv: list[str] | None = 
 
 def cli(main, argv=None, input_errors: tuple = ()):
     """The scripts' entry point: a config error, bad input (InputError, or a script's own
-    `input_errors`) or a refused run folder prints one line to stderr and exits with status 2 (no
+    `input_errors`), a refused run folder, a checkpoint that could not be written (WriteError) or a
+    full disk anywhere (errno ENOSPC) prints one line to stderr and exits with status 2 (no
     traceback)."""
     try:
         return main(argv)
-    except (InputError, FileExistsError, *input_errors) as error:
+    except (InputError, FileExistsError, WriteError, *input_errors) as error:
         print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        import errno
+
+        if error.errno != errno.ENOSPC:
+            raise
+        # a full disk anywhere in a run (metrics.jsonl, the final weights, a dataset cache): one line
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"{os.path.basename(sys.argv[0])}: {describe_os_error(error)}{where}: free some space (or choose "
+              "another output_dir) and resume with --resume_from_checkpoint latest", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as error:  # a second Ctrl-C / SIGTERM (StopFlag) or Ctrl-C before training
         print(f"{os.path.basename(sys.argv[0])}: interrupted{f' ({error})' if str(error) else ''}", file=sys.stderr)
@@ -199,12 +231,19 @@ def require(condition: bool, field: str, rule: str):
         raise ConfigError(f"config field `{field}`: {rule}")
 
 
-def require_writable_dir(path: str, field: str):
-    """Creates `path` if needed and writes a probe file into it: a read-only or impossible folder
-    fails now, not after hours of work."""
+def require_writable_dir(path: str, field: str, create: bool = True):
+    """Writes a probe file into `path` (created first when `create`; else into the nearest folder
+    that exists, so that a run refused later leaves no empty folder behind): a read-only or
+    impossible folder fails now, not after hours of work."""
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if create:
+            os.makedirs(path, exist_ok=True)
+        probe = path
+        while not create and not os.path.exists(probe) and os.path.dirname(os.path.abspath(probe)) != os.path.abspath(probe):
+            probe = os.path.dirname(os.path.abspath(probe))
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(20, "Not a directory", probe)
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as error:
         raise ConfigError(f"config field `{field}`: folder {path!r} is not writable ({error.strerror or error})") from None
@@ -215,6 +254,36 @@ def data_source_exists(spec: str) -> bool:
     from data_process.records import source_exists
 
     return source_exists(spec)
+
+
+def require_data_source(spec: str, field: str):
+    """A data flag names something readable: data_process.records.source_problem's reason otherwise."""
+    from data_process.records import source_problem
+
+    problem = source_problem(spec)
+    require(problem is None, field, problem or "")
+
+
+def require_pretrained(spec: str, field: str = "pretrained"):
+    """`pretrained` before anything loads: "tiny" / "tiny-bench", a folder that save_pretrained wrote
+    (it holds model_index.json), or a Hub model id (offline: only when the Hub cache has it)."""
+    from data_process.records import hub_offline
+
+    if spec in ("tiny", "tiny-bench"):
+        return
+    if os.path.isdir(spec):
+        require(os.path.isfile(os.path.join(spec, "model_index.json")), field,
+                f"folder {spec!r} has no model_index.json: not a diffusers pipeline folder (save_pretrained writes one)")
+        return
+    require(not os.path.exists(spec), field, f"{spec!r} is a file; a diffusers pipeline folder or a Hub model id is expected")
+    hub_shaped = bool(re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", spec)) and not spec.startswith(".")
+    require(hub_shaped, field, f"{spec!r} does not exist")
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "model_index.json")
+        require(isinstance(cached, str), field, f"{spec!r} does not exist as a local folder, and the Hub cache has no "
+                                                "copy of it to use offline (HF_HUB_OFFLINE is set)")
 
 
 def validate_reward(spec: str, reward_kwargs: str):

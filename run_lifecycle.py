@@ -7,6 +7,7 @@ its updates live in policy.py and objectives.py; the scripts keep where the trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,8 +18,8 @@ import sys
 import qwen_image
 from checkpoints import check_resume_config, list_checkpoints, resolve_checkpoint, validate_output_and_resume
 from distributed import all_sum, make_accelerator
-from evaluation import check_eval_baseline, format_gain
-from run_config import config_dict, data_source_exists, require, validate_reward
+from evaluation import check_eval_baseline, check_resume_eval_settings, format_gain
+from run_config import config_dict, require, require_data_source, require_pretrained, validate_reward
 from run_logs import MetricsLog, eval_history, setup_trackers
 
 
@@ -26,10 +27,12 @@ def validate_policy_config(config, world_size: int = 1):
     """The rules both trainers share: model, LoRA, DPO, optimiser, evaluation, logging."""
     from pairing import PAIR_STRATEGIES, SIGMA_SCHEMES
 
+    require_pretrained(config.pretrained)
     require(config.micro_batch_pairs >= 1, "micro_batch_pairs",
             "must be >= 1: a micro-batch holds whole (chosen, rejected) pairs, never half of one")
     require(math.isfinite(config.beta) and config.beta > 0, "beta", "must be a finite number > 0")
     validate_reward(config.reward, config.reward_kwargs)
+    probe_reward(config.reward, config.reward_kwargs)
     require(not getattr(config, "push_to_hub", False) or bool(getattr(config, "hub_model_id", "").strip()),
             "hub_model_id", "push_to_hub needs a repository id (--hub_model_id user/name)")
     require(getattr(config, "pair_strategy", PAIR_STRATEGIES[0]) in PAIR_STRATEGIES, "pair_strategy",
@@ -64,31 +67,105 @@ def validate_policy_config(config, world_size: int = 1):
         require(getattr(config, field) >= 0, field, "must be >= 0 (0 disables)")
     require(config.eval_samples_per_prompt >= 1, "eval_samples_per_prompt", "must be >= 1")
     require(config.log_with in ("wandb", "tensorboard", "none"), "log_with", "must be wandb, tensorboard or none")
-    require(data_source_exists(config.eval_data), "eval_data", f"file {config.eval_data!r} does not exist")
+    require_data_source(config.eval_data, "eval_data")
     check_eval_baseline(config)
     validate_output_and_resume(config)
 
 
+def probe_reward(spec: str, reward_kwargs: str):
+    """The reward's server (ocr_server) answers a connection, before any model loads (rewards.reward_problem)."""
+    from rewards import build_reward, parse_reward_spec, reward_problem
+
+    if "ocr_server" not in [name for name, _ in parse_reward_spec(spec)]:
+        return
+    try:
+        reward_fn = build_reward(spec, **json.loads(reward_kwargs))
+    except TypeError as error:  # an unknown keyword for the reward's constructor
+        require(False, "reward_kwargs", str(error))
+    problem = reward_problem(reward_fn)
+    require(problem is None, "reward", problem or "")
+
+
+class StepAbandoned(KeyboardInterrupt):
+    """A stop signal while a step's rollout and reward were still running (StopFlag.abandonable):
+    the step is dropped, and `checkpoint_when_abandoned` writes the checkpoint of the last completed
+    step (no update of the dropped step has happened: the weights are that step's)."""
+
+    def __init__(self, steps_done: int):
+        super().__init__(f"step {steps_done + 1} abandoned")
+        self.steps_done = steps_done
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) at step boundaries, writes a
-    checkpoint and exits cleanly. A second signal raises KeyboardInterrupt at once (e.g. to leave a
-    hung reward call); `cli` turns it into one line and exit status 130. Checkpoints are written
-    atomically, so what is already on disk stays loadable."""
+    checkpoint and exits cleanly. While a rollout, a reward call or an eval runs (`abandonable`; one
+    process only) the signal abandons that work at once (StepAbandoned), so a hung reward server is
+    not waited for. A second signal raises KeyboardInterrupt at once (e.g. to leave a hung checkpoint
+    write); `cli` turns it into one line and exit status 130. Checkpoints are written atomically, so
+    what is already on disk stays loadable."""
 
-    def __init__(self):
+    def __init__(self, can_abandon: bool = True):
         self.raised = False
+        self.can_abandon = can_abandon  # several ranks: a rank that left mid-step would hang the others' collectives
+        self.abandon_at = None  # the steps done while a step's rollout / reward runs, else None
+        self.ended = False  # the run has written its last checkpoint and is leaving
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
+    def abandonable(self, steps_done: int):
+        """From now on (a rollout, a reward call, an eval) a signal abandons the work in progress: the
+        run ends with the checkpoint of `steps_done`, the steps whose updates are complete."""
+        self.abandon_at = steps_done if self.can_abandon else None
+
+    def not_abandonable(self):
+        """From now on (an update, a checkpoint write) a signal lets the work finish, then stops."""
+        self.abandon_at = None
+
+    def run_ended(self):
+        """The checkpoint is written and the run is leaving: a late signal is ignored (at the
+        interpreter's shutdown Python restores the default handlers, and a late Ctrl-C would kill
+        the exiting process with status 130 after a clean stop)."""
+        self.ended = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.ended:
+            return
         if self.raised:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now, without a checkpoint")
+            raise KeyboardInterrupt(f"second {name}: stopping now, without a checkpoint")
         self.raised = True
-        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+        if self.abandon_at is not None:
+            steps_done, self.abandon_at = self.abandon_at, None
+            import rewards
+
+            rewards.CALLS_CANCELLED.set()  # a reward call on a worker thread (reward_overlap) stops waiting too
+            print(f"{name}: abandoning the rollout / reward / eval in progress; the run ends with the weights of "
+                  f"step {steps_done} (send it again to stop at once)", file=sys.stderr, flush=True)
+            raise StepAbandoned(steps_done)
+        print(f"{name}: stopping after this step with a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
+_ON_ABANDON = None  # set by resume_and_start_run: writes the checkpoint of the last completed step
+_STOP = None  # the run's StopFlag (launch)
+
+
+@contextlib.contextmanager
+def checkpoint_when_abandoned():
+    """Around a trainer's `train`: a step abandoned by a stop signal (StepAbandoned) ends the run
+    cleanly with the checkpoint of the last completed step and the command that continues it."""
+    try:
+        yield
+    except StepAbandoned as stop:
+        if _ON_ABANDON is None:  # before the run started: nothing to keep
+            raise KeyboardInterrupt(str(stop)) from None
+        _ON_ABANDON(stop.steps_done)
+
+
 _RUN_START = 0.0  # set by launch: the summary's wall time
+_START_STEP = 0  # set by resume_and_start_run: the step this leg of the run started at
 
 
 def launch(config, validate, knobs: tuple[str, ...] = ()):
@@ -99,17 +176,22 @@ def launch(config, validate, knobs: tuple[str, ...] = ()):
 
     import time
 
-    global _RUN_START
-    _RUN_START = time.perf_counter()
+    global _RUN_START, _ON_ABANDON, _STOP
+    _RUN_START, _ON_ABANDON = time.perf_counter(), None
+    import rewards
+
+    rewards.CALLS_CANCELLED.clear()  # an earlier run in this process may have stopped
     accelerator = make_accelerator(config)
     validate(config, accelerator.num_processes)
     prepare_output_dir(config, accelerator, knobs)
     set_seed(config.seed)
-    return accelerator, StopFlag()
+    _STOP = StopFlag(can_abandon=accelerator.num_processes == 1)
+    return accelerator, _STOP
 
 
-# What a training run writes into output_dir (tracker folders are added for --overwrite_output_dir).
+# What a training run writes into output_dir: what --overwrite_output_dir deletes (and names).
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "lora", "transformer", "samples")
+LOCK_FILE = ".lock"  # held (fcntl.flock) by the run's rank 0 while the run lives: see lock_run_dir
 
 
 def run_entries(output_dir: str) -> list[str]:
@@ -120,21 +202,75 @@ def run_entries(output_dir: str) -> list[str]:
     return names + [os.path.basename(p) for p in list_checkpoints(output_dir)]
 
 
+_RUN_LOCK = None  # the open lock file of this process's run (one run at a time per process)
+
+
+def lock_run_dir(output_dir: str):
+    """An exclusive fcntl.flock on output_dir/.lock for the life of the run, with who holds it (pid,
+    host, start time, command) written inside: a second run into the same folder is refused (it would
+    interleave metrics.jsonl, config.json and the checkpoints). The kernel drops the lock when the
+    process dies, so a killed run never blocks its own resume; a later run in this process (tests,
+    notebooks) first releases the previous one's."""
+    import fcntl
+    import socket
+    import time
+
+    global _RUN_LOCK
+    release_run_dir()
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live process (BlockingIOError)
+        handle.seek(0)
+        holder = handle.read().strip().replace("\n", "; ") or "a process that has not written its name yet"
+        handle.close()
+        raise FileExistsError(f"output_dir {output_dir!r} is in use by another run ({holder}); wait for it to end, "
+                              "stop it, or choose another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 f"command: {' '.join(sys.argv)}\n")
+    handle.flush()
+    _RUN_LOCK = handle
+
+
+def release_run_dir():
+    """Ends this process's hold on its run folder (the end of a run; also done by the kernel at exit)."""
+    global _RUN_LOCK
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.close()  # closing the descriptor releases the flock
+        _RUN_LOCK = None
+
+
 def prepare_output_dir(config, accelerator, knobs: tuple[str, ...] = ()):
-    """Before any model loads. A fresh run refuses a folder that holds a run (naming what is there)
-    unless `overwrite_output_dir` (its run files are deleted first); `resume_from_checkpoint latest`
-    is resolved here to the newest complete checkpoint (or "" when there is none in a folder without
-    a run); a resume whose weight-defining config (or `knobs`) differs from the checkpoint's is refused; orphaned
-    .checkpoint-* folders (a kill mid-save) are removed."""
+    """Before any model loads. The folder is created and locked (rank 0: lock_run_dir). A fresh run
+    refuses a folder that holds a run (naming what is there) unless `overwrite_output_dir` (the
+    entries it names are deleted: run_entries, nothing else); `resume_from_checkpoint latest` is
+    resolved here to the newest complete checkpoint (or "" when there is none in a folder without a
+    run); a resume whose weight-defining config (or `knobs`) or eval settings differ from the
+    checkpoint's is refused; orphaned .checkpoint-* folders (a kill mid-save) are removed."""
     output_dir = config.output_dir
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            lock_run_dir(output_dir)
+        except FileExistsError as error:
+            refusal = error
+    if all_sum(accelerator, float(refusal is not None))[0] > 0:  # every rank leaves, not only rank 0
+        raise refusal or FileExistsError(f"output_dir {output_dir!r} is in use by another run (see rank 0)")
     existing = run_entries(output_dir)
+    report = accelerator.print if accelerator.is_main_process else lambda m: None
     if config.resume_from_checkpoint == "latest":
-        checkpoint = resolve_checkpoint("latest", output_dir,
-                                        report=accelerator.print if accelerator.is_main_process else lambda m: None)
+        checkpoint = resolve_checkpoint("latest", output_dir, report=report)
         if checkpoint is None and existing:
             raise FileExistsError(f"resume_from_checkpoint latest: output_dir {output_dir!r} holds a run "
                                   f"({', '.join(existing)}) but no complete checkpoint to resume; pass "
                                   "--overwrite_output_dir true to replace it or choose another output_dir")
+        if checkpoint is None:
+            report(f"resume_from_checkpoint latest: no complete checkpoint in {output_dir!r} (and no run); "
+                   "starting a fresh run")
         # the run's config.json records which checkpoint it continued from
         config.resume_from_checkpoint = checkpoint or ""
     elif existing and not config.resume_from_checkpoint and not config.overwrite_output_dir:
@@ -143,15 +279,19 @@ def prepare_output_dir(config, accelerator, knobs: tuple[str, ...] = ()):
                               "replace it, or choose another output_dir")
     if config.resume_from_checkpoint:
         check_resume_config(config.resume_from_checkpoint, config, knobs)
+        check_resume_eval_settings(config.resume_from_checkpoint, config)
     accelerator.wait_for_everyone()  # every rank has looked before rank 0 changes anything
     if accelerator.is_main_process:
         if config.overwrite_output_dir and existing:
-            accelerator.print(f"overwrite_output_dir: deleting {', '.join(existing)} in {output_dir}")
-        for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+            kept = [name for name in os.listdir(output_dir) if name not in existing and name != LOCK_FILE
+                    and not name.startswith(".checkpoint-")]
+            accelerator.print(f"overwrite_output_dir: deleting {', '.join(existing)} in {output_dir}"
+                              + (f"; keeping {', '.join(sorted(kept))} (not written by a training run's "
+                                 "code; tracker logs included)" if kept else ""))
+        for name in os.listdir(output_dir):
             path = os.path.join(output_dir, name)
             orphan = name.startswith(".checkpoint-")
-            old_run = config.overwrite_output_dir and (name in existing or name in ("wandb", config.tracker_project))
-            if orphan or old_run:
+            if orphan or (config.overwrite_output_dir and name in existing):
                 if orphan:
                     accelerator.print(f"removing {path}: an unfinished checkpoint (the run was killed while saving)")
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -177,6 +317,25 @@ def resume_and_start_run(config, policy, accelerator) -> tuple[int, "MetricsLog"
     if checkpoint:
         start_step = policy.load_checkpoint(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+    global _START_STEP, _ON_ABANDON
+    _START_STEP = start_step
+
+    def on_abandon(steps_done: int):
+        if steps_done > start_step:
+            policy.save_checkpoint(config.output_dir, steps_done, config.checkpoints_total_limit)
+            accelerator.print(f"stop signal: checkpoint written at step {steps_done} (step {steps_done + 1} abandoned), "
+                              f"exiting; to continue:\n  {resume_command(config)}")
+        elif steps_done:
+            accelerator.print(f"stop signal: no step completed since the resume from {checkpoint}; nothing new to save, "
+                              f"exiting; to continue:\n  {resume_command(config)}")
+        else:
+            accelerator.print("stop signal: no step completed; nothing trained, no checkpoint written, exiting")
+        accelerator.end_training()
+        release_run_dir()
+        _STOP.run_ended()
+    _ON_ABANDON = on_abandon
+    if _STOP is not None:
+        _STOP.abandonable(start_step)  # the step-0 eval (and until the first step) may be abandoned
     return start_step, start_run(accelerator, config, resume_step=start_step if checkpoint else None)
 
 
@@ -184,14 +343,46 @@ def after_step(steps_done: int, config, policy, accelerator, stop: "StopFlag", r
     """Periodic evaluation and checkpoint. On a stop signal (agreed across ranks) a checkpoint is
     written and True returned: the caller leaves its loop."""
     if config.eval_every and steps_done % config.eval_every == 0:
+        stop.abandonable(steps_done)  # a signal during the eval (its reward calls): the checkpoint of steps_done
         run_eval(steps_done)
+        stop.not_abandonable()
     stopping = all_sum(accelerator, float(stop.raised))[0] > 0
     if stopping or (config.checkpoint_every and steps_done % config.checkpoint_every == 0):
         policy.save_checkpoint(config.output_dir, steps_done, config.checkpoints_total_limit)
     if stopping:
-        accelerator.print(f"stop signal: checkpoint written at step {steps_done}, exiting")
+        accelerator.print(f"stop signal: checkpoint written at step {steps_done}, exiting; to continue:\n"
+                          f"  {resume_command(config)}")
         accelerator.end_training()
+        release_run_dir()
+        stop.run_ended()
     return stopping
+
+
+def resume_command(config) -> str:
+    """The command that continues this run: the script with the flags it was given (run_config.LAST_ARGV)
+    less --resume_from_checkpoint / --overwrite_output_dir, plus `--resume_from_checkpoint latest`.
+    (A multi-process run: the same flags after the same `accelerate launch ...`.)"""
+    import shlex
+
+    import run_config
+
+    script = os.path.abspath(getattr(sys.modules.get(type(config).__module__), "__file__", None) or sys.argv[0])
+    try:
+        script = os.path.relpath(script)
+    except ValueError:  # another drive (Windows)
+        pass
+    args, argv, i = [], list(run_config.LAST_ARGV), 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            takes_next = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            i += 2 if takes_next else 1
+            continue
+        args.append(argv[i])
+        i += 1
+    if "--output_dir" not in args and not any(a.startswith("--output_dir=") for a in args):
+        args += ["--output_dir", config.output_dir]  # a preset's or the default folder, spelled out
+    return shlex.join(["python", script, *args, "--resume_from_checkpoint", "latest"])
 
 
 def finish(config, policy, metrics_log, accelerator) -> dict:
@@ -206,13 +397,16 @@ def finish(config, policy, metrics_log, accelerator) -> dict:
         if config.train_mode == "lora":
             import model_card
 
+            from run_logs import side_write
+
             grids = sorted(f for f in os.listdir(os.path.join(config.output_dir, "samples")) if f.startswith("eval-"))
-            model_card.write_model_card(final_dir, config_dict(config), evals,
-                                        os.path.join(config.output_dir, "samples", grids[-1]) if grids else None,
-                                        kind="offline" if hasattr(config, "pairs_path") else "online")
+            side_write("model card", os.path.join(final_dir, "README.md"), lambda: model_card.write_model_card(
+                final_dir, config_dict(config), evals, os.path.join(config.output_dir, "samples", grids[-1]) if grids else None,
+                kind="offline" if hasattr(config, "pairs_path") else "online"))
             if getattr(config, "push_to_hub", False):
                 model_card.push_to_hub(final_dir, config.hub_model_id, config.hub_token or None)
         print(run_summary(config, final_dir, evals))
+    release_run_dir()
     return {"final_dir": final_dir, "step": config.max_steps}
 
 
@@ -220,7 +414,14 @@ def run_summary(config, final_dir: str, evals: list[dict]) -> str:
     """The end-of-run report: eval before -> after (± standard error), steps, wall time, where things are."""
     import time
 
-    lines = [f"done: {config.max_steps} steps in {time.perf_counter() - _RUN_START:.0f} s wall"]
+    if _START_STEP >= config.max_steps:  # a resume at (or past) max_steps: no step ran
+        lines = [f"nothing left to train: resumed at step {_START_STEP} and max_steps is {config.max_steps} "
+                 "(raise --max_steps to train further); the final weights were written again"]
+    elif _START_STEP:
+        lines = [f"done: steps {_START_STEP + 1}-{config.max_steps} ({config.max_steps - _START_STEP} steps, resumed at "
+                 f"step {_START_STEP}) in {time.perf_counter() - _RUN_START:.0f} s wall"]
+    else:
+        lines = [f"done: {config.max_steps} steps in {time.perf_counter() - _RUN_START:.0f} s wall"]
     if evals:
         first, last = evals[0], evals[-1]
         lines.append(f"eval reward: {first['eval/reward_mean']:.4f} ± {first.get('eval/reward_se', 0):.2g} (step {first['step']})"

@@ -7,10 +7,33 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from PIL import Image, ImageDraw
 
-from run_config import InputError
+from run_config import InputError, describe_os_error
+
+_WARNED: set[str] = set()  # the kinds of side file whose failure was reported (once each)
+
+
+def side_write(what: str, path: str, write) -> bool:
+    """`write()` for a file the run can do without (an eval or sample grid, a tracker image or table,
+    the model card): an OSError (a full disk, a read-only folder) is a warning naming the file, once
+    per kind, and the run goes on: it must never cost the checkpoint. -> whether it was written."""
+    try:
+        write()
+        return True
+    except OSError as error:
+        if what not in _WARNED:
+            _WARNED.add(what)
+            print(f"warning: could not write the {what} {path} ({describe_os_error(error)}); the run goes on "
+                  f"without it (later failures of the {what} are not reported)", file=sys.stderr, flush=True)
+        return False
+
+
+def save_image(image: Image.Image, path: str, what: str) -> bool:
+    """A grid PNG as a side write (side_write)."""
+    return side_write(what, path, lambda: image.save(path))
 
 
 class MetricsLog:
@@ -59,9 +82,11 @@ class MetricsLog:
         if (run := self._tracker("wandb")) is not None:
             import wandb
 
-            run.log({name: wandb.Image(image, caption=caption or None)}, step=step)
+            side_write("tracker image", f"{name} (wandb)",
+                       lambda: run.log({name: wandb.Image(image, caption=caption or None)}, step=step))
         if (writer := self._tracker("tensorboard")) is not None:
-            writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            side_write("tracker image", f"{name} (tensorboard)",
+                       lambda: writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC"))
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int):
         """Per-image results to the trackers: wandb.Table (PIL cells become images) / a markdown table
@@ -70,13 +95,14 @@ class MetricsLog:
             import wandb
 
             data = [[wandb.Image(v) if isinstance(v, Image.Image) else v for v in row] for row in rows]
-            run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
+            side_write("tracker table", f"{name} (wandb)",
+                       lambda: run.log({name: wandb.Table(columns=columns, data=data)}, step=step))
         if (writer := self._tracker("tensorboard")) is not None:
             keep = [i for i, v in enumerate(rows[0]) if not isinstance(v, Image.Image) and v is not None] if rows else []
             lines = ["| " + " | ".join(columns[i] for i in keep) + " |", "|" + "---|" * len(keep)]
             lines += ["| " + " | ".join(f"{row[i]:.4f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
                       for row in rows]
-            writer.add_text(name, "\n".join(lines), step)
+            side_write("tracker table", f"{name} (tensorboard)", lambda: writer.add_text(name, "\n".join(lines), step))
 
 
 def setup_trackers(accelerator, log_with: str, project: str, config: dict, output_dir: str):
@@ -94,8 +120,16 @@ def eval_history(output_dir: str) -> list[dict]:
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [row for row in map(json.loads, f) if "eval/reward_mean" in row]
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a kill (MetricsLog repairs the file on resume)
+                continue
+            if "eval/reward_mean" in row:
+                rows.append(row)
+    return rows
 
 
 def baseline_eval(run_dir: str) -> dict | None:

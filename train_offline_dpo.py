@@ -137,7 +137,8 @@ def main(argv=None):
 
     config = parse_config(Config, PRESETS, argv)
     validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    return train(config)
+    with run_lifecycle.checkpoint_when_abandoned():  # a stop signal during an eval: the last step's checkpoint
+        return train(config)
 
 
 def load_pair_latents(pipe, pairs: list[dict], height: int, width: int, batch_size: int = 16) -> int:
@@ -205,6 +206,7 @@ def train(config: Config):
     progress = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                     disable=not accelerator.is_local_main_process, desc="offline DPO")
     for step in range(start_step, config.max_steps):
+        stop.not_abandonable()  # an offline step calls no reward: a signal lets it finish (only evals are abandoned)
         t0 = time.perf_counter()
         # this rank's pairs: seeded per-epoch permutations, a pure function of the step
         batch = prompt_data.prompts_for_step(pairs, step, config.pairs_per_step, rank, world, config.seed)

@@ -194,6 +194,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     require(config.max_degenerate_steps_in_a_row >= 0, "max_degenerate_steps_in_a_row", "must be >= 0 (0: never stop)")
     validate_objective(config)
+    run_config.require_data_source(config.train_data, "train_data")
 
 
 def validate_objective(config: Config):
@@ -266,7 +267,8 @@ def main(argv=None):
     config = parse_config(Config, PRESETS, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate(config, world_size)
-    return train(config)
+    with run_lifecycle.checkpoint_when_abandoned():  # a stop signal during a rollout / reward: the last step's checkpoint
+        return train(config)
 
 
 def train(config: Config):
@@ -326,6 +328,7 @@ def train(config: Config):
     K = config.samples_per_prompt
     for step in range(start_step, config.max_steps):
         # 1-3. this rank's prompts; K rollouts each with the current policy, seeds = f(seed, step, rank, j)
+        stop.abandonable(step)  # a stop signal from here to the update abandons this step (a hung reward server)
         t0 = time.perf_counter()
         rows = prompt_data.prompts_for_step(train_rows, step, config.prompts_per_step, rank, world, config.seed)
         flat_rows = [row for row in rows for _ in range(K)]
@@ -369,6 +372,7 @@ def train(config: Config):
         # reference / old / policy predictions, loss, backward, optimizer step(s). Not on NaN / inf
         # rollouts or rewards (every rank agrees); a step without an optimizer step is counted.
         steps_before, metrics, shown_pairs = policy.optimizer_steps, {}, torch.zeros(0, 2, dtype=torch.long)
+        stop.not_abandonable()  # from here a stop signal lets the step finish, then after_step checkpoints
         if policy.check_rollouts(latents, rewards, step, metrics):
             batch = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=group_ids, prompts=prompts,
                                         trajectory=recorder.result() if recorder else None)
@@ -400,7 +404,7 @@ def train(config: Config):
             shown = shown_pairs[:8]  # dpo: its pairs; group objectives: best over worst of each group
             grid = run_logs.pair_grid([images[c] for c in shown[:, 0]], [images[r] for r in shown[:, 1]],
                                       rewards[shown[:, 0]].tolist(), rewards[shown[:, 1]].tolist())
-            grid.save(os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"))
+            run_logs.save_image(grid, os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"), "sample grid")
             metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
         policy.stop_if_degenerate(step)  # non-finite rollouts or nothing trained too often in a row: raise

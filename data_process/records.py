@@ -29,6 +29,45 @@ def source_exists(spec: str) -> bool:
     return os.path.exists(spec) or is_hub_id(spec)
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set (to 1 / true / yes / on): no Hub requests."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def source_problem(spec: str, extensions=tuple(BUILDERS)) -> str | None:
+    """For config validation, before anything loads: None when `spec` can be read, else why not. A
+    local folder must hold data files; something that is not a local path is tried as a Hub dataset
+    id: offline that fails at once (no retries), online one bounded request asks the Hub whether it
+    exists, so a typo'd local path (`mydata/prompts`) reads "does not exist"."""
+    if os.path.isdir(spec):
+        if not any(os.path.splitext(name)[1].lower() in extensions for name in os.listdir(spec)):
+            return f"folder {spec!r} holds no {' / '.join(extensions)} files"
+        return None
+    if os.path.exists(spec):
+        return None
+    if not is_hub_id(spec):
+        return f"{spec!r} does not exist"
+    repo = spec.split(":")[0]
+    if hub_offline():
+        return (f"{spec!r} does not exist as a local path, and Hub dataset ids cannot be read offline "
+                "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(repo, timeout=10)
+    except GatedRepoError:  # it exists; reading it needs an accepted licence and a token
+        return None
+    except RepositoryNotFoundError:
+        return (f"{spec!r} does not exist: no such local path, and no Hub dataset {repo!r} (or it is private "
+                "and no token is set)")
+    except Exception as error:  # no network, DNS, proxy: one line, no retries
+        return (f"{spec!r} does not exist as a local path, and the Hub could not be reached to read it as a "
+                f"dataset id ({type(error).__name__})")
+    return None
+
+
 def local_files(path: str, extensions=tuple(BUILDERS)) -> list[str]:
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1].lower() in extensions)

@@ -284,9 +284,14 @@ def test_a_second_ctrl_c_forces_the_exit(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    if proc.returncode == 0:  # the first SIGINT came during a rollout / reward: abandoned, saved and gone in 0.3 s
+        assert "SIGINT: abandoning the rollout / reward / eval in progress" in err
+        assert [d for d in os.listdir(out) if d.startswith("checkpoint-")]
+        return
     assert proc.returncode == 130, err[-2000:]
-    assert "SIGINT: stopping after this step with a checkpoint" in err
-    assert "interrupted (second SIGINT: stopping now, without a checkpoint)" in err and "Traceback" not in err, err
+    assert "SIGINT: stopping after this step with a checkpoint" in err or "SIGINT: abandoning" in err
+    assert "interrupted (second SIGINT: stopping now, without a checkpoint)" in err, err
     assert not [d for d in os.listdir(out) if d.startswith("checkpoint-")]  # forced: no checkpoint written
 
 
@@ -608,7 +613,7 @@ def test_run_folder_rules_config_check_and_damaged_checkpoints(tmp_path, capsys)
     assert [r["step"] for r in rows if "final/param_checksums" in r] == [3]  # the first leg's final row is gone
     # an explicit overwrite replaces the old run
     train_online_dpo.main(SMALL + ["--output_dir", out, "--max_steps", "1", "--overwrite_output_dir", "true"])
-    assert sorted(os.listdir(out)) == ["config.json", "lora", "metrics.jsonl", "samples"]
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "lora", "metrics.jsonl", "samples"]  # .lock: lock_run_dir
     assert [r["step"] for r in read_metrics(out)] == [1, 1]
 
 
