@@ -181,7 +181,7 @@ def write_model_card(lora_dir: str, config: dict, evals: list[dict], grid_path: 
         shutil.copyfile(grid_path, os.path.join(lora_dir, "eval_grid.png"))
         widget = [{"text": f"eval grid at step {shown[-1]['step']}" if shown else "eval grid",
                    "output": {"url": "eval_grid.png"}}]
-    knobs = ", ".join(f"{k} {config[k]}" for k in objective["knobs"]) or "none"
+    knobs = ", ".join(f"{k} {config[k] if config[k] != '' else chr(34) * 2}" for k in objective["knobs"]) or "none"
     title = f"# Qwen-Image {objective['title']} LoRA{f': {repo_id}' if repo_id else ''}"
     text = f"""{title}
 

@@ -273,7 +273,8 @@ class GroupObjective:
                     policy.update_old(decay)
         metrics["perf/update_tflop"] = perf.update_tflop(
             config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * per_micro,
-            reference=self.needs_reference, old=self.uses_old_adapter) if n_groups else 0.0
+            reference=self.needs_reference, old=self.uses_old_adapter,
+            extra_policy_forwards=config.updates_per_rollout - 1 if self.ratio_to_rollout else 0) if n_groups else 0.0
         if self.uses_old_adapter and not self.old_ema_per_optimizer_step:
             # official NFT / AWM: once per rollout batch, after its optimizer steps, with the decay of
             # the optimizer-step count (`global_step` in scripts/train_nft_sd3.py, train_sd3_awm.py)

@@ -371,20 +371,24 @@ def blocks_run_fraction(block_forwards: list[dict], layers: int, forwards: int) 
 
 def update_flops(model_config, image_tokens: int, row_lengths: list[int], rows_per_micro: int, updates: int = 1,
                  train_mode: str = "lora", lora_rank: int = 0, lora_targets=(), gradient_checkpointing: bool = False,
-                 reference: bool = True, old: bool = False, negative_length: int | None = None) -> int:
+                 reference: bool = True, old: bool = False, negative_length: int | None = None,
+                 forward_only: bool = False) -> int:
     """FLOPs of an update on this rank, any objective: row_lengths holds its rows' prompt lengths in
     micro-batch order (DPO: the 2P interleaved rows, 2 x micro_batch_pairs a micro-batch; the group
     objectives: whole groups, K x micro_batch_groups), each micro-batch at its longest prompt. Per
     row: the policy forward and its backward, the reference forward (LoRA off) when `reference`, the
     old adapter's forward when `old`. negative_length: the negative prompt's length under true CFG
     (true_cfg_scale > 1): every prediction is then qwen_image.predict_velocity's two forwards,
-    positive and negative prompt, and the backward runs through both."""
+    positive and negative prompt, and the backward runs through both. forward_only: the policy's
+    no-grad forward alone (AWM's rollout-policy predictions)."""
     rank = lora_rank if train_mode == "lora" else 0
 
     def per_row(text):
-        flops = (forward_flops(model_config, image_tokens, text, rank, lora_targets)
-                 + backward_flops(model_config, image_tokens, text, train_mode, rank, lora_targets,
-                                  gradient_checkpointing))
+        flops = forward_flops(model_config, image_tokens, text, rank, lora_targets)
+        if forward_only:
+            return flops
+        flops += backward_flops(model_config, image_tokens, text, train_mode, rank, lora_targets,
+                                gradient_checkpointing)
         flops += forward_flops(model_config, image_tokens, text) if reference else 0
         flops += forward_flops(model_config, image_tokens, text, rank, lora_targets) if old else 0
         return flops
@@ -407,16 +411,21 @@ def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], 
 
 
 def update_tflop(config, model_config, prompt_cache, row_prompts: list[str], rows_per_micro: int,
-                 reference: bool = True, old: bool = False, forwards_per_row: int = 1) -> float:
+                 reference: bool = True, old: bool = False, forwards_per_row: int = 1,
+                 extra_policy_forwards: int = 0) -> float:
     """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop;
     with true_cfg_scale > 1 each prediction also runs on the negative prompt (Policy.conditioning).
-    forwards_per_row: the passes over each row per update (grpo: one per trained SDE step)."""
+    forwards_per_row: the passes over each row per update (grpo: one per trained SDE step).
+    extra_policy_forwards: no-grad policy forwards over every row besides (AWM: the rollout policy's
+    likelihoods of updates 2..U, computed before the first optimizer step)."""
     negative = text_lengths(prompt_cache, [config.negative_prompt])[0] if config.true_cfg_scale > 1 else None
-    return update_flops(model_config, image_tokens_for(config.height, config.width),
-                        text_lengths(prompt_cache, row_prompts), rows_per_micro,
-                        config.updates_per_rollout * forwards_per_row,
-                        config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")),
-                        config.gradient_checkpointing, reference, old, negative) / 1e12
+    common = (model_config, image_tokens_for(config.height, config.width), text_lengths(prompt_cache, row_prompts),
+              rows_per_micro)
+    lora = (config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing)
+    total = update_flops(*common, config.updates_per_rollout * forwards_per_row, *lora, reference, old, negative)
+    if extra_policy_forwards:
+        total += update_flops(*common, extra_policy_forwards, *lora, False, False, negative, forward_only=True)
+    return total / 1e12
 
 
 def step_metrics(config, model_config, prompt_cache, prompts, update_tflop: float, rollout_s: float,

@@ -47,8 +47,8 @@ def test_the_card_describes_the_objective_its_knobs_the_data_and_the_hub_base_mo
     metadata, card = card_of(tmp_path, nft, EVALS)
     assert "- diffusion-nft" in metadata and "diffusion-dpo" not in metadata and "base_model" not in metadata
     assert "DiffusionNFT" in card and "Diffusion-DPO" not in card and "beta 100" not in card
-    assert ("advantage_std group, nft_beta 0.1, nft_adv_clip 5.0, nft_kl_weight 0.0001, nft_old_ema 75,0.0075,0.999"
-            in card)
+    assert ('advantage_std global, drop_tied_groups False, sigma_scheme "", nft_beta 0.1, nft_adv_clip 5.0, '
+            "nft_kl_weight 0.0001, nft_old_ema 75,0.0075,0.999" in card)
     assert "a local model at `worlds/text_world`" in card and "TODO" not in card
 
     import train_offline_dpo
