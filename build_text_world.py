@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import evaluation
 import qwen_image as qi
+import qwen_image_rollout as qir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -235,11 +236,11 @@ def make_transformer(config: BuildConfig, text_hidden: int):
 
 def ocr_eval(pipe, prompt_cache, prompts, reward_fn, config: BuildConfig) -> dict:
     """The trainers' eval convention: sample j of prompt i has seed i*1000+j; exact = reward 1.0."""
-    settings = qi.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.sample_steps,
+    settings = qir.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.sample_steps,
                                   chunk_size=32)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(config.eval_samples_per_prompt)]
     flat = [prompts[i] for i, _ in jobs]
-    _, images = qi.rollout(pipe, prompt_cache, flat, [i * 1000 + j for i, j in jobs], settings)
+    _, images = qir.rollout(pipe, prompt_cache, flat, [i * 1000 + j for i, j in jobs], settings)
     scores = torch.tensor(reward_fn(images, flat), dtype=torch.float64)
     exact = evaluation.exact_matches(scores)
     return {"exact_match": exact.mean().item(), "exact_match_sem": evaluation.standard_error(exact),

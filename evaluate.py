@@ -162,6 +162,7 @@ def run(config: EvalConfig) -> dict:
     from tqdm.auto import tqdm
 
     import qwen_image as qi
+    import qwen_image_rollout as qir
     from rewards import OCR_REWARDS, build_reward, uses_ocr_target
 
     accelerator = Accelerator()
@@ -175,7 +176,7 @@ def run(config: EvalConfig) -> dict:
     bar = tqdm(total=per_rank, unit="image", disable=not accelerator.is_local_main_process)
     cache = progress_prompt_cache(pipe, config.max_sequence_length, bar,
                                   config.negative_prompt if config.true_cfg_scale > 1 else None)
-    settings = qi.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
+    settings = qir.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
                                   true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
                                   chunk_size=config.chunk_size)
 

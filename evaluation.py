@@ -12,7 +12,7 @@ import os
 import torch
 from PIL import Image
 
-import qwen_image
+import qwen_image_rollout
 from run_config import ConfigError, differing_fields, require
 from run_logs import baseline_eval, eval_history, image_grid, save_image
 
@@ -55,7 +55,7 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     mine = mine + [jobs[-1]] * (per_rank - n_real)  # padding, dropped below
     prompts = [rows[i]["prompt"] for i, _ in mine]
     seeds = [i * 1000 + j for i, j in mine]
-    _, images = qwen_image.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)
+    _, images = qwen_image_rollout.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)
     scores, parts = score_rows_with_components(reward_fn, images[:n_real], [rows[i] for i, _ in mine[:n_real]]) \
         if n_real else ([], {})
     names = sorted(parts)
@@ -128,7 +128,7 @@ def format_gain(metrics: dict) -> str:
 def rollout_settings(config, num_inference_steps: int, cache: str = ""):
     """The trainers' sampling settings (both configs carry these fields). `cache`: the training
     rollout's step cache (config.rollout_cache); the evaluation never passes one."""
-    return qwen_image.RolloutSettings(height=config.height, width=config.width, num_inference_steps=num_inference_steps,
+    return qwen_image_rollout.RolloutSettings(height=config.height, width=config.width, num_inference_steps=num_inference_steps,
                                       true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
                                       chunk_size=config.rollout_chunk_size, cache=cache)
 

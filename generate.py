@@ -6,7 +6,7 @@
 
 Sample j of prompt i uses seed `seed + i * 1000 + j`: with --seed 0 the images are exactly those of
 evaluate.py and of the trainers' eval for the same prompts, model, LoRA and settings (the same
-sampler: qwen_image.rollout). `--lora` takes an exported LoRA folder or a training checkpoint
+sampler: qwen_image_rollout.rollout). `--lora` takes an exported LoRA folder or a training checkpoint
 (RUN/checkpoint-N). With `--run_dir`, the run's config.json sets the model, dtype, resolution, eval
 sampling steps, CFG and the LoRA (RUN/lora); explicit flags win.
 
@@ -104,6 +104,7 @@ def generate(config: GenerateConfig, prompts: list[str]) -> list[dict]:
     import torch
 
     import qwen_image as qi
+    import qwen_image_rollout as qir
     from evaluate import load_lora_source
 
     if config.prompts:
@@ -117,10 +118,10 @@ def generate(config: GenerateConfig, prompts: list[str]) -> list[dict]:
         load_lora_source(pipe, config.lora)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(config.samples_per_prompt)]
     seeds = [config.seed + i * 1000 + j for i, j in jobs]
-    settings = qi.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
+    settings = qir.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
                                   true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
                                   chunk_size=config.chunk_size)
-    _, images = qi.rollout(pipe, qi.PromptCache(pipe, config.max_sequence_length), [prompts[i] for i, _ in jobs],
+    _, images = qir.rollout(pipe, qi.PromptCache(pipe, config.max_sequence_length), [prompts[i] for i, _ in jobs],
                            seeds, settings)
     os.makedirs(config.output_dir, exist_ok=True)
     written = []

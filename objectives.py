@@ -42,7 +42,7 @@ class Rollouts:
     rewards: torch.Tensor  # [N] float64
     group_ids: list[str]  # [N], equal within a prompt group; unique in the step over all ranks
     prompts: list[str]  # [N]
-    trajectory: dict | None = None  # grpo: the SDE rollout's recorded transitions (qwen_image.SDERecorder.result)
+    trajectory: dict | None = None  # grpo: the SDE rollout's recorded transitions (qwen_image_rollout.SDERecorder.result)
 
 
 def parse_ema(spec: str) -> tuple[float, float, float]:
@@ -157,7 +157,7 @@ class GroupObjective:
         Everything a group draws comes from generators seeded by (seed, step, [update,] its id), so
         the same on any number of ranks. Noise: one per group (shared_noise) or per row. Sigmas per
         `sigma_scheme`: logit_normal / uniform / mode: one per group and update (pairing.sample_sigmas);
-        "sampler": per row, the sampler's own sigmas (qwen_image.sampler_sigmas) in a random order
+        "sampler": per row, the sampler's own sigmas (qwen_image_rollout.sampler_sigmas) in a random order
         per row, update u taking the u-th (official NFT: `timesteps` of the sampler, permuted per
         sample, scripts/train_nft_sd3.py); "sampler_stratified": per group, one sampler step index
         per stratum (stratified_sampler_indices, strata = updates_per_rollout, visited in a random
@@ -418,7 +418,7 @@ class AWM(GroupObjective):
 
 
 class GRPO(GroupObjective):
-    """Flow-GRPO (flow_grpo.py): the rollout samples with the SDE (qwen_image.SDERecorder, started by
+    """Flow-GRPO (flow_grpo.py): the rollout samples with the SDE (qwen_image_rollout.SDERecorder, started by
     the trainer through `recorder()`) and records each trained step's transition x_j -> x_{j+1} and
     its log-probability; the update recomputes that log-probability under the current policy at every
     trained step of every kept sample and applies the PPO-clipped ratio to the clipped group
@@ -439,13 +439,13 @@ class GRPO(GroupObjective):
         self.needs_reference = config.grpo_kl_weight > 0
 
     def recorder(self):
-        """A fresh SDE recorder for one step's rollout (qi.rollout(..., scheduler_step=recorder.chunk_step))."""
+        """A fresh SDE recorder for one step's rollout (qir.rollout(..., scheduler_step=recorder.chunk_step))."""
         import flow_grpo
-        import qwen_image as qi
+        import qwen_image_rollout as qir
 
         c = self.config
         sde, trained = flow_grpo.sde_steps(c.num_inference_steps, c.grpo_sde_window, c.grpo_timestep_fraction)
-        return qi.SDERecorder(c.grpo_noise_level, sde, trained)
+        return qir.SDERecorder(c.grpo_noise_level, sde, trained)
 
     def transition(self, policy, trajectory, rows, j: int, conditioning, reference: bool = False):
         """Under the policy (or the reference): (log p(x_{j+1} | x_j) [n], step mean [n, S, 64], sigma_t

@@ -293,7 +293,7 @@ def throughput(flops: float, seconds: float, peak_tflops: float = 0.0, devices: 
 
 class OverlappedScorer:
     """Scores rollout chunks on one worker thread while the next chunk is sampled: pass it as
-    `qwen_image.rollout(..., on_chunk=scorer)`, then `scorer.results()` waits for the last chunk and
+    `qwen_image_rollout.rollout(..., on_chunk=scorer)`, then `scorer.results()` waits for the last chunk and
     returns the scores in rollout order. Sampling releases the GIL inside torch, and so do PP-OCR's
     onnxruntime and an HTTP reward's socket waits, so the two really run at once.
 
@@ -338,7 +338,7 @@ def text_lengths(prompt_cache, prompts) -> list[int]:
 def rollout_step_flops(model_config, image_tokens: int, lengths: list[int], chunk_size: int, steps: int,
                        cfg: bool = False, negative_length: int = 0, lora_rank: int = 0, lora_targets=(),
                        fixed_chunk_shape: bool = True, block_forwards: list[dict] | None = None) -> int:
-    """FLOPs of qwen_image.rollout: each chunk runs at its longest prompt's length (padding), and a
+    """FLOPs of qwen_image_rollout.rollout: each chunk runs at its longest prompt's length (padding), and a
     short last chunk at the full chunk size when fixed_chunk_shape. `block_forwards` (rollout's
     per-chunk {text tokens: block forwards x rows run}, under a step cache): the blocks count only
     where they ran; everything outside the blocks runs on every step."""
@@ -433,7 +433,7 @@ def step_metrics(config, model_config, prompt_cache, prompts, update_tflop: floa
     """perf/* metrics of one online step on this rank: FLOPs, achieved TFLOP/s per device of the
     rollout, the update (its TFLOP as the objective counted them: update_tflop) and the whole step,
     and MFU when config.peak_tflops is set. `block_forwards`: the rollout's counted block forwards
-    (qwen_image.rollout) under a step cache: its FLOPs count only those, and
+    (qwen_image_rollout.rollout) under a step cache: its FLOPs count only those, and
     perf/rollout_blocks_run_frac logs the fraction run."""
     targets = tuple(config.lora_targets.split(","))
     image_tokens = image_tokens_for(config.height, config.width)

@@ -271,10 +271,10 @@ class Policy:
         return int(self.lr_scheduler.last_epoch)
 
     def sampler_sigmas(self) -> torch.Tensor:
-        """[num_inference_steps]: the sigmas the rollout's sampler steps through (qwen_image.sampler_sigmas)."""
-        import qwen_image as qi
+        """[num_inference_steps]: the sigmas the rollout's sampler steps through (qwen_image_rollout.sampler_sigmas)."""
+        import qwen_image_rollout as qir
 
-        return qi.sampler_sigmas(self.scheduler, self.config.num_inference_steps, self.config.height, self.config.width,
+        return qir.sampler_sigmas(self.scheduler, self.config.num_inference_steps, self.config.height, self.config.width,
                                  self.vae_scale_factor)
 
     def ema_decay(self) -> float:

@@ -31,6 +31,7 @@ import evaluation
 import perf
 import prompt_data
 import qwen_image as qi
+import qwen_image_rollout as qir
 import run_config
 import run_lifecycle
 import run_logs
@@ -183,7 +184,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.num_inference_steps >= 1, "num_inference_steps", "must be >= 1")
     require(config.rollout_chunk_size >= 1, "rollout_chunk_size", "must be >= 1")
     try:
-        qi.parse_rollout_cache(config.rollout_cache)
+        qir.parse_rollout_cache(config.rollout_cache)
     except ValueError as error:
         require(False, "rollout_cache", str(error))
     require(not (config.rollout_cache and config.compile_transformer), "rollout_cache",
@@ -353,12 +354,12 @@ def train(config: Config):
                         reward_parts.setdefault(name, []).extend(scores)
                     return combined
                 with perf.OverlappedScorer(score_chunk) as scorer:
-                    latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer,
+                    latents, images = qir.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings, on_chunk=scorer,
                                                  block_forwards=block_forwards, scheduler_step=scheduler_step)
                     t1 = time.perf_counter()
                     combined = scorer.results()
             else:
-                latents, images = qi.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings,  # [N, S, 64]
+                latents, images = qir.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings,  # [N, S, 64]
                                              block_forwards=block_forwards, scheduler_step=scheduler_step)
                 t1 = time.perf_counter()
                 # 4. rewards

@@ -1,7 +1,7 @@
 """Text padding in rollout chunks: how much of the rollout's transformer work is padding, on the OCR
 prompt sample (data/ocr_sample/train.txt, 150 prompts of the recipe's kind).
 
-qwen_image.rollout takes the step's flat prompt list (each prompt repeated K times, consecutively:
+qwen_image_rollout.rollout takes the step's flat prompt list (each prompt repeated K times, consecutively:
 train_online_dpo builds it so) in chunks of rollout_chunk_size rows and pads every row of a chunk
 to the chunk's longest prompt. Padded text tokens still take part in the joint attention and in the
 text stream's projections and MLPs, so they cost FLOPs (perf.forward_flops has the text length).

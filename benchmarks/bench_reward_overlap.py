@@ -84,21 +84,21 @@ def prompts_for(n: int) -> list[str]:
 
 
 def sequential(pipe, cache, prompts, seeds, settings, reward_fn):
-    import qwen_image as qi
+    import qwen_image_rollout as qir
 
-    latents, images = qi.rollout(pipe, cache, prompts, seeds, settings)
+    latents, images = qir.rollout(pipe, cache, prompts, seeds, settings)
     return latents, [float(r) for r in reward_fn(images, prompts)]
 
 
 def overlapped(pipe, cache, prompts, seeds, settings, reward_fn):
     import perf
-    import qwen_image as qi
+    import qwen_image_rollout as qir
 
     def score(images, start):
         return reward_fn(images, prompts[start:start + len(images)])
 
     with perf.OverlappedScorer(score) as scorer:
-        latents, _ = qi.rollout(pipe, cache, prompts, seeds, settings, on_chunk=scorer)
+        latents, _ = qir.rollout(pipe, cache, prompts, seeds, settings, on_chunk=scorer)
         return latents, scorer.results()
 
 
@@ -117,6 +117,7 @@ def main():
     import torch
 
     import qwen_image as qi
+    import qwen_image_rollout as qir
     from rewards import build_reward
 
     torch.set_num_threads(args.threads)
@@ -125,14 +126,14 @@ def main():
                             device="cuda" if cuda else "cpu")
     prompts = prompts_for(args.images)
     seeds = list(range(args.images))
-    settings = qi.RolloutSettings(height=args.size, width=args.size, num_inference_steps=args.steps,
+    settings = qir.RolloutSettings(height=args.size, width=args.size, num_inference_steps=args.steps,
                                   chunk_size=args.chunk)
     cache = qi.PromptCache(pipe, 256)
     with SlowOcrServer() as server:
         reward_fn = build_reward("ocr_server", base_url=server.url, model="slow", concurrency=4, timeout=60)
-        qi.rollout(pipe, cache, prompts[:args.chunk], seeds[:args.chunk], settings)  # warm-up
+        qir.rollout(pipe, cache, prompts[:args.chunk], seeds[:args.chunk], settings)  # warm-up
         start = time.perf_counter()
-        qi.rollout(pipe, cache, prompts, seeds, settings)
+        qir.rollout(pipe, cache, prompts, seeds, settings)
         rollout_s = time.perf_counter() - start
         server.seconds_per_image = (rollout_s / args.images if args.seconds_per_image == "auto"
                                     else float(args.seconds_per_image))

@@ -1,4 +1,4 @@
-"""The project's rollout (qwen_image.rollout: cached prompt embeddings, per-sample generators, the
+"""The project's rollout (qwen_image_rollout.rollout: cached prompt embeddings, per-sample generators, the
 pipeline's own sampler, decode) against the bare QwenImagePipeline.__call__ with the same prompts,
 seeds, steps and size, both returning PIL images.
 
@@ -32,6 +32,7 @@ def main():
     import torch
 
     import qwen_image as qi
+    import qwen_image_rollout as qir
 
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -41,12 +42,12 @@ def main():
     flat = [p for p in prompts for _ in range(args.k)]
     seeds = list(range(len(flat)))
     n = len(flat)
-    settings = qi.RolloutSettings(height=args.size, width=args.size, num_inference_steps=args.steps, chunk_size=n)
+    settings = qir.RolloutSettings(height=args.size, width=args.size, num_inference_steps=args.steps, chunk_size=n)
     cache = qi.PromptCache(pipe, 256)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def ours():
-        return qi.rollout(pipe, cache, flat, seeds, settings)[1]
+        return qir.rollout(pipe, cache, flat, seeds, settings)[1]
 
     def bare():
         # the diffusers call as a user writes it: prompts, one generator per image, PIL output

@@ -1,11 +1,11 @@
 """Which cheaper rollouts keep the rollout's reward distribution: on the text world (worlds/text_world,
 32x64, PP-OCRv5 reward), one rollout of --prompts prompts x --k samples at fixed seeds with the
-trainer's rollout (qwen_image.rollout, chunks of 32 as in the text_world preset) for each lever: no
+trainer's rollout (qwen_image_rollout.rollout, chunks of 32 as in the text_world preset) for each lever: no
 cache at the preset's 8 steps, diffusers' First Block Cache at several thresholds (8 steps), and
 fewer steps (4, 2) without a cache. Images only, no training: the model is the world's base model
 (what the policy is at step 0; LoRA starts as a no-op).
 
-Per variant: the fraction of block forwards run (qwen_image.counting_block_forwards), the sampling
+Per variant: the fraction of block forwards run (qwen_image_rollout.counting_block_forwards), the sampling
 wall time (variants interleaved, median of --repeats; decode and reward not included), the mean
 PP-OCR reward and exact match, the mean within-group reward std (what pairing and advantages see),
 and the fraction of images whose reward equals the uncached rollout's.
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import perf  # noqa: E402
 import qwen_image as qi  # noqa: E402
+import qwen_image_rollout as qir  # noqa: E402
 import evaluation  # noqa: E402
 import prompt_data  # noqa: E402
 import run_config  # noqa: E402
@@ -75,11 +76,11 @@ def main(argv=None):
     out = {}
     for repeat in range(args.repeats + 1):  # repeat 0: warm-up, also gives the latents and counts
         for label, steps, spec in runs:
-            settings = qi.RolloutSettings(height=height, width=width, num_inference_steps=steps, chunk_size=args.chunk,
+            settings = qir.RolloutSettings(height=height, width=width, num_inference_steps=steps, chunk_size=args.chunk,
                                           cache=spec)
             counts = []
             start = time.perf_counter()
-            latents, _ = qi.rollout(pipe, cache, prompts, seeds, settings, decode=False, block_forwards=counts)
+            latents, _ = qir.rollout(pipe, cache, prompts, seeds, settings, decode=False, block_forwards=counts)
             seconds = time.perf_counter() - start
             if repeat:
                 times[label].append(seconds)

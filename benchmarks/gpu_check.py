@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import perf  # noqa: E402
 import qwen_image as qi  # noqa: E402
+import qwen_image_rollout as qir  # noqa: E402
 
 SKIPPED_BACKENDS = ("_native_math", "flex")  # reference paths: minutes per rollout at real size
 
@@ -176,7 +177,7 @@ def main(argv=None):
 
         def cached_rollout():
             counts.clear()
-            with qi.counting_block_forwards(transformer, counts), qi.rollout_cache(transformer, args.rollout_cache):
+            with qir.counting_block_forwards(transformer, counts), qir.rollout_cache(transformer, args.rollout_cache):
                 return rollout()
 
         timed(cached_rollout)  # warm-up

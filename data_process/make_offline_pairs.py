@@ -94,6 +94,7 @@ def generate(config: PairsConfig) -> dict:
     from tqdm.auto import tqdm
 
     import qwen_image as qi
+    import qwen_image_rollout as qir
     from data_process.pairs_format import image_to_png_bytes, latents_to_bytes, write_pairs
     from pairing import pair_stats, select_pairs
     from rewards import build_reward, uses_ocr_target
@@ -104,7 +105,7 @@ def generate(config: PairsConfig) -> dict:
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=device)
     cache = qi.PromptCache(pipe, config.max_sequence_length)
-    settings = qi.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
+    settings = qir.RolloutSettings(height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
                                   true_cfg_scale=config.true_cfg_scale, negative_prompt=config.negative_prompt,
                                   chunk_size=config.chunk_size)
     K = config.samples_per_prompt
@@ -116,7 +117,7 @@ def generate(config: PairsConfig) -> dict:
         seeds = [prompt_data.derived_seed("offline_pairs", config.seed, start + i, j)
                  for i in range(len(batch)) for j in range(K)]
         group_ids = [start + i for i in range(len(batch)) for _ in range(K)]
-        latents, images = qi.rollout(pipe, cache, [r["prompt"] for r in flat], seeds, settings)
+        latents, images = qir.rollout(pipe, cache, [r["prompt"] for r in flat], seeds, settings)
         scores = torch.tensor(evaluation.score_rows(reward_fn, images, flat), dtype=torch.float64)
         pairs = select_pairs(group_ids, scores, config.pair_strategy, config.min_reward_margin)
         stats = pair_stats(group_ids, scores, pairs)

@@ -1,4 +1,4 @@
-"""Flow-GRPO (flow_grpo.py, qwen_image.SDERecorder, objectives.GRPO): the SDE step and its transition
+"""Flow-GRPO (flow_grpo.py, qwen_image_rollout.SDERecorder, objectives.GRPO): the SDE step and its transition
 log-probability against hand-written formulas, the step's statistics, the loss, the step windows,
 and the sampler inside the real QwenImagePipeline (a = 0 reproduces it exactly; the recorded
 log-probs are what the training path recomputes)."""
@@ -11,6 +11,7 @@ import torch
 
 import flow_grpo
 import qwen_image as qi
+import qwen_image_rollout as qir
 
 H = W = 64
 PROMPTS = ['A sign that says "Open" on a wall', 'A red apple, photo']
@@ -103,9 +104,9 @@ def test_sde_steps_windows_and_timestep_fraction():
 def sde_rollout(pipe, prompts, seeds, noise_level, steps=4, window="", fraction=1.0, chunk_size=4, **kw):
     cache = qi.PromptCache(pipe, max_sequence_length=256)
     sde, trained = flow_grpo.sde_steps(steps, window, fraction)
-    recorder = qi.SDERecorder(noise_level, sde, trained)
-    settings = qi.RolloutSettings(height=H, width=W, num_inference_steps=steps, chunk_size=chunk_size, **kw)
-    latents, _ = qi.rollout(pipe, cache, prompts, seeds, settings, decode=False, scheduler_step=recorder.chunk_step)
+    recorder = qir.SDERecorder(noise_level, sde, trained)
+    settings = qir.RolloutSettings(height=H, width=W, num_inference_steps=steps, chunk_size=chunk_size, **kw)
+    latents, _ = qir.rollout(pipe, cache, prompts, seeds, settings, decode=False, scheduler_step=recorder.chunk_step)
     return latents, recorder.result(), cache
 
 
@@ -116,8 +117,8 @@ def test_sde_sampler_with_zero_noise_is_the_pipeline_exactly(tiny_pipe, cfg):
     prompts, seeds = [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, [0, 1, 2, 3]
     kw = dict(true_cfg_scale=cfg, negative_prompt="blurry")
     cache = qi.PromptCache(tiny_pipe, max_sequence_length=256)
-    settings = qi.RolloutSettings(height=H, width=W, num_inference_steps=4, chunk_size=4, **kw)
-    plain, _ = qi.rollout(tiny_pipe, cache, prompts, seeds, settings, decode=False)
+    settings = qir.RolloutSettings(height=H, width=W, num_inference_steps=4, chunk_size=4, **kw)
+    plain, _ = qir.rollout(tiny_pipe, cache, prompts, seeds, settings, decode=False)
     zero, trajectory, _ = sde_rollout(tiny_pipe, prompts, seeds, 0.0, **kw)
     assert torch.equal(plain, zero)
     assert trajectory["before"].shape == (4, 4, 16, 64) and torch.equal(trajectory["after"][:, -1], zero)

@@ -319,18 +319,19 @@ def test_tied_groups_can_be_dropped(tiny_dir, tmp_path):
 
 
 def test_sampler_sigmas_are_the_pipelines_and_each_objective_draws_its_official_timesteps(tiny_dir):
-    """qwen_image.sampler_sigmas equals the schedule the pipeline itself ran; NFT trains each sample
+    """qwen_image_rollout.sampler_sigmas equals the schedule the pipeline itself ran; NFT trains each sample
     on the sampler's sigmas (a random order per sample, distinct over updates); AWM on one index per
     stratum of 1 .. int(0.9 n) per group (official `discrete_wo_init`)."""
     import objectives
     import qwen_image as qi
+    import qwen_image_rollout as qir
 
     objective, policy, cache = objective_worker.setup("nft", tiny_dir, extra=["--num_inference_steps", "6"])
-    settings = qi.RolloutSettings(height=64, width=64, num_inference_steps=6, true_cfg_scale=1.0, negative_prompt=" ",
+    settings = qir.RolloutSettings(height=64, width=64, num_inference_steps=6, true_cfg_scale=1.0, negative_prompt=" ",
                                   chunk_size=1)
     schedule = policy.sampler_sigmas()
     ran = qi.load_pipeline(tiny_dir, dtype=torch.float32)
-    qi.rollout(ran, qi.PromptCache(ran, 64), ["a cat"], [0], settings, decode=False)
+    qir.rollout(ran, qi.PromptCache(ran, 64), ["a cat"], [0], settings, decode=False)
     assert torch.allclose(schedule, ran.scheduler.timesteps.float() / 1000, atol=1e-7) and len(schedule) == 6
     assert len(set(schedule.tolist())) == 6 and schedule[0] == 1.0
 

@@ -9,6 +9,7 @@ import torch
 
 import perf
 import qwen_image as qi
+import qwen_image_rollout as qir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -341,7 +342,7 @@ def test_overlapped_rewards_and_latents_equal_the_sequential_path(tiny_pipe):
     overlap = load_benchmark("bench_reward_overlap")
     prompts = overlap.prompts_for(6)
     seeds = list(range(100, 106))
-    settings = qi.RolloutSettings(height=64, width=64, num_inference_steps=2, chunk_size=4)  # chunks of 4 and 2 (+2 padding)
+    settings = qir.RolloutSettings(height=64, width=64, num_inference_steps=2, chunk_size=4)  # chunks of 4 and 2 (+2 padding)
     cache = qi.PromptCache(tiny_pipe, 64)
     with overlap.SlowOcrServer(seconds_per_image=0.0) as server:
         reward_fn = build_reward("ocr_server", base_url=server.url, model="m", concurrency=2, timeout=30)
@@ -351,8 +352,8 @@ def test_overlapped_rewards_and_latents_equal_the_sequential_path(tiny_pipe):
     assert torch.equal(latents, latents_overlapped) and rewards == rewards_overlapped
     assert len(set(rewards)) > 1  # the server's answers differ per image, so an order mix-up would show
     chunks = []
-    latents_plain, images_plain = qi.rollout(tiny_pipe, cache, prompts, seeds, settings)
-    _, images = qi.rollout(tiny_pipe, cache, prompts, seeds, settings,
+    latents_plain, images_plain = qir.rollout(tiny_pipe, cache, prompts, seeds, settings)
+    _, images = qir.rollout(tiny_pipe, cache, prompts, seeds, settings,
                            on_chunk=lambda start, z, ims: chunks.append((start, z.shape[0], len(ims))))
     assert chunks == [(0, 4, 4), (4, 2, 2)] and torch.equal(latents_plain, latents)
     assert [im.tobytes() for im in images] == [im.tobytes() for im in images_plain]

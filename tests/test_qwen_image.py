@@ -2,6 +2,7 @@ import numpy as np
 import torch
 
 import qwen_image as qi
+import qwen_image_rollout as qir
 from dpo_loss import noisy_latents, velocity_target
 
 H = W = 64
@@ -9,7 +10,7 @@ PROMPTS = ['A sign that says "Open" on a wall', 'A red apple, photo', 'A cup wit
 
 
 def settings(**kw):
-    return qi.RolloutSettings(**{**dict(height=H, width=W, num_inference_steps=4, chunk_size=8), **kw})
+    return qir.RolloutSettings(**{**dict(height=H, width=W, num_inference_steps=4, chunk_size=8), **kw})
 
 
 def test_tiny_build_is_deterministic_and_uses_real_classes(tiny_pipe):
@@ -37,7 +38,7 @@ def test_tiny_build_is_deterministic_and_uses_real_classes(tiny_pipe):
 def test_rollout_latents_decode_to_the_pipelines_images(tiny_pipe):
     cache = qi.PromptCache(tiny_pipe, max_sequence_length=256)
     prompts, seeds = [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, [0, 1, 2, 3]
-    latents, images = qi.rollout(tiny_pipe, cache, prompts, seeds, settings(chunk_size=4))
+    latents, images = qir.rollout(tiny_pipe, cache, prompts, seeds, settings(chunk_size=4))
     assert latents.shape == (4, (H // 16) * (W // 16), 64)
     # the pipeline's own decode, given the same conditioning: bit-identical images
     embeds, mask = cache(prompts)
@@ -56,7 +57,7 @@ def test_rollout_latents_decode_to_the_pipelines_images(tiny_pipe):
 def test_rollout_with_true_cfg_matches_pipeline(tiny_pipe):
     cache = qi.PromptCache(tiny_pipe, max_sequence_length=256)
     s = settings(true_cfg_scale=4.0, negative_prompt="blurry", chunk_size=2)
-    latents, _ = qi.rollout(tiny_pipe, cache, [PROMPTS[2]] * 2, [5, 6], s, decode=False)
+    latents, _ = qir.rollout(tiny_pipe, cache, [PROMPTS[2]] * 2, [5, 6], s, decode=False)
     ref = tiny_pipe(prompt=[PROMPTS[2]] * 2, negative_prompt=["blurry"] * 2, true_cfg_scale=4.0, height=H, width=W,
                     num_inference_steps=4, generator=[torch.Generator().manual_seed(k) for k in (5, 6)],
                     output_type="latent").images
@@ -65,12 +66,12 @@ def test_rollout_with_true_cfg_matches_pipeline(tiny_pipe):
 
 def test_sample_is_bit_identical_alone_and_in_a_batch_of_8(tiny_pipe):
     cache = qi.PromptCache(tiny_pipe, max_sequence_length=256)
-    batch, _ = qi.rollout(tiny_pipe, cache, [PROMPTS[0]] * 8, list(range(8)), settings(), decode=False)
+    batch, _ = qir.rollout(tiny_pipe, cache, [PROMPTS[0]] * 8, list(range(8)), settings(), decode=False)
     for k in (0, 5):
-        alone, _ = qi.rollout(tiny_pipe, cache, [PROMPTS[0]], [k], settings(), decode=False)
+        alone, _ = qir.rollout(tiny_pipe, cache, [PROMPTS[0]], [k], settings(), decode=False)
         assert torch.equal(alone[0], batch[k])
     # and at another position, next to other seeds
-    moved, _ = qi.rollout(tiny_pipe, cache, [PROMPTS[0]] * 8, [5] + list(range(100, 107)), settings(), decode=False)
+    moved, _ = qir.rollout(tiny_pipe, cache, [PROMPTS[0]] * 8, [5] + list(range(100, 107)), settings(), decode=False)
     assert torch.equal(moved[0], batch[5])
     assert not torch.equal(batch[0], batch[1])
 
@@ -82,7 +83,7 @@ def test_text_encoder_runs_once_per_distinct_prompt(tiny_pipe):
     cache = qi.PromptCache(tiny_pipe, max_sequence_length=256)
     s = settings(chunk_size=4)
     for _ in range(3):
-        qi.rollout(tiny_pipe, cache, [p for p in PROMPTS[:2] for _ in range(4)], list(range(8)), s, decode=False)
+        qir.rollout(tiny_pipe, cache, [p for p in PROMPTS[:2] for _ in range(4)], list(range(8)), s, decode=False)
     handle.remove()
     assert len(cache.embeds) == 2
     assert sum(rows) == 2 and cache.encoder_calls == 1

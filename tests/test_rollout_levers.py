@@ -1,5 +1,5 @@
-"""Cheaper rollouts: diffusers' step caches during the training rollout only (qwen_image.rollout_cache),
-the block forwards they really run (qwen_image.counting_block_forwards) and the FLOPs counted from
+"""Cheaper rollouts: diffusers' step caches during the training rollout only (qwen_image_rollout.rollout_cache),
+the block forwards they really run (qwen_image_rollout.counting_block_forwards) and the FLOPs counted from
 them, and the evaluation's independence from every rollout-only lever."""
 
 import json
@@ -10,6 +10,7 @@ import torch
 
 import perf
 import qwen_image as qi
+import qwen_image_rollout as qir
 from test_perf import counted_flops
 
 PROMPTS = ['A sign that says "Open"'] * 4 + ["A red apple on a wooden table, photo, soft light"] * 4
@@ -17,7 +18,7 @@ STEPS, CHUNK = 4, 4
 
 
 def settings(cache="", steps=STEPS):
-    return qi.RolloutSettings(height=64, width=64, num_inference_steps=steps, chunk_size=CHUNK, cache=cache)
+    return qir.RolloutSettings(height=64, width=64, num_inference_steps=steps, chunk_size=CHUNK, cache=cache)
 
 
 def lora_pipe(pipe):
@@ -40,7 +41,7 @@ def lora_pipe(pipe):
     ("taylorseer:2,1,2", ("taylorseer", {"interval": 2, "warmup": 1, "order": 2})),
 ])
 def test_parse_rollout_cache(spec, parsed):
-    assert qi.parse_rollout_cache(spec) == parsed
+    assert qir.parse_rollout_cache(spec) == parsed
 
 
 @pytest.mark.parametrize("spec", ["fbc:0.1", "first_block", "first_block:-1", "first_block:x", "first_block:nan",
@@ -89,15 +90,15 @@ def test_cache_skips_blocks_in_the_rollout_only(tiny_pipe):
         return out.detach(), grads
 
     before = {ck: training_forward(ck) for ck in (False, True)}
-    plain, _ = qi.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
+    plain, _ = qir.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
 
     counts = []
-    latents, _ = qi.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:0"), decode=False, block_forwards=counts)
+    latents, _ = qir.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:0"), decode=False, block_forwards=counts)
     assert torch.equal(latents, plain)
     assert counts == [{lengths[0]: STEPS * layers * CHUNK}, {lengths[-1]: STEPS * layers * CHUNK}]
 
     counts = []
-    skipped, _ = qi.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:1000"), decode=False, block_forwards=counts)
+    skipped, _ = qir.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:1000"), decode=False, block_forwards=counts)
     assert counts == [{lengths[0]: (layers + STEPS - 1) * CHUNK}, {lengths[-1]: (layers + STEPS - 1) * CHUNK}]
     assert (skipped - plain).abs().max() > 1e-3
     assert perf.blocks_run_fraction(counts, layers, STEPS * len(PROMPTS)) == (layers + STEPS - 1) / (STEPS * layers)
@@ -109,7 +110,7 @@ def test_cache_skips_blocks_in_the_rollout_only(tiny_pipe):
         assert torch.equal(out, before[ck][0]) and len(grads) == len(before[ck][1]) > 0
         assert all(torch.equal(a, b) for a, b in zip(grads, before[ck][1]))
     # the rollout after a cached one is the plain rollout again
-    again, _ = qi.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
+    again, _ = qir.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
     assert torch.equal(again, plain)
 
 
@@ -128,13 +129,13 @@ def test_cache_samples_with_the_old_adapter_active(tiny_pipe):
                 p.mul_(-1.0)  # an old policy unlike the trained one
     cache = qi.PromptCache(pipe, 64)
     seeds = list(range(len(PROMPTS)))
-    policy_latents, _ = qi.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
+    policy_latents, _ = qir.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
     flags = [p.requires_grad for p in transformer.parameters()]
     with adapter_active(transformer, OLD_ADAPTER):
-        old_plain, _ = qi.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
-        old_cached, _ = qi.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:0"), decode=False)
+        old_plain, _ = qir.rollout(pipe, cache, PROMPTS, seeds, settings(), decode=False)
+        old_cached, _ = qir.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:0"), decode=False)
         counts = []
-        qi.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:1000"), decode=False, block_forwards=counts)
+        qir.rollout(pipe, cache, PROMPTS, seeds, settings("first_block:1000"), decode=False, block_forwards=counts)
     assert torch.equal(old_cached, old_plain) and (old_plain - policy_latents).abs().max() > 1e-3
     layers = len(transformer.transformer_blocks)
     assert [sum(c.values()) for c in counts] == [(layers + STEPS - 1) * CHUNK] * 2
@@ -151,7 +152,7 @@ def test_counted_rollout_flops_match_torch_flop_counter(tiny_pipe, spec):
     seeds = list(range(len(PROMPTS)))
     lengths = perf.text_lengths(cache, PROMPTS)
     counts = []
-    measured = counted_flops(lambda: qi.rollout(pipe, cache, PROMPTS, seeds, settings(spec), decode=False,
+    measured = counted_flops(lambda: qir.rollout(pipe, cache, PROMPTS, seeds, settings(spec), decode=False,
                                                 block_forwards=counts))
     image_tokens = perf.image_tokens_for(64, 64)
     predicted = perf.rollout_step_flops(config, image_tokens, lengths, CHUNK, STEPS, lora_rank=8,

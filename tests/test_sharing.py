@@ -126,6 +126,7 @@ def test_an_exported_checkpoint_loads_in_diffusers_reproduces_the_policy_and_its
 
     import export_checkpoint
     import qwen_image as qi
+    import qwen_image_rollout as qir
     import run_config
     from policy import Policy
 
@@ -142,14 +143,14 @@ def test_an_exported_checkpoint_loads_in_diffusers_reproduces_the_policy_and_its
     pipe = qi.load_pipeline("tiny", dtype=torch.float32)
     policy = Policy(config, pipe, Accelerator(cpu=True))
     assert policy.load_checkpoint(os.path.join(tiny_run, "checkpoint-1")) == 1
-    settings = qi.RolloutSettings(height=64, width=64, num_inference_steps=4, chunk_size=4)
+    settings = qir.RolloutSettings(height=64, width=64, num_inference_steps=4, chunk_size=4)
     prompts, seeds = ["a red square"] * 2, [3, 4]
-    expected, _ = qi.rollout(pipe, qi.PromptCache(pipe, 64), prompts, seeds, settings, decode=False)
+    expected, _ = qir.rollout(pipe, qi.PromptCache(pipe, 64), prompts, seeds, settings, decode=False)
     fresh = qi.load_pipeline("tiny", dtype=torch.float32)
     fresh.load_lora_weights(out)  # diffusers' own loader
-    got, _ = qi.rollout(fresh, qi.PromptCache(fresh, 64), prompts, seeds, settings, decode=False)
+    got, _ = qir.rollout(fresh, qi.PromptCache(fresh, 64), prompts, seeds, settings, decode=False)
     base = qi.load_pipeline("tiny", dtype=torch.float32)
-    untrained, _ = qi.rollout(base, qi.PromptCache(base, 64), prompts, seeds, settings, decode=False)
+    untrained, _ = qir.rollout(base, qi.PromptCache(base, 64), prompts, seeds, settings, decode=False)
     assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(got, untrained, atol=1e-3)
 
     rows = {row["step"]: row for row in read_rows(tiny_run) if "eval/reward_mean" in row}
@@ -198,6 +199,7 @@ def test_generate_draws_the_images_of_the_eval_sampler_and_a_lora_or_checkpoint_
 
     import generate
     import qwen_image as qi
+    import qwen_image_rollout as qir
 
     def pixels(folder):
         rows = json.load(open(os.path.join(folder, "images.json")))
@@ -210,10 +212,10 @@ def test_generate_draws_the_images_of_the_eval_sampler_and_a_lora_or_checkpoint_
     assert [(r["prompt"], r["seed"]) for r in rows] == [("a red square", 0), ("a red square", 1),
                                                          ("a blue circle", 1000), ("a blue circle", 1001)]
     assert os.path.exists(tmp_path / "base" / "grid.png")
-    # the same images as the eval's sampler (qwen_image.rollout, seeds i * 1000 + j)
+    # the same images as the eval's sampler (qwen_image_rollout.rollout, seeds i * 1000 + j)
     pipe = qi.load_pipeline("tiny", dtype=torch.float32)
-    _, expected = qi.rollout(pipe, qi.PromptCache(pipe, 256), ["a red square"] * 2 + ["a blue circle"] * 2,
-                             [0, 1, 1000, 1001], qi.RolloutSettings(height=64, width=64, num_inference_steps=4, chunk_size=4))
+    _, expected = qir.rollout(pipe, qi.PromptCache(pipe, 256), ["a red square"] * 2 + ["a blue circle"] * 2,
+                             [0, 1, 1000, 1001], qir.RolloutSettings(height=64, width=64, num_inference_steps=4, chunk_size=4))
     assert all(np.array_equal(a, np.asarray(b.convert("RGB"))) for a, b in zip(base_images, expected))
     generate.main(common + ["--lora", os.path.join(tiny_run, "lora"), "--output_dir", str(tmp_path / "lora")])
     generate.main(common + ["--lora", os.path.join(tiny_run, "checkpoint-2"), "--output_dir", str(tmp_path / "ckpt")])
