@@ -152,6 +152,17 @@ class GroupObjective:
             advantages = -advantages
         return advantages, keep, group_index, stats
 
+    def trained_groups(self, rollouts: Rollouts, accelerator) -> tuple[torch.Tensor, list[list[int]], dict]:
+        """-> (advantages [N], the groups trained as lists of row indices, the adv/* metrics). Tied
+        groups (A = 0) are trained too, as the official scripts do, unless drop_tied_groups."""
+        advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
+        trained = keep if self.config.drop_tied_groups else torch.ones_like(keep)
+        groups: dict[int, list[int]] = {}
+        for row in torch.nonzero(trained).flatten().tolist():
+            groups.setdefault(int(group_index[row]), []).append(row)
+        metrics = self._advantage_metrics(accelerator, stats, advantages[trained], self.config.drop_tied_groups)
+        return advantages, list(groups.values()), metrics
+
     def _draws(self, policy, rollouts, groups_list, step, shape, n_updates):
         """-> [(noise [M, *shape], sigmas [M]) per update] for the rows of `groups_list` in order.
         Everything a group draws comes from generators seeded by (seed, step, [update,] its id), so
@@ -202,17 +213,10 @@ class GroupObjective:
 
         config, accelerator = self.config, policy.accelerator
         world, device = accelerator.num_processes, accelerator.device
-        advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
-        # the groups trained, each a list of row indices; tied groups (A = 0) too unless drop_tied_groups
-        trained = keep if config.drop_tied_groups else torch.ones_like(keep)
-        groups: dict[int, list[int]] = {}
-        for row in torch.nonzero(trained).flatten().tolist():
-            groups.setdefault(int(group_index[row]), []).append(row)
-        groups_list = list(groups.values())
+        advantages, groups_list, metrics = self.trained_groups(rollouts, accelerator)
         n_groups = len(groups_list)
         units_local = n_groups if self.units == "groups" else sum(len(g) for g in groups_list)
         units_total = all_sum(accelerator, units_local)[0]
-        metrics = self._advantage_metrics(accelerator, stats, advantages[trained], config.drop_tied_groups)
         grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
         if units_total == 0:
             accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
@@ -473,16 +477,9 @@ class GRPO(GroupObjective):
         trajectory = rollouts.trajectory
         if trajectory is None:
             raise ValueError("objective grpo needs the SDE rollout's trajectory (Rollouts.trajectory)")
-        advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
-        # tied groups (A = 0) are trained too unless drop_tied_groups: they carry the KL term (official train_sd3.py)
-        trained = keep if config.drop_tied_groups else torch.ones_like(keep)
-        groups: dict[int, list[int]] = {}
-        for row in torch.nonzero(trained).flatten().tolist():
-            groups.setdefault(int(group_index[row]), []).append(row)
-        groups_list = list(groups.values())
+        advantages, groups_list, metrics = self.trained_groups(rollouts, accelerator)  # tied ones carry the KL term
         n_groups = len(groups_list)
         rows_total = all_sum(accelerator, sum(len(g) for g in groups_list))[0]
-        metrics = self._advantage_metrics(accelerator, stats, advantages[trained], config.drop_tied_groups)
         grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
         if rows_total == 0:
             accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
