@@ -45,6 +45,23 @@ VARIANTS = {
     "grpo": ["--objective", "grpo", "--grpo_sde_window", "0,2", "--grpo_timestep_fraction", "1",
              "--updates_per_rollout", "2"],
 }
+# the cheaper rollouts (issue: learning per rollout FLOP) and the deviations from the official algorithms
+# kept as options, each on a base variant at its knob: (base, extra flags); opt in with --variants
+DERIVED = {
+    "top_bottom_steps4": ("top_bottom", ["--num_inference_steps", "4"]),
+    "top_bottom_steps2": ("top_bottom", ["--num_inference_steps", "2"]),
+    "top_bottom_fbc1": ("top_bottom", ["--rollout_cache", "first_block:1.0"]),
+    "awm_steps4": ("awm", ["--num_inference_steps", "4"]),
+    "awm_steps2": ("awm", ["--num_inference_steps", "2"]),
+    "awm_fbc1": ("awm", ["--rollout_cache", "first_block:1.0"]),
+    "awm_group_std": ("awm", ["--advantage_std", "group"]),
+    "awm_drop_tied": ("awm", ["--drop_tied_groups", "true"]),
+    "nft_group_std": ("nft", ["--advantage_std", "group"]),
+    "nft_drop_tied": ("nft", ["--drop_tied_groups", "true"]),
+    "dgpo_exact_gradient": ("dgpo", ["--dgpo_exact_gradient", "true"]),
+}
+for _name, (_base, _flags) in DERIVED.items():
+    VARIANTS[_name] = VARIANTS[_base] + _flags
 # each objective's main knob: the value used, then the values a sweep tries (on the first seed)
 KNOBS = {
     "best_worst": ("beta", 100.0, [30.0, 100.0, 300.0]),
@@ -54,6 +71,9 @@ KNOBS = {
     "awm": ("awm_old_kl_weight", 0.01, [0.01, 0.1, 1.0]),
     "grpo": ("learning_rate", 3e-3, [5e-4, 1e-3, 3e-3]),
 }
+for _name, (_base, _flags) in DERIVED.items():
+    KNOBS[_name] = KNOBS[_base]
+CORE = ["best_worst", "top_bottom", "dgpo", "nft", "awm", "grpo"]
 
 
 def run_name(variant: str, seed: int, knob: tuple[str, float]) -> str:
@@ -206,13 +226,15 @@ def plot(summary: dict, path: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="one folder per run in here; re-running resumes")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=CORE, choices=list(VARIANTS), metavar="VARIANT",
+                        help=f"default: the objectives; also the levers and deviations {', '.join(DERIVED)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with OMP_NUM_THREADS=1")
     parser.add_argument("--knob", nargs="+", default=[], metavar="VARIANT=VALUE", help="override KNOBS' value")
-    parser.add_argument("--sweep", action="store_true", help="sweep each main knob on the first seed first")
+    parser.add_argument("--sweep", nargs="*", default=None, metavar="VARIANT",
+                        help="first sweep the main knob (KNOBS) of these variants (none named: all) on the first seed")
     parser.add_argument("--summary_only", action="store_true", help="run nothing: summarise the finished runs")
     parser.add_argument("--plot", default="", help="write the curves to this PNG")
     parser.add_argument("--json", default="", help="write the summary (and every run) to this JSON file")
@@ -224,16 +246,23 @@ def main():
         knobs[variant] = (KNOBS[variant][0], float(value))
     os.makedirs(args.workdir, exist_ok=True)
     jobs = []  # (variant, seed, knob), seed-major
-    if args.sweep:
-        jobs += [(v, args.seeds[0], (KNOBS[v][0], x)) for v in args.variants for x in KNOBS[v][2]]
+    if args.sweep is not None:
+        jobs += [(v, args.seeds[0], (KNOBS[v][0], x)) for v in (args.sweep or args.variants) for x in KNOBS[v][2]]
     jobs += [(v, s, knobs[v]) for s in args.seeds for v in args.variants]
     jobs = list(dict.fromkeys(jobs))
     if not args.summary_only:
         execute(jobs, args)
-    results = [result(v, s, k, os.path.join(args.workdir, run_name(v, s, k))) for v, s, k in jobs
-               if finished(os.path.join(args.workdir, run_name(v, s, k)), args.steps) and k == knobs[v]]
+    finished_runs = [result(v, s, k, os.path.join(args.workdir, run_name(v, s, k))) for v, s, k in jobs
+                     if finished(os.path.join(args.workdir, run_name(v, s, k)), args.steps)]
+    results = [r for r in finished_runs if tuple(r["knob"]) == knobs[r["variant"]]]
     summary = summarise(results)
     print(table(summary))
+    swept = [r for r in finished_runs if r["seed"] == args.seeds[0] and args.sweep is not None]
+    for variant in dict.fromkeys(r["variant"] for r in swept):
+        print(f"sweep {variant} (seed {args.seeds[0]}): " + "; ".join(
+            f"{r['knob'][0]} {r['knob'][1]:g}: {r['exact_match_gain']:+.3f} ± {r['exact_match_gain_paired_se']:.3f} "
+            f"(reward {r['reward_gain']:+.3f}{', collapsed at step %d' % r['collapse_step'] if r['collapse_step'] else ''})"
+            for r in swept if r["variant"] == variant))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "runs": results}, f, indent=1)
