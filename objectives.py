@@ -45,6 +45,44 @@ class Rollouts:
     trajectory: dict | None = None  # grpo: the SDE rollout's recorded transitions (qwen_image_rollout.SDERecorder.result)
 
 
+@dataclass
+class TrainedGroups:
+    """This rank's share of one step's update: whole groups, in micro-batches of `per_micro` groups."""
+    advantages: torch.Tensor  # [N] of every rollout row
+    groups: list[list[int]]  # row indices of each trained group; a rank with none: one zero-weight placeholder
+    n_groups: int  # real groups on this rank (0 with the placeholder)
+    groups_total: int  # over all ranks
+    rows_total: int  # over all ranks
+    per_micro: int
+    n_micro: int  # the same on every rank (the largest), so the collectives line up
+
+    @property
+    def order(self) -> list[int]:
+        return [row for g in self.groups for row in g]
+
+    def micro_batches(self):
+        """-> (micro, rows: slice of `order`, n_rows, n_groups, weight, first group) per micro-batch;
+        a rank with fewer groups runs padding micro-batches with weight 0 (same work, no contribution)."""
+        bounds = [0]
+        for g in self.groups:
+            bounds.append(bounds[-1] + len(g))
+        for micro in range(self.n_micro):
+            first, last = micro * self.per_micro, min((micro + 1) * self.per_micro, self.n_groups)
+            weight = 1.0
+            if last <= first:
+                first, last, weight = 0, 1, 0.0
+            yield micro, slice(bounds[first], bounds[last]), bounds[last] - bounds[first], last - first, weight, first
+
+
+def mean_metrics(accelerator, prefix: str, totals: dict, units_total: float, good_updates: int) -> dict:
+    """Sums of unit-weighted metric values (this rank, every good update) -> their means over all ranks."""
+    if not good_updates:
+        return {}
+    keys = sorted(totals)
+    summed = all_sum(accelerator, *[totals[k] for k in keys])
+    return {f"{prefix}/{k}": v / (units_total * good_updates) for k, v in zip(keys, summed)}
+
+
 def parse_ema(spec: str) -> tuple[float, float, float]:
     """'start,rate,max' -> decay(step) = min(max, rate * (step - start)) from `start` on, 0 before."""
     start, rate, top = (float(x) for x in spec.split(","))
@@ -152,16 +190,26 @@ class GroupObjective:
             advantages = -advantages
         return advantages, keep, group_index, stats
 
-    def trained_groups(self, rollouts: Rollouts, accelerator) -> tuple[torch.Tensor, list[list[int]], dict]:
-        """-> (advantages [N], the groups trained as lists of row indices, the adv/* metrics). Tied
-        groups (A = 0) are trained too, as the official scripts do, unless drop_tied_groups."""
+    def trained_groups(self, rollouts: Rollouts, accelerator, step: int) -> tuple[TrainedGroups | None, dict]:
+        """-> (the groups to train, None when no rank has one; the adv/* metrics). Tied groups (A = 0)
+        are trained too, as the official scripts do, unless drop_tied_groups."""
         advantages, keep, group_index, stats = self.advantages(rollouts, accelerator)
         trained = keep if self.config.drop_tied_groups else torch.ones_like(keep)
-        groups: dict[int, list[int]] = {}
+        by_group: dict[int, list[int]] = {}
         for row in torch.nonzero(trained).flatten().tolist():
-            groups.setdefault(int(group_index[row]), []).append(row)
+            by_group.setdefault(int(group_index[row]), []).append(row)
         metrics = self._advantage_metrics(accelerator, stats, advantages[trained], self.config.drop_tied_groups)
-        return advantages, list(groups.values()), metrics
+        groups = list(by_group.values())
+        groups_total, rows_total = all_sum(accelerator, len(groups), sum(len(g) for g in groups))
+        if rows_total == 0:
+            accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
+            metrics["update/skipped_no_groups"] = 1.0
+            return None, metrics
+        per_micro = self.config.micro_batch_groups
+        n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups) / per_micro))))
+        placeholder = [list(range(self.config.samples_per_prompt))]  # joins the collectives with zero weight
+        return TrainedGroups(advantages, groups or placeholder, len(groups), int(groups_total), int(rows_total),
+                             per_micro, n_micro), metrics
 
     def _draws(self, policy, rollouts, groups_list, step, shape, n_updates):
         """-> [(noise [M, *shape], sigmas [M]) per update] for the rows of `groups_list` in order.
@@ -213,36 +261,21 @@ class GroupObjective:
 
         config, accelerator = self.config, policy.accelerator
         world, device = accelerator.num_processes, accelerator.device
-        advantages, groups_list, metrics = self.trained_groups(rollouts, accelerator)
-        n_groups = len(groups_list)
-        units_local = n_groups if self.units == "groups" else sum(len(g) for g in groups_list)
-        units_total = all_sum(accelerator, units_local)[0]
+        batch, metrics = self.trained_groups(rollouts, accelerator, step)
         grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
-        if units_total == 0:
-            accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
-            metrics["update/skipped_no_groups"] = 1.0
+        if batch is None:
             return metrics, grid_pairs
-        if n_groups == 0:  # nothing on this rank: one placeholder group with zero weight joins the collectives
-            groups_list = [list(range(config.samples_per_prompt))]
-        order = [row for g in groups_list for row in g]
+        groups_list, order = batch.groups, batch.order
+        units_total = batch.groups_total if self.units == "groups" else batch.rows_total
         x0 = rollouts.latents[order].to(device)  # [M, S, 64], whole groups in a row
         prompts = [rollouts.prompts[i] for i in order]
-        adv = advantages[order].to(device)
+        adv = batch.advantages[order].to(device)
         dense_group = torch.tensor([number for number, g in enumerate(groups_list) for _ in g])  # [M]
-        bounds = [0]
-        for g in groups_list:
-            bounds.append(bounds[-1] + len(g))
-        per_micro = config.micro_batch_groups
-        n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups_list) / per_micro))))
+        n_micro = batch.n_micro
 
         def micro_batches():  # -> (micro, rows, units, weight, first group)
-            for micro in range(n_micro):
-                first, last = micro * per_micro, min((micro + 1) * per_micro, n_groups)
-                weight = 1.0
-                if last <= first:  # padding micro-batch: same kind of work, no contribution
-                    first, last, weight = 0, 1, 0.0
-                units = (last - first) if self.units == "groups" else (bounds[last] - bounds[first])
-                yield micro, slice(bounds[first], bounds[last]), units, weight, first
+            for micro, rows, n_rows, n_groups, weight, first in batch.micro_batches():
+                yield micro, rows, (n_groups if self.units == "groups" else n_rows), weight, first
 
         draws = [(noise.to(device, x0.dtype), sigmas.to(device))
                  for noise, sigmas in self._draws(policy, rollouts, groups_list, step, x0.shape[1:],
@@ -276,9 +309,9 @@ class GroupObjective:
                     decay = ema_decay(self.ema, policy.optimizer_steps - 1)
                     policy.update_old(decay)
         metrics["perf/update_tflop"] = perf.update_tflop(
-            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * per_micro,
+            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * batch.per_micro,
             reference=self.needs_reference, old=self.uses_old_adapter,
-            extra_policy_forwards=config.updates_per_rollout - 1 if self.ratio_to_rollout else 0) if n_groups else 0.0
+            extra_policy_forwards=config.updates_per_rollout - 1 if self.ratio_to_rollout else 0) if batch.n_groups else 0.0
         if self.uses_old_adapter and not self.old_ema_per_optimizer_step:
             # official NFT / AWM: once per rollout batch, after its optimizer steps, with the decay of
             # the optimizer-step count (`global_step` in scripts/train_nft_sd3.py, train_sd3_awm.py)
@@ -287,10 +320,7 @@ class GroupObjective:
         if decay is not None:
             metrics["old/ema_decay"] = decay
         metrics["update/optimizer_steps"] = float(policy.optimizer_steps)
-        if good_updates:
-            keys = sorted(totals)
-            summed = all_sum(accelerator, *[totals[k] for k in keys])
-            metrics.update({f"{self.name}/{k}": v / (units_total * good_updates) for k, v in zip(keys, summed)})
+        metrics.update(mean_metrics(accelerator, self.name, totals, units_total, good_updates))
         return metrics, grid_pairs
 
     def _rollout_likelihoods(self, policy, prompt_cache, x0, prompts, draws, micro_batches, device):
@@ -477,39 +507,23 @@ class GRPO(GroupObjective):
         trajectory = rollouts.trajectory
         if trajectory is None:
             raise ValueError("objective grpo needs the SDE rollout's trajectory (Rollouts.trajectory)")
-        advantages, groups_list, metrics = self.trained_groups(rollouts, accelerator)  # tied ones carry the KL term
-        n_groups = len(groups_list)
-        rows_total = all_sum(accelerator, sum(len(g) for g in groups_list))[0]
+        batch, metrics = self.trained_groups(rollouts, accelerator, step)  # tied groups carry the KL term
         grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
-        if rows_total == 0:
-            accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
-            metrics["update/skipped_no_groups"] = 1.0
+        if batch is None:
             return metrics, grid_pairs
-        if n_groups == 0:  # nothing on this rank: one placeholder group with zero weight joins the collectives
-            groups_list = [list(range(config.samples_per_prompt))]
-        order = torch.tensor([row for g in groups_list for row in g])
+        order = torch.tensor(batch.order)
         traj = {**trajectory, "before": trajectory["before"][order], "after": trajectory["after"][order]}
         old_log_probs = trajectory["log_probs"][order]  # [M, T]
         prompts = [rollouts.prompts[i] for i in order.tolist()]
-        adv = advantages[order].to(device)
+        adv = batch.advantages[order].to(device)
         n_steps = old_log_probs.shape[1]
-        units_total = rows_total * n_steps  # the loss is the mean over every (sample, trained step)
-        bounds = [0]
-        for g in groups_list:
-            bounds.append(bounds[-1] + len(g))
-        per_micro = config.micro_batch_groups
-        n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups_list) / per_micro))))
+        units_total = batch.rows_total * n_steps  # the loss is the mean over every (sample, trained step)
+        n_micro = batch.n_micro
         c = config
         totals, good_updates = {}, 0
         for update in range(config.updates_per_rollout):
             sums = {}
-            for micro in range(n_micro):
-                first, last = micro * per_micro, min((micro + 1) * per_micro, n_groups)
-                weight = 1.0
-                if last <= first:  # padding micro-batch: same kind of work, no contribution
-                    first, last, weight = 0, 1, 0.0
-                rows = slice(bounds[first], bounds[last])
-                n = bounds[last] - bounds[first]
+            for micro, rows, n, _, weight, _ in batch.micro_batches():
                 conditioning = policy.conditioning(prompt_cache, prompts[rows], device)
                 for j in range(n_steps):
                     ref_mean = None
@@ -529,13 +543,10 @@ class GRPO(GroupObjective):
                     totals[key] = totals.get(key, 0.0) + value
         # one policy forward + backward (+ the reference forward when the KL is on) per trained step per row
         metrics["perf/update_tflop"] = perf.update_tflop(
-            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * per_micro,
-            reference=self.needs_reference, old=False, forwards_per_row=n_steps) if n_groups else 0.0
+            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * batch.per_micro,
+            reference=self.needs_reference, old=False, forwards_per_row=n_steps) if batch.n_groups else 0.0
         metrics["grpo/trained_steps"] = float(n_steps)
-        if good_updates:
-            keys = sorted(totals)
-            summed = all_sum(accelerator, *[totals[k] for k in keys])
-            metrics.update({f"grpo/{k}": v / (units_total * good_updates) for k, v in zip(keys, summed)})
+        metrics.update(mean_metrics(accelerator, "grpo", totals, units_total, good_updates))
         return metrics, grid_pairs
 
 
