@@ -66,10 +66,12 @@ for _name, (_base, _flags) in DERIVED.items():
 KNOBS = {
     "best_worst": ("beta", 100.0, [30.0, 100.0, 300.0]),
     "top_bottom": ("beta", 100.0, [30.0, 100.0, 300.0]),
-    "dgpo": ("dgpo_beta", 10.0, [10.0, 30.0, 100.0]),
+    # dgpo and grpo: the values their seed-0 sweeps chose (docs/objectives.md): dgpo_beta 10 collapsed at step
+    # 20 and grpo's learning rate 3e-3 at step 30; dgpo_beta 100 is the top of the swept range
+    "dgpo": ("dgpo_beta", 100.0, [10.0, 30.0, 100.0]),
     "nft": ("nft_beta", 0.1, [0.1, 0.3, 1.0]),
     "awm": ("awm_old_kl_weight", 0.01, [0.01, 0.1, 1.0]),
-    "grpo": ("learning_rate", 3e-3, [5e-4, 1e-3, 3e-3]),
+    "grpo": ("learning_rate", 1e-3, [5e-4, 1e-3, 3e-3]),
 }
 for _name, (_base, _flags) in DERIVED.items():
     KNOBS[_name] = KNOBS[_base]
