@@ -1,0 +1,79 @@
+"""benchmarks/compare_objectives.py's arithmetic on run folders written here: the gains and their
+standard errors over seeds, the collapse rule (an eval more than 2 paired SEs below the start) and the
+"x fewer rollout images than GRPO" factor, each against values worked out by hand."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import compare_objectives as co  # noqa: E402
+
+PROMPTS, SAMPLES = 2, 4  # 8 rollout images a step
+
+
+def write_run(folder, exact_matches, paired_se=0.01, eval_every=10, rollout_tflop=0.5):
+    """A run folder as train_online_dpo writes it: config.json and metrics.jsonl (train rows, eval rows)."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"prompts_per_step": PROMPTS, "samples_per_prompt": SAMPLES}, f)
+    steps = eval_every * (len(exact_matches) - 1)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for step in range(steps + 1):
+            if step < steps:
+                f.write(json.dumps({"step": step + 1, "time/rollout_s": 1.0, "time/reward_s": 0.5, "time/update_s": 0.5,
+                                    "perf/rollout_tflop": rollout_tflop, "perf/update_tflop": 0.1}) + "\n")
+            if step % eval_every == 0:
+                em = exact_matches[step // eval_every]
+                f.write(json.dumps({"step": step, "eval/reward_mean": em / 2, "eval/exact_match": em,
+                                    "eval/exact_match_gain_se": paired_se}) + "\n")
+
+
+def summary_of(tmp_path, runs):
+    results = []
+    for variant, seed, curve, kwargs in runs:
+        folder = str(tmp_path / f"{variant}-s{seed}")
+        write_run(folder, curve, **kwargs)
+        assert co.finished(folder, 10 * (len(curve) - 1))
+        results.append(co.result(variant, seed, ("knob", 1.0), folder))
+    return results, co.summarise(results)
+
+
+def test_gains_per_cost_and_standard_errors_over_seeds(tmp_path):
+    results, summary = summary_of(tmp_path, [("nft", 0, [0.3, 0.4, 0.5], {}), ("nft", 1, [0.3, 0.35, 0.4], {})])
+    s = summary["nft"]
+    assert s["exact_match_gain"] == pytest.approx(0.15)
+    assert s["exact_match_gain_se"] == pytest.approx(math.sqrt(0.005) / math.sqrt(2))  # stdev of 0.2, 0.1 over sqrt 2
+    assert s["images"] == 20 * PROMPTS * SAMPLES
+    assert s["rollout_tflop"] == pytest.approx(20 * 0.5)
+    assert s["gain_per_rollout_tflop"] == pytest.approx(0.15 / 10)
+    assert s["train_seconds"] == pytest.approx(20 * 2.0)
+    assert s["curve"] == [(0, pytest.approx(0.3), 0.0), (80, pytest.approx(0.375), pytest.approx(0.025)),
+                          (160, pytest.approx(0.45), pytest.approx(0.05))]
+    assert s["collapsed"] == {}
+
+
+def test_collapse_is_the_first_eval_more_than_two_paired_ses_below_the_start(tmp_path):
+    results, summary = summary_of(tmp_path, [("dgpo", 0, [0.3, 0.29, 0.25, 0.1], {"paired_se": 0.02}),
+                                             ("dgpo", 1, [0.3, 0.27, 0.3, 0.3], {"paired_se": 0.02})])
+    # seed 0: -0.01 (0.5 SE), then -0.05 (2.5 SE): step 20; seed 1: -0.03 is 1.5 SE, never collapses
+    assert summary["dgpo"]["collapsed"] == {0: 20}
+
+
+def test_fewer_rollout_images_than_grpo_to_reach_its_final_exact_match(tmp_path):
+    results, summary = summary_of(tmp_path, [("grpo", 0, [0.3, 0.32, 0.34, 0.36], {}),
+                                             ("awm", 0, [0.3, 0.45, 0.5, 0.5], {}),
+                                             ("dpo", 0, [0.3, 0.31, 0.32, 0.33], {})])
+    # grpo reaches its own final 0.36 at step 30 = 240 images; awm crosses 0.36 at 0.4 of its first
+    # interval (0.3 -> 0.45 over 80 images): 32 images, so 240 / 32 = 7.5x; dpo never gets there
+    assert summary["grpo"]["images_to_grpo_final"] == pytest.approx(240)
+    assert summary["grpo"]["fewer_images_than_grpo"] == pytest.approx(1.0)
+    assert summary["awm"]["images_to_grpo_final"] == pytest.approx(32)
+    assert summary["awm"]["fewer_images_than_grpo"] == pytest.approx(7.5)
+    assert summary["dpo"]["fewer_images_than_grpo"] is None
+    assert "not reached" in co.table(summary) and "7.50" in co.table(summary)
