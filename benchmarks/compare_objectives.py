@@ -19,6 +19,11 @@ start: the first such step); and, against `grpo` when it is in the table, how ma
 rollout images the objective needs to reach GRPO's final mean exact match (linear interpolation on
 the seed-mean curve; "not reached" otherwise). `--plot` writes exact match vs rollout images with a
 standard-error band per objective.
+
+`--archive FILE` keeps every finished run's result (its curve and totals, one JSON line per run,
+keyed by variant, seed, knob, steps and extra flags) and summarises the archive's runs together with
+the workdir's: a comparison that takes several sessions or machines accumulates seeds in the file
+(docs/results/compare_objectives.jsonl is the project's) instead of in run folders that may be lost.
 """
 
 from __future__ import annotations
@@ -137,6 +142,37 @@ def result(variant: str, seed: int, knob, out: str) -> dict:
             "train_seconds": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/update_s"] for r in train)}
 
 
+def archive_key(r: dict) -> tuple:
+    return r["variant"], r["seed"], tuple(r["knob"]), r["steps"], tuple(r["extra"])
+
+
+def load_archive(path: str) -> list[dict]:
+    if not path or not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path} line {number}: not a JSON run result ({e})")
+    return rows
+
+
+def update_archive(path: str, runs: list[dict]) -> dict[tuple, dict]:
+    """Archive + these runs (a re-run replaces its archived row), written atomically; returns all by key."""
+    merged = {archive_key(r): r for r in load_archive(path)}
+    merged.update({archive_key(r): r for r in runs})
+    if runs:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            for key in sorted(merged, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
+                f.write(json.dumps(merged[key]) + "\n")
+        os.replace(path + ".tmp", path)
+    return merged
+
+
 def mean_se(values) -> tuple[float, float]:
     values = list(values)
     mean = statistics.fmean(values)
@@ -240,6 +276,8 @@ def main():
     parser.add_argument("--summary_only", action="store_true", help="run nothing: summarise the finished runs")
     parser.add_argument("--plot", default="", help="write the curves to this PNG")
     parser.add_argument("--json", default="", help="write the summary (and every run) to this JSON file")
+    parser.add_argument("--archive", default="", help="JSON-lines file of finished runs: updated with the workdir's, "
+                        "and its runs are summarised with them (the workdir's win)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     args = parser.parse_args()
     knobs = {v: (KNOBS[v][0], KNOBS[v][1]) for v in args.variants}
@@ -254,8 +292,10 @@ def main():
     jobs = list(dict.fromkeys(jobs))
     if not args.summary_only:
         execute(jobs, args)
-    finished_runs = [result(v, s, k, os.path.join(args.workdir, run_name(v, s, k))) for v, s, k in jobs
-                     if finished(os.path.join(args.workdir, run_name(v, s, k)), args.steps)]
+    in_workdir = [dict(result(v, s, k, os.path.join(args.workdir, run_name(v, s, k))), steps=args.steps, extra=args.extra)
+                  for v, s, k in jobs if finished(os.path.join(args.workdir, run_name(v, s, k)), args.steps)]
+    by_key = update_archive(args.archive, in_workdir) if args.archive else {archive_key(r): r for r in in_workdir}
+    finished_runs = [by_key[key] for key in ((v, s, k, args.steps, tuple(args.extra)) for v, s, k in jobs) if key in by_key]
     results = [r for r in finished_runs if tuple(r["knob"]) == knobs[r["variant"]]]
     summary = summarise(results)
     print(table(summary))

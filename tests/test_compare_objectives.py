@@ -77,3 +77,42 @@ def test_fewer_rollout_images_than_grpo_to_reach_its_final_exact_match(tmp_path)
     assert summary["awm"]["fewer_images_than_grpo"] == pytest.approx(7.5)
     assert summary["dpo"]["fewer_images_than_grpo"] is None
     assert "not reached" in co.table(summary) and "7.50" in co.table(summary)
+
+
+def compare(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["compare_objectives.py", "--variants", "nft", "--seeds", "0", "1",
+                                      "--steps", "20", "--summary_only", *argv])
+    co.main()
+
+
+def test_the_archive_keeps_finished_runs_across_lost_workdirs_and_a_rerun_replaces_its_row(tmp_path, monkeypatch):
+    archive, knob = str(tmp_path / "archive.jsonl"), (co.KNOBS["nft"][0], co.KNOBS["nft"][1])
+    for seed, curve in ((0, [0.3, 0.4, 0.5]), (1, [0.3, 0.35, 0.4])):
+        write_run(str(tmp_path / "a" / co.run_name("nft", seed, knob)), curve)
+    compare(monkeypatch, "--workdir", str(tmp_path / "a"), "--archive", archive, "--json", str(tmp_path / "a.json"))
+    assert [json.loads(line)["seed"] for line in open(archive)] == [0, 1]
+    # the run folders are gone: the archive alone gives the same summary
+    compare(monkeypatch, "--workdir", str(tmp_path / "empty"), "--archive", archive, "--json", str(tmp_path / "b.json"))
+    first, again = (json.load(open(tmp_path / name))["summary"]["nft"] for name in ("a.json", "b.json"))
+    assert again == first and first["exact_match_gain"] == pytest.approx(0.15)
+    # seed 1 re-run (a new workdir): its row is replaced, seed 0 stays
+    write_run(str(tmp_path / "c" / co.run_name("nft", 1, knob)), [0.3, 0.3, 0.2])
+    compare(monkeypatch, "--workdir", str(tmp_path / "c"), "--archive", archive, "--json", str(tmp_path / "c.json"))
+    rows = [json.loads(line) for line in open(archive)]
+    assert [(r["seed"], r["exact_match_gain"]) for r in rows] == [(0, pytest.approx(0.2)), (1, pytest.approx(-0.1))]
+    assert json.load(open(tmp_path / "c.json"))["summary"]["nft"]["exact_match_gain"] == pytest.approx(0.05)
+    # without --archive only the workdir counts; other steps or extra flags are other runs
+    compare(monkeypatch, "--workdir", str(tmp_path / "c"), "--json", str(tmp_path / "d.json"))
+    assert json.load(open(tmp_path / "d.json"))["summary"]["nft"]["seeds"] == [1]
+    monkeypatch.setattr(sys, "argv", ["compare_objectives.py", "--variants", "nft", "--seeds", "0", "1", "--steps", "30",
+                                      "--summary_only", "--workdir", str(tmp_path / "empty"), "--archive", archive,
+                                      "--json", str(tmp_path / "e.json")])
+    co.main()
+    assert json.load(open(tmp_path / "e.json"))["summary"] == {}
+
+
+def test_a_broken_archive_line_is_named(tmp_path, monkeypatch):
+    archive = tmp_path / "archive.jsonl"
+    archive.write_text('{"variant": "nft"}\n{"variant": \n')
+    with pytest.raises(SystemExit, match=r"archive.jsonl line 2: not a JSON run result"):
+        compare(monkeypatch, "--workdir", str(tmp_path / "empty"), "--archive", str(archive))
