@@ -13,8 +13,8 @@ eval (`--eval_baseline`): one base model, one baseline.
 
 Reported per objective (mean and standard error over seeds): the exact-match and reward gains at
 the last eval, the final exact match, the mean gain per mean rollout image, rollout TFLOP and update
-TFLOP (the trainer's own FLOP accounting, perf/*), per training second (rollout + reward + update,
-not the evals); collapse (an eval whose exact match is more than 2 paired standard errors below the
+TFLOP (the trainer's own FLOP accounting, perf/*), per rollout second and per training second
+(rollout + reward + update, not the evals); collapse (an eval whose exact match is more than 2 paired standard errors below the
 start: the first such step); and, against `grpo` when it is in the table, how many times fewer
 rollout images the objective needs to reach GRPO's final mean exact match (linear interpolation on
 the seed-mean curve; "not reached" otherwise). `--plot` writes exact match vs rollout images with a
@@ -139,6 +139,7 @@ def result(variant: str, seed: int, knob, out: str) -> dict:
             "final_exact_match": last["eval/exact_match"], "images": len(train) * images_per_step,
             "rollout_tflop": sum(r.get("perf/rollout_tflop", 0.0) for r in train),
             "update_tflop": sum(r.get("perf/update_tflop", 0.0) for r in train),
+            "rollout_seconds": sum(r["time/rollout_s"] for r in train),
             "train_seconds": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/update_s"] for r in train)}
 
 
@@ -207,7 +208,7 @@ def summarise(results: list[dict]) -> dict:
         s = {"seeds": sorted(r["seed"] for r in runs), "knob": runs[0]["knob"]}
         for key in ("exact_match_gain", "reward_gain", "final_exact_match"):
             s[key], s[key + "_se"] = mean_se(r[key] for r in runs)
-        for per in ("images", "rollout_tflop", "update_tflop", "train_seconds"):
+        for per in ("images", "rollout_tflop", "update_tflop", "rollout_seconds", "train_seconds"):
             s[per] = statistics.fmean(r[per] for r in runs)
             s[f"gain_per_{per}"] = s["exact_match_gain"] / s[per] if s[per] > 0 else None  # mean gain / mean cost
         s["collapsed"] = {r["seed"]: r["collapse_step"] for r in runs if r["collapse_step"] is not None}
@@ -225,14 +226,14 @@ def summarise(results: list[dict]) -> dict:
 
 def table(summary: dict) -> str:
     lines = ["| objective (knob) | exact-match gain | reward gain | final exact match | gain / 1k images | "
-             "gain / rollout PFLOP | train s | collapsed (seed: step) | x fewer images than GRPO |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "gain / rollout PFLOP | rollout s | train s | collapsed (seed: step) | x fewer images than GRPO |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant, s in summary.items():
         fewer = s.get("fewer_images_than_grpo")
         lines.append(
             f"| {variant} ({s['knob'][0]} {s['knob'][1]:g}) | {s['exact_match_gain']:+.3f} ± {s['exact_match_gain_se']:.3f} "
             f"| {s['reward_gain']:+.3f} ± {s['reward_gain_se']:.3f} | {s['final_exact_match']:.3f} ± {s['final_exact_match_se']:.3f} "
-            f"| {1000 * s['gain_per_images']:+.4f} | {1000 * s['gain_per_rollout_tflop']:+.3f} | {s['train_seconds']:.0f} "
+            f"| {1000 * s['gain_per_images']:+.4f} | {1000 * s['gain_per_rollout_tflop']:+.3f} | {s['rollout_seconds']:.0f} | {s['train_seconds']:.0f} "
             f"| {', '.join(f'{k}: {v}' for k, v in s['collapsed'].items()) or 'none'} "
             f"| {'-' if 'fewer_images_than_grpo' not in s else ('not reached' if fewer is None else f'{fewer:.2f}')} |")
     return "\n".join(lines)

@@ -53,6 +53,7 @@ def test_gains_per_cost_and_standard_errors_over_seeds(tmp_path):
     assert s["rollout_tflop"] == pytest.approx(20 * 0.5)
     assert s["gain_per_rollout_tflop"] == pytest.approx(0.15 / 10)
     assert s["train_seconds"] == pytest.approx(20 * 2.0)
+    assert s["rollout_seconds"] == pytest.approx(20 * 1.0) and s["gain_per_rollout_seconds"] == pytest.approx(0.15 / 20)
     assert s["curve"] == [(0, pytest.approx(0.3), 0.0), (80, pytest.approx(0.375), pytest.approx(0.025)),
                           (160, pytest.approx(0.45), pytest.approx(0.05))]
     assert s["collapsed"] == {}
