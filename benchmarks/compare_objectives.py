@@ -189,13 +189,14 @@ def images_to_reach(curve_mean: list[tuple[int, float]], level: float) -> float 
 
 
 def mean_curve(results: list[dict]) -> list[tuple[int, float, float]]:
-    """(images, mean exact match over seeds, standard error over seeds) at every eval step all runs have."""
+    """(images, mean exact match over seeds, standard error over seeds) at every eval step all runs have;
+    with one seed the standard error is the run's paired one against its step-0 eval (over the eval images)."""
     steps = sorted(set.intersection(*({c["step"] for c in r["curve"]} for r in results)))
     out = []
     for step in steps:
         points = [next(c for c in r["curve"] if c["step"] == step) for r in results]
         mean, se = mean_se(p["exact_match"] for p in points)
-        out.append((points[0]["images"], mean, se))
+        out.append((points[0]["images"], mean, se if len(points) > 1 else points[0]["exact_match_gain_se"]))
     return out
 
 
@@ -249,12 +250,17 @@ def plot(summary: dict, path: str):
     for variant, s in summary.items():
         images = [i for i, _, _ in s["curve"]]
         mean = [m for _, m, _ in s["curve"]]
-        se = [0.0 if math.isnan(e) else e for _, _, e in s["curve"]]
-        ax.plot(images, mean, marker="o", ms=3, label=f"{variant} ({len(s['seeds'])} seeds)")
+        se = [e for _, _, e in s["curve"]]
+        seeds = len(s["seeds"])
+        ax.plot(images, mean, marker="o", ms=3, label=f"{variant} ({seeds} seed{'s' if seeds > 1 else ''})")
         ax.fill_between(images, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)], alpha=0.15)
     ax.set_xlabel("rollout images")
     ax.set_ylabel("eval exact match (192 images)")
-    ax.set_title("Text world, equal rollout budget (mean ± SE over seeds)")
+    one_seed = all(len(s["seeds"]) == 1 for s in summary.values())
+    ax.set_title("Text world, equal rollout budget: " + ("one seed, band = paired SE over the eval images" if one_seed
+                                                          else "mean, band = SE over seeds (one seed: paired SE)"), fontsize=10)
+    if "grpo" in summary:
+        ax.axhline(summary["grpo"]["curve"][-1][1], color="grey", lw=0.8, ls=":", label="GRPO's final")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
