@@ -135,6 +135,7 @@ def result(variant: str, seed: int, knob, out: str) -> dict:
     return {"variant": variant, "seed": seed, "knob": list(knob), "curve": curve, "collapse_step": collapse,
             "exact_match_gain": last["eval/exact_match"] - first["eval/exact_match"],
             "exact_match_gain_paired_se": last.get("eval/exact_match_gain_se"),
+            "reward_gain_paired_se": last.get("eval/reward_gain_se"),
             "reward_gain": last["eval/reward_mean"] - first["eval/reward_mean"],
             "final_exact_match": last["eval/exact_match"], "images": len(train) * images_per_step,
             "rollout_tflop": sum(r.get("perf/rollout_tflop", 0.0) for r in train),

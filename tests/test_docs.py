@@ -38,3 +38,42 @@ def test_configuration_md_lists_every_field_with_its_default_and_help_and_every_
             line = next(line for line in section.splitlines() if line.startswith(f"- `{name}`: "))
             assert all(f"--{key} {shown_value(value)}" in line for key, value in overrides.items())
     assert ROOT not in text  # project paths are written relative to the project: the file is the same everywhere
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown text (duplicates get -1, -2, ...)."""
+    import re
+
+    anchors, seen, fenced = set(), {}, False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_relative_link_and_anchor_in_the_readme_and_docs_resolves():
+    import glob
+    import re
+
+    pages = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    broken = []
+    for page in pages:
+        text = open(page).read()
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            if not os.path.exists(file):
+                broken.append(f"{os.path.relpath(page, ROOT)}: {target} (no such file)")
+            elif anchor and file.endswith(".md") and anchor not in github_anchors(open(file).read()):
+                broken.append(f"{os.path.relpath(page, ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+    assert "the-comparison-at-an-equal-rollout-budget-official-defaults" in github_anchors(
+        "## The comparison at an equal rollout budget (official defaults)")
+    assert github_anchors("# Flow-GRPO (`--objective grpo`)\n# A\n# A") == {"flow-grpo---objective-grpo", "a", "a-1"}
