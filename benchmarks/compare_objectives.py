@@ -210,6 +210,9 @@ def summarise(results: list[dict]) -> dict:
         s = {"seeds": sorted(r["seed"] for r in runs), "knob": runs[0]["knob"]}
         for key in ("exact_match_gain", "reward_gain", "final_exact_match"):
             s[key], s[key + "_se"] = mean_se(r[key] for r in runs)
+        if len(runs) == 1:  # one seed: the gains' paired standard errors over the eval images
+            for key in ("exact_match_gain", "reward_gain"):
+                s[key + "_se"] = runs[0].get(key + "_paired_se") or math.nan
         for per in ("images", "rollout_tflop", "update_tflop", "rollout_seconds", "train_seconds"):
             s[per] = statistics.fmean(r[per] for r in runs)
             s[f"gain_per_{per}"] = s["exact_match_gain"] / s[per] if s[per] > 0 else None  # mean gain / mean cost
@@ -226,15 +229,20 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
+def plus_minus(value: float, se: float, sign: str = "+") -> str:
+    return f"{value:{sign}.3f}" + ("" if se is None or math.isnan(se) else f" ± {se:.3f}")
+
+
 def table(summary: dict) -> str:
+    """Markdown table; ± is the standard error over seeds, or for a one-seed variant the paired one over the eval images."""
     lines = ["| objective (knob) | exact-match gain | reward gain | final exact match | gain / 1k images | "
              "gain / rollout PFLOP | rollout s | train s | collapsed (seed: step) | x fewer images than GRPO |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant, s in summary.items():
         fewer = s.get("fewer_images_than_grpo")
         lines.append(
-            f"| {variant} ({s['knob'][0]} {s['knob'][1]:g}) | {s['exact_match_gain']:+.3f} ± {s['exact_match_gain_se']:.3f} "
-            f"| {s['reward_gain']:+.3f} ± {s['reward_gain_se']:.3f} | {s['final_exact_match']:.3f} ± {s['final_exact_match_se']:.3f} "
+            f"| {variant} ({s['knob'][0]} {s['knob'][1]:g}) | {plus_minus(s['exact_match_gain'], s['exact_match_gain_se'])} "
+            f"| {plus_minus(s['reward_gain'], s['reward_gain_se'])} | {plus_minus(s['final_exact_match'], s['final_exact_match_se'], '')} "
             f"| {1000 * s['gain_per_images']:+.4f} | {1000 * s['gain_per_rollout_tflop']:+.3f} | {s['rollout_seconds']:.0f} | {s['train_seconds']:.0f} "
             f"| {', '.join(f'{k}: {v}' for k, v in s['collapsed'].items()) or 'none'} "
             f"| {'-' if 'fewer_images_than_grpo' not in s else ('not reached' if fewer is None else f'{fewer:.2f}')} |")

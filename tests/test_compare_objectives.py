@@ -78,6 +78,7 @@ def test_fewer_rollout_images_than_grpo_to_reach_its_final_exact_match(tmp_path)
     assert summary["awm"]["fewer_images_than_grpo"] == pytest.approx(7.5)
     assert summary["dpo"]["fewer_images_than_grpo"] is None
     assert summary["awm"]["curve"][1][2] == pytest.approx(0.01)  # one seed: the band is the run's paired SE
+    assert summary["awm"]["exact_match_gain_se"] == pytest.approx(0.01)  # and so is the gain's
     assert "not reached" in co.table(summary) and "7.50" in co.table(summary)
 
 
