@@ -1,7 +1,9 @@
 """Every online objective at an equal rollout budget on the text world: the project's headline table.
 
-    python benchmarks/compare_objectives.py --workdir outputs/compare --seeds 0 1 2 3 4 --jobs 2
-    python benchmarks/compare_objectives.py --workdir outputs/compare --summary_only --plot docs/img/compare.png
+    python benchmarks/compare_objectives.py --workdir outputs/compare --seeds 0 1 2 3 4 --jobs 2 \
+        --archive docs/results/compare_objectives.jsonl
+    python benchmarks/compare_objectives.py --workdir outputs/compare --seeds 0 1 2 3 4 --summary_only \
+        --archive docs/results/compare_objectives.jsonl --plot docs/img/compare_objectives.png
 
 Each run is a full `train_online_dpo.py --preset text_world` run (the same base model, prompts, rollout
 budget and eval for every objective; the seed changes the data order, the rollout seeds and the
