@@ -22,8 +22,9 @@ rollout images the objective needs to reach GRPO's final mean exact match (linea
 the seed-mean curve; "not reached" otherwise). `--plot` writes exact match vs rollout images with a
 standard-error band per objective.
 
-`--archive FILE` keeps every finished run's result (its curve and totals, one JSON line per run,
-keyed by variant, seed, knob, steps and extra flags) and summarises the archive's runs together with
+`--archive FILE` keeps every finished run's result (its curve and totals, one JSON line per run, keyed
+by variant, seed, knob, steps and extra flags; written as each run ends, and an archived run is not
+run again) and summarises the archive's runs together with
 the workdir's: a comparison that takes several sessions or machines accumulates seeds in the file
 (docs/results/compare_objectives.jsonl is the project's) instead of in run folders that may be lost.
 """
@@ -334,10 +335,12 @@ def execute(jobs, args):
     import shutil
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    pending = [j for j in jobs if not finished(os.path.join(args.workdir, run_name(*j)), args.steps)]
-    done = [j for j in jobs if j not in pending]
+    archived = {archive_key(r) for r in load_archive(args.archive)}
+    pending = [j for j in jobs if not finished(os.path.join(args.workdir, run_name(*j)), args.steps)
+               and (j[0], j[1], j[2], args.steps, tuple(args.extra)) not in archived]
     # every run takes one step-0 eval (--eval_baseline): a finished run's, else the first run's once it has it
-    baseline = os.path.join(args.workdir, run_name(*done[0])) if done else ""
+    outs = (os.path.join(args.workdir, run_name(*j)) for j in jobs if j not in pending)
+    baseline = next((out for out in outs if has_step0_eval(out)), "")
     running: list[tuple[subprocess.Popen, tuple, str]] = []
     while pending or running:
         while pending and len(running) < args.jobs and (not baseline or has_step0_eval(baseline)):
@@ -358,6 +361,8 @@ def execute(jobs, args):
                 continue
             running.remove((proc, job, out))
             ok = proc.returncode == 0 and finished(out, args.steps)
+            if ok and args.archive:  # at once: a comparison stopped later keeps every finished run
+                update_archive(args.archive, [dict(result(*job, out), steps=args.steps, extra=args.extra)])
             print(f"{'done' if ok else f'FAILED (exit {proc.returncode})'} {run_name(*job)} (log {out}.log)", flush=True)
             if out == baseline and not has_step0_eval(out):
                 raise SystemExit(f"the first run {out} failed before its step-0 eval: see {out}.log")

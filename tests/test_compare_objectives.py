@@ -119,3 +119,45 @@ def test_a_broken_archive_line_is_named(tmp_path, monkeypatch):
     archive.write_text('{"variant": "nft"}\n{"variant": \n')
     with pytest.raises(SystemExit, match=r"archive.jsonl line 2: not a JSON run result"):
         compare(monkeypatch, "--workdir", str(tmp_path / "empty"), "--archive", str(archive))
+
+
+FAKE_RUN = """import json, os, sys
+out, archive, em = sys.argv[1], sys.argv[2], float(sys.argv[3])
+os.makedirs(out)
+json.dump({"prompts_per_step": 2, "samples_per_prompt": 4}, open(os.path.join(out, "config.json"), "w"))
+seeds_archived = [json.loads(line)["seed"] for line in open(archive)] if os.path.exists(archive) else []
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 0, "eval/reward_mean": 0.1, "eval/exact_match": 0.3, "eval/rewards": [],
+                        "archived_at_start": seeds_archived}) + "\\n")
+    for step in range(1, 21):
+        f.write(json.dumps({"step": step, "time/rollout_s": 1.0, "time/reward_s": 0.5, "time/update_s": 0.5}) + "\\n")
+        if step % 10 == 0:
+            f.write(json.dumps({"step": step, "eval/reward_mean": 0.2, "eval/exact_match": em}) + "\\n")
+"""
+
+
+def test_a_comparison_runs_only_what_the_archive_lacks_and_archives_each_run_as_it_ends(tmp_path, monkeypatch):
+    """The scheduler with real processes in place of the trainer (each writes a run folder as it would)."""
+    archive, knob = str(tmp_path / "archive.jsonl"), (co.KNOBS["nft"][0], co.KNOBS["nft"][1])
+    write_run(str(tmp_path / "old" / co.run_name("nft", 0, knob)), [0.3, 0.4, 0.5])
+    compare(monkeypatch, "--workdir", str(tmp_path / "old"), "--archive", archive)  # seed 0 archived
+    fake = tmp_path / "fake_run.py"
+    fake.write_text(FAKE_RUN)
+    started = []
+
+    def command(variant, seed, knob, out, steps, eval_every, baseline, extra):
+        started.append((seed, baseline))
+        return [sys.executable, str(fake), out, archive, str(0.3 + 0.1 * seed)]
+
+    monkeypatch.setattr(co, "command", command)
+    monkeypatch.setattr(sys, "argv", ["compare_objectives.py", "--variants", "nft", "--seeds", "0", "1", "2",
+                                      "--steps", "20", "--jobs", "1", "--workdir", str(tmp_path / "new"),
+                                      "--archive", archive, "--json", str(tmp_path / "s.json")])
+    co.main()
+    first_new = str(tmp_path / "new" / co.run_name("nft", 1, knob))
+    assert started == [(1, ""), (2, first_new)]  # seed 0 not run again; the first new run is the baseline
+    seed2 = co.read_rows(str(tmp_path / "new" / co.run_name("nft", 2, knob)))
+    assert seed2[0]["archived_at_start"] == [0, 1]  # seed 1 was archived when it ended, before seed 2 began
+    summary = json.load(open(tmp_path / "s.json"))["summary"]["nft"]
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["exact_match_gain"] == pytest.approx((0.2 + 0.1 + 0.2) / 3)
