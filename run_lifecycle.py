@@ -437,6 +437,6 @@ def run_summary(config, final_dir: str, evals: list[dict]) -> str:
         load = (f"import qwen_image; pipe = qwen_image.load_pipeline(\"{config.pretrained}\")"
                 if config.pretrained in ("tiny", "tiny-bench") else
                 f"import torch; from diffusers import QwenImagePipeline; pipe = QwenImagePipeline.from_pretrained("
-                f"\"{config.pretrained}\", torch_dtype=torch.bfloat16)")
+                f"\"{config.pretrained}\", dtype=torch.bfloat16)")
         lines.append(f"load it:  python -c '{load}; pipe.load_lora_weights(\"{os.path.abspath(final_dir)}\")'")
     return "\n".join(lines)

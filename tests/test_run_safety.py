@@ -422,3 +422,19 @@ def test_ctrl_c_while_the_reward_server_hangs_stops_at_once_with_the_last_steps_
     assert load_file(os.path.join(out, "checkpoint-1", "trainable.safetensors"))  # complete, loadable
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1]  # step 2 logged nothing
+
+
+def test_the_end_of_run_load_line_runs_without_deprecated_arguments(tiny_dir, tmp_path):
+    """The summary's "load it" command for a model folder (as for Qwen/Qwen-Image), run up to the LoRA load
+    with diffusers' deprecation warnings as errors (torch_dtype= is deprecated in favour of dtype=)."""
+    import re
+    import types
+
+    config = types.SimpleNamespace(pretrained=tiny_dir, train_mode="lora", max_steps=1, output_dir=str(tmp_path))
+    summary = run_lifecycle.run_summary(config, str(tmp_path / "lora"), [])
+    load = re.search(r"load it:  python -c '(.*)'$", summary, re.M).group(1)
+    assert "pipe.load_lora_weights" in load
+    load = load.split("; pipe.load_lora_weights")[0] + "; print(pipe.transformer.dtype)"
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", load], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("torch.bfloat16")
