@@ -252,6 +252,54 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def versus_base(results: list[dict], by_key: dict, steps: int, extra: tuple) -> list[dict]:
+    """Each lever or deviation (DERIVED) against its base variant on the seeds both have run (the base's
+    runs may come from the archive alone): the final exact match's difference, paired by seed (+- the SE
+    over seeds; one seed: the lever's own paired SE over the eval images), and the ratios of mean gain per
+    mean rollout TFLOP and per rollout second. `goal`: the cheaper-rollout target, >= 2x the gain per
+    rollout TFLOP with the final exact match at most 1 SE lower (None where the rollout costs the same)."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in results if r["variant"] in DERIVED):
+        base = DERIVED[variant][0]
+        pairs = [(r, by_key[key]) for r in results if r["variant"] == variant
+                 for key in [(base, r["seed"], tuple(r["knob"]), steps, tuple(extra))] if key in by_key]
+        if not pairs:
+            continue
+        diff, diff_se = mean_se(r["final_exact_match"] - b["final_exact_match"] for r, b in pairs)
+        if len(pairs) == 1:
+            diff_se = pairs[0][0].get("exact_match_gain_paired_se") or math.nan
+
+        def ratio(cost):
+            mine = statistics.fmean(r["exact_match_gain"] for r, _ in pairs) / statistics.fmean(r[cost] for r, _ in pairs)
+            theirs = statistics.fmean(b["exact_match_gain"] for _, b in pairs) / statistics.fmean(b[cost] for _, b in pairs)
+            return mine / theirs if theirs > 0 else math.nan
+
+        per_tflop = ratio("rollout_tflop")
+        rows.append({"variant": variant, "base": base, "seeds": sorted(r["seed"] for r, _ in pairs),
+                     "gain": statistics.fmean(r["exact_match_gain"] for r, _ in pairs),
+                     "base_gain": statistics.fmean(b["exact_match_gain"] for _, b in pairs),
+                     "rollout_tflop_frac": statistics.fmean(r["rollout_tflop"] / b["rollout_tflop"] for r, b in pairs),
+                     "final_diff": diff, "final_diff_se": diff_se, "gain_per_rollout_tflop_ratio": per_tflop,
+                     "gain_per_rollout_second_ratio": ratio("rollout_seconds"),
+                     "goal": None if rows_cost_same(pairs) else bool(per_tflop >= 2 and diff >= -diff_se)})
+    return rows
+
+
+def rows_cost_same(pairs) -> bool:  # a deviation, not a cheaper rollout: the goal does not apply
+    return all(abs(r["rollout_tflop"] - b["rollout_tflop"]) <= 1e-6 * b["rollout_tflop"] for r, b in pairs)
+
+
+def versus_table(rows: list[dict]) -> str:
+    lines = ["| variant (vs base) | seeds | exact-match gain (base's) | rollout TFLOP vs base | final exact match - base's "
+             "| gain per rollout TFLOP vs base | per rollout second | >= 2x per TFLOP, final >= -1 SE |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['variant']} (vs {r['base']}) | {', '.join(map(str, r['seeds']))} | {r['gain']:+.3f} ({r['base_gain']:+.3f}) "
+                     f"| {r['rollout_tflop_frac']:.2f} | {plus_minus(r['final_diff'], r['final_diff_se'])} "
+                     f"| {r['gain_per_rollout_tflop_ratio']:.2f} | {r['gain_per_rollout_second_ratio']:.2f} | {'-' if r['goal'] is None else 'yes' if r['goal'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def plot(summary: dict, path: str):
     import matplotlib
 
@@ -318,6 +366,9 @@ def main():
     results = [r for r in finished_runs if tuple(r["knob"]) == knobs[r["variant"]]]
     summary = summarise(results)
     print(table(summary))
+    versus = versus_base(results, by_key, args.steps, tuple(args.extra))
+    if versus:
+        print(versus_table(versus))
     swept = [r for r in finished_runs if r["seed"] == args.seeds[0] and args.sweep is not None]
     for variant in dict.fromkeys(r["variant"] for r in swept):
         print(f"sweep {variant} (seed {args.seeds[0]}): " + "; ".join(
@@ -326,7 +377,7 @@ def main():
             for r in swept if r["variant"] == variant))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"summary": summary, "runs": results}, f, indent=1)
+            json.dump({"summary": summary, "versus_base": versus, "runs": results}, f, indent=1)
     if args.plot:
         plot(summary, args.plot)
 

@@ -161,3 +161,25 @@ def test_a_comparison_runs_only_what_the_archive_lacks_and_archives_each_run_as_
     summary = json.load(open(tmp_path / "s.json"))["summary"]["nft"]
     assert summary["seeds"] == [0, 1, 2]
     assert summary["exact_match_gain"] == pytest.approx((0.2 + 0.1 + 0.2) / 3)
+
+
+def test_a_lever_against_its_base_paired_by_seed(tmp_path):
+    """Gain per rollout TFLOP vs the base, the final exact match's difference paired by seed, and the goal."""
+    results, _ = summary_of(tmp_path, [("top_bottom", 0, [0.3, 0.4, 0.5], {}), ("top_bottom", 1, [0.3, 0.35, 0.4], {}),
+                                       ("top_bottom_steps4", 0, [0.3, 0.4, 0.45], {"rollout_tflop": 0.2}),
+                                       ("top_bottom_steps4", 1, [0.3, 0.35, 0.45], {"rollout_tflop": 0.2}),
+                                       ("nft_drop_tied", 0, [0.3, 0.3, 0.35], {}), ("nft", 0, [0.3, 0.3, 0.3], {}),
+                                       ("awm_drop_tied", 1, [0.3, 0.3, 0.3], {}), ("awm", 0, [0.3, 0.3, 0.3], {})])
+    by_key = {co.archive_key(dict(r, steps=20, extra=[])): r for r in results}
+    derived = [r for r in results if r["variant"] in co.DERIVED]
+    cheap, tied = co.versus_base(derived, by_key, 20, ())  # awm_drop_tied: no awm run on its seed, no row
+    # base: gains 0.2, 0.1 over 10 TFLOP each; lever: 0.15, 0.15 over 4 TFLOP: (0.15 / 4) / (0.15 / 10) = 2.5
+    assert cheap["seeds"] == [0, 1] and cheap["gain_per_rollout_tflop_ratio"] == pytest.approx(2.5)
+    assert cheap["rollout_tflop_frac"] == pytest.approx(0.4)
+    assert cheap["final_diff"] == pytest.approx(0.0) and cheap["final_diff_se"] == pytest.approx(0.05)  # diffs -0.05, +0.05
+    assert cheap["goal"] is True
+    # one seed: the difference's SE is the run's paired one; the same rollout cost: the goal does not apply
+    assert (tied["variant"], tied["final_diff"], tied["final_diff_se"]) == ("nft_drop_tied", pytest.approx(0.05), 0.01)
+    assert tied["goal"] is None and math.isnan(tied["gain_per_rollout_tflop_ratio"])  # the base gained nothing
+    assert "| top_bottom_steps4 (vs top_bottom) | 0, 1 | +0.150 (+0.150) | 0.40 | +0.000 ± 0.050 | 2.50 |" in co.versus_table(
+        [cheap, tied])
