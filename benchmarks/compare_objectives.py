@@ -83,6 +83,7 @@ KNOBS = {
 }
 for _name, (_base, _flags) in DERIVED.items():
     KNOBS[_name] = KNOBS[_base]
+PRESET = "top_bottom"  # the text_world preset's objective: the others are compared with it
 CORE = ["best_worst", "top_bottom", "dgpo", "nft", "awm", "grpo"]
 
 
@@ -210,7 +211,8 @@ def summarise(results: list[dict]) -> dict:
         by_variant.setdefault(r["variant"], []).append(r)
     summary = {}
     for variant, runs in by_variant.items():
-        s = {"seeds": sorted(r["seed"] for r in runs), "knob": runs[0]["knob"]}
+        s = {"seeds": sorted(r["seed"] for r in runs), "knob": runs[0]["knob"],
+             "exact_match_gain_by_seed": [r["exact_match_gain"] for r in sorted(runs, key=lambda r: r["seed"])]}
         for key in ("exact_match_gain", "reward_gain", "final_exact_match"):
             s[key], s[key + "_se"] = mean_se(r[key] for r in runs)
         if len(runs) == 1:  # one seed: the gains' paired standard errors over the eval images
@@ -222,6 +224,11 @@ def summarise(results: list[dict]) -> dict:
         s["collapsed"] = {r["seed"]: r["collapse_step"] for r in runs if r["collapse_step"] is not None}
         s["curve"] = mean_curve(runs)
         summary[variant] = s
+    if PRESET in by_variant:  # each objective minus the preset DPO, paired by seed (same eval images, data order)
+        preset_gain = {r["seed"]: r["exact_match_gain"] for r in by_variant[PRESET]}
+        for variant, runs in by_variant.items():
+            diffs = [r["exact_match_gain"] - preset_gain[r["seed"]] for r in runs if r["seed"] in preset_gain]
+            summary[variant]["minus_preset"] = mean_se(diffs) if len(diffs) > 1 else (math.nan, math.nan)
     if "grpo" in summary:
         level = summary["grpo"]["curve"][-1][1]
         grpo_images = images_to_reach([(i, e) for i, e, _ in summary["grpo"]["curve"]], level)
@@ -238,15 +245,18 @@ def plus_minus(value: float, se: float, sign: str = "+") -> str:
 
 def table(summary: dict) -> str:
     """Markdown table; ± is the standard error over seeds, or for a one-seed variant the paired one over the eval images."""
-    lines = ["| objective (knob) | exact-match gain | reward gain | final exact match | gain / 1k images | "
-             "gain / rollout PFLOP | rollout s | train s | collapsed (seed: step) | x fewer images than GRPO |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| objective (knob) | exact-match gain by seed | exact-match gain | reward gain | final exact match | gain / 1k images | "
+             "minus preset's gain (paired by seed) | gain / rollout PFLOP | rollout s | train s | collapsed (seed: step) | x fewer images than GRPO |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant, s in summary.items():
         fewer = s.get("fewer_images_than_grpo")
         lines.append(
-            f"| {variant} ({s['knob'][0]} {s['knob'][1]:g}) | {plus_minus(s['exact_match_gain'], s['exact_match_gain_se'])} "
+            f"| {variant} ({s['knob'][0]} {s['knob'][1]:g}) | {' / '.join(f'{g:+.3f}' for g in s['exact_match_gain_by_seed'])} "
+            f"| {plus_minus(s['exact_match_gain'], s['exact_match_gain_se'])} "
             f"| {plus_minus(s['reward_gain'], s['reward_gain_se'])} | {plus_minus(s['final_exact_match'], s['final_exact_match_se'], '')} "
-            f"| {1000 * s['gain_per_images']:+.4f} | {1000 * s['gain_per_rollout_tflop']:+.3f} | {s['rollout_seconds']:.0f} | {s['train_seconds']:.0f} "
+            f"| {1000 * s['gain_per_images']:+.4f} "
+            f"| {'-' if variant == PRESET or math.isnan(s.get('minus_preset', (math.nan,))[0]) else plus_minus(*s['minus_preset'])} "
+            f"| {1000 * s['gain_per_rollout_tflop']:+.3f} | {s['rollout_seconds']:.0f} | {s['train_seconds']:.0f} "
             f"| {', '.join(f'{k}: {v}' for k, v in s['collapsed'].items()) or 'none'} "
             f"| {'-' if 'fewer_images_than_grpo' not in s else ('not reached' if fewer is None else f'{fewer:.2f}')} |")
     return "\n".join(lines)

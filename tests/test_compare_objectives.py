@@ -57,6 +57,7 @@ def test_gains_per_cost_and_standard_errors_over_seeds(tmp_path):
     assert s["curve"] == [(0, pytest.approx(0.3), 0.0), (80, pytest.approx(0.375), pytest.approx(0.025)),
                           (160, pytest.approx(0.45), pytest.approx(0.05))]
     assert s["collapsed"] == {}
+    assert s["exact_match_gain_by_seed"] == [pytest.approx(0.2), pytest.approx(0.1)]
 
 
 def test_collapse_is_the_first_eval_more_than_two_paired_ses_below_the_start(tmp_path):
@@ -183,3 +184,12 @@ def test_a_lever_against_its_base_paired_by_seed(tmp_path):
     assert tied["goal"] is None and math.isnan(tied["gain_per_rollout_tflop_ratio"])  # the base gained nothing
     assert "| top_bottom_steps4 (vs top_bottom) | 0, 1 | +0.150 (+0.150) | 0.40 | +0.000 ± 0.050 | 2.50 |" in co.versus_table(
         [cheap, tied])
+
+
+def test_each_objective_minus_the_preset_paired_by_seed(tmp_path):
+    _, summary = summary_of(tmp_path, [("top_bottom", 0, [0.3, 0.4], {}), ("top_bottom", 1, [0.3, 0.35], {}),
+                                       ("nft", 0, [0.3, 0.5], {}), ("nft", 1, [0.3, 0.35], {}), ("awm", 0, [0.3, 0.4], {})])
+    # nft - top_bottom: seed 0 +0.1, seed 1 0.0 -> +0.05 +- 0.05; awm has one common seed: no paired SE, not shown
+    assert summary["nft"]["minus_preset"] == (pytest.approx(0.05), pytest.approx(0.05))
+    assert all(math.isnan(x) for x in summary["awm"]["minus_preset"])
+    assert "| +0.050 ± 0.050 |" in co.table(summary)
