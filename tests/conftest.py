@@ -12,6 +12,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # datasets (and its lock files) stay out of ~/.cache: a per-session temporary cache
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(__import__("tempfile").mkdtemp(prefix="hf-datasets-"), "cache"))
+# pytest.ini runs the suite on 2 workers (pytest-xdist): one torch thread each (and in the processes a
+# test launches), so 2 workers fill 2 cores instead of oversubscribing them 2x. `-n 0` runs it in
+# one process with torch's default threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
