@@ -8,18 +8,19 @@ PYTHON ?= python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-# exit status 0 when every line of requirements.txt is installed at an allowed version (then pip,
-# which takes a minute to say so, is skipped); any missing package, version or module -> pip runs
-REQUIREMENTS_MET = import sys; from importlib.metadata import version; from packaging.requirements import Requirement; \
-	reqs = [Requirement(line) for line in open("requirements.txt") if line.strip() and not line.startswith("\#")]; \
-	sys.exit(any(not r.specifier.contains(version(r.name), prereleases=True) for r in reqs))
+# torch from TORCH_INDEX, tried once with a short timeout (an index this machine cannot reach would
+# otherwise cost pip's 5 retries per package, ~100 s); failing that, the default index, said in one line
+PIP_TORCH = $(PYTHON) -m pip install torch==$(TORCH_VERSION)
+INSTALL_TORCH = $(if $(TORCH_INDEX),$(PIP_TORCH) --index-url $(TORCH_INDEX) --timeout 5 --retries 0 || \
+	{ echo "note: torch from $(TORCH_INDEX) failed; trying the default index"; $(PIP_TORCH); },$(PIP_TORCH))
 
 .PHONY: install demo test
 
+# requirements_met.py: exit 0 when every line of requirements.txt is installed at an allowed version
+# (then pip, which takes a minute to say so, is skipped); otherwise it names what is missing
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || \
-		$(PYTHON) -m pip install torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	@$(PYTHON) -c '$(REQUIREMENTS_MET)' 2>/dev/null || $(PYTHON) -m pip install -r requirements.txt
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(INSTALL_TORCH)
+	@$(PYTHON) requirements_met.py || $(PYTHON) -m pip install -r requirements.txt
 
 demo: install
 	$(PYTHON) train_online_dpo.py --preset text_world --output_dir outputs/demo --overwrite_output_dir true

@@ -104,7 +104,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, lr_scheduler, 
             shutil.rmtree(final)
         os.replace(tmp, final)
     except Exception as error:  # safetensors and torch.save report a failed write in their own types
-        reason = _write_failure(error, output_dir)
+        reason = write_failure(error, output_dir)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if reason is None:
@@ -117,7 +117,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, lr_scheduler, 
     return final
 
 
-def _write_failure(error: Exception, folder: str) -> str | None:
+def write_failure(error: Exception, folder: str) -> str | None:
     """What went wrong when a checkpoint file could not be written, or None when `error` is not a write
     failure. safetensors raises SafetensorError ("I/O error: No space left on device (os error 28)")
     and torch.save a RuntimeError ("unexpected pos ...") on a full disk, so those are recognised by
@@ -256,4 +256,27 @@ def validate_output_and_resume(config):
     if spec and spec != "latest":
         problem = checkpoint_problem(spec)
         require(problem is None, "resume_from_checkpoint", f"{spec!r} is not a complete checkpoint: {problem}")
+    require_output_outside_inputs(config)
     require_writable_dir(config.output_dir, "output_dir", create=False)  # created when the run starts (launch)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """path is folder or lies inside it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def require_output_outside_inputs(config):
+    """output_dir is never a model folder or a folder the run reads: not equal to / inside a local
+    `pretrained` or a train / eval data folder, and no model_index.json in it (whatever
+    overwrite_output_dir says): a run there would write over, or with --overwrite_output_dir delete,
+    what the user owns."""
+    out = config.output_dir
+    for field in ("pretrained", "train_data", "pairs_path", "eval_data"):
+        source = getattr(config, field, "")
+        if source and os.path.isdir(source):
+            require(not _inside(out, source), "output_dir", f"{out!r} is the {field} folder {source!r} or inside it: a run "
+                                                           "never writes into what it reads; choose another output_dir")
+    require(not os.path.isfile(os.path.join(out, "model_index.json")), "output_dir",
+            f"{out!r} holds a model (model_index.json): a run never writes into or deletes from a model folder; "
+            "choose another output_dir")

@@ -79,6 +79,21 @@ def run_dir_defaults(run_dir: str) -> dict:
     return values | {"lora_dir": os.path.join(run_dir, "lora"), "output_dir": os.path.join(run_dir, "eval")}
 
 
+def validate_sampling(config):
+    """The sampling flags evaluate.py, generate.py and make_offline_pairs.py share (the same field
+    names in each Config): one check, one line naming the field, before any model loads."""
+    from run_config import require
+
+    require(config.max_prompts >= 0, "max_prompts", "must be >= 0 (0 = all prompts)")
+    require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+    require(config.height % 16 == 0 and config.width % 16 == 0 and config.height > 0 and config.width > 0, "height",
+            "height and width must be positive multiples of 16")
+    require(config.num_inference_steps >= 1, "num_inference_steps", "must be >= 1")
+    require(config.true_cfg_scale >= 1.0, "true_cfg_scale", "must be >= 1 (1 disables CFG)")
+    require(config.chunk_size >= 1, "chunk_size", "must be >= 1")
+    require(1 <= config.max_sequence_length <= 1024, "max_sequence_length", "must be in [1, 1024]")
+
+
 def require_lora_source(path: str, field: str):
     """An exported LoRA folder or a complete LoRA checkpoint ("" passes: no LoRA)."""
     from checkpoints import checkpoint_problem
@@ -90,6 +105,79 @@ def require_lora_source(path: str, field: str):
                        "(an exported LoRA) nor trainable.safetensors (a checkpoint)")
     problem = checkpoint_problem(path)
     run_config.require(problem is None, field, f"{path!r} is not a complete checkpoint: {problem}")
+
+
+def lora_weights_file(path: str) -> str:
+    """The safetensors file of an exported LoRA folder or of a checkpoint (its trainable state)."""
+    from export_checkpoint import is_checkpoint
+
+    return os.path.join(path, "trainable.safetensors" if is_checkpoint(path) else "pytorch_lora_weights.safetensors")
+
+
+def lora_shapes(file: str) -> dict[str, tuple[int, int]]:
+    """{module: (in_features, out_features)} of the LoRA in `file`, read from the safetensors header
+    (no tensor is loaded): the exported keys `transformer.MODULE.lora_A.weight` [rank, in] and
+    `.lora_B.weight` [out, rank], or a checkpoint's `MODULE.lora_A.default.weight` (the trained
+    adapter; the old one, `.old.`, is left out). InputError when the file is not safetensors."""
+    import re
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as error:  # safetensors raises its own error types for a file that is not one
+        raise run_config.InputError(f"{file}: not a safetensors file ({str(error).splitlines()[0]})") from None
+    modules: dict[str, list] = {}
+    for key, shape in shapes.items():
+        match = re.fullmatch(r"(?:transformer\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if match and len(shape) == 2:
+            sizes = modules.setdefault(match.group(1), [None, None])
+            if match.group(2) == "A":
+                sizes[0] = shape[1]
+            else:
+                sizes[1] = shape[0]
+    return {module: tuple(sizes) for module, sizes in modules.items()}
+
+
+def lora_mismatch(file: str, linear_shapes: dict) -> str | None:
+    """Why the LoRA in `file` does not fit a model whose Linears have `linear_shapes` ({name: (in,
+    out)}), or None: no LoRA tensors at all, a module the model lacks, or other in/out sizes."""
+    lora = lora_shapes(file)
+    if not lora:
+        return "it holds no LoRA tensors (keys like transformer.MODULE.lora_A.weight): not a LoRA"
+    missing = sorted(module for module in lora if module not in linear_shapes)
+    if missing:
+        return (f"{len(missing)} of its {len(lora)} LoRA modules are not Linear layers of the model "
+                f"(first: {missing[0]})")
+    for module, (size_in, size_out) in sorted(lora.items()):
+        model_in, model_out = linear_shapes[module]
+        if (size_in, size_out) != (model_in, model_out):
+            return f"{module} is {size_in} -> {size_out} in the LoRA but {model_in} -> {model_out} in the model"
+    return None
+
+
+def require_lora_fits(path: str, pretrained: str, field: str, linear_shapes: dict | None = None):
+    """The LoRA (or checkpoint) at `path` was trained on this model: its modules and sizes, read from
+    the safetensors header, against the transformer's Linears (from its config on the meta device
+    before the model loads; `linear_shapes` of the loaded model when its config could not be read).
+    Fails as one line naming the file and what does not match, before any sampling."""
+    if not path:
+        return
+    if linear_shapes is None:
+        linear_shapes = run_config.known_linear_shapes(pretrained)
+        if linear_shapes is None:  # checked again once the model has loaded (run)
+            return
+    file = lora_weights_file(path)
+    problem = lora_mismatch(file, linear_shapes)
+    run_config.require(problem is None, field, f"{file} does not fit the model {pretrained!r}: {problem} "
+                       "(a LoRA trained on another model?)")
+
+
+def model_linear_shapes(transformer) -> dict[str, tuple[int, int]]:
+    """{name: (in_features, out_features)} of a loaded transformer's Linears."""
+    return {name: (module.in_features, module.out_features) for name, module in transformer.named_modules()
+            if isinstance(module, torch.nn.Linear)}
 
 
 def load_lora_source(pipe, path: str):
@@ -148,9 +236,12 @@ def main(argv=None):
     config = parse_config(EvalConfig, PRESETS, argv, defaults=run_dir_defaults(run_dir) if run_dir else None)
     require(run_config.data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
     require_lora_source(config.lora_dir, "lora_dir")
+    require_lora_fits(config.lora_dir, config.pretrained, "lora_dir")  # not after the base model's sampling
+    run_config.require_pretrained(config.pretrained)  # a typo'd local path: one line, before any model loads
     validate_reward(config.reward, config.reward_kwargs)
-    require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
-    require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
+    validate_sampling(config)
+    require(config.grid_images >= 0, "grid_images", "must be >= 0")
+    require(config.dtype in ("bfloat16", "float16", "float32"), "dtype", "must be bfloat16, float16 or float32")
     require_writable_dir(config.output_dir, "output_dir")  # fail now, not after all the sampling
     return run(config)
 
@@ -172,6 +263,8 @@ def run(config: EvalConfig) -> dict:
         rows = rows[: config.max_prompts]
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=accelerator.device)
+    if run_config.known_linear_shapes(config.pretrained) is None:  # main could not check it before loading
+        require_lora_fits(config.lora_dir, config.pretrained, "lora_dir", model_linear_shapes(pipe.transformer))
     per_rank = math.ceil(len(rows) * config.samples_per_prompt / accelerator.num_processes)
     bar = tqdm(total=per_rank, unit="image", disable=not accelerator.is_local_main_process)
     cache = progress_prompt_cache(pipe, config.max_sequence_length, bar,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import torch
 from PIL import Image
@@ -55,9 +56,12 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     mine = mine + [jobs[-1]] * (per_rank - n_real)  # padding, dropped below
     prompts = [rows[i]["prompt"] for i, _ in mine]
     seeds = [i * 1000 + j for i, j in mine]
+    started = time.perf_counter()
     _, images = qwen_image_rollout.rollout(pipe, prompt_cache, prompts, seeds, rollout_settings)
+    sampled = time.perf_counter()
     scores, parts = score_rows_with_components(reward_fn, images[:n_real], [rows[i] for i, _ in mine[:n_real]]) \
         if n_real else ([], {})
+    scored = time.perf_counter()
     names = sorted(parts)
     # [per_rank, 1 + components]: the combined reward, then each component; NaN rows are padding
     table = torch.full((per_rank, 1 + len(names)), float("nan"), dtype=torch.float64)
@@ -69,7 +73,9 @@ def evaluate(pipe, prompt_cache, rows: list[dict], reward_fn, rollout_settings, 
     metrics = {"eval/reward_mean": values.mean().item(), "eval/reward_std": values.std(unbiased=False).item(),
                "eval/reward_se": standard_error(values),
                "eval/images": float(values.numel()),
-               "eval/rewards": values.tolist()}  # every image's reward, in (prompt, seed) order: paired gains
+               "eval/rewards": values.tolist(),  # every image's reward, in (prompt, seed) order: paired gains
+               # this rank's seconds sampling the eval images and scoring them (where an eval's time goes)
+               "time/eval_sample_s": sampled - started, "time/eval_reward_s": scored - sampled}
     for k, name in enumerate(names):
         metrics[f"eval/{name}/reward_mean"] = gathered[:, 1 + k].mean().item()
     if exact_match:
@@ -211,8 +217,6 @@ def evaluate_and_log(pipe, prompt_cache, rows, reward_fn, rollout_settings, samp
     """The trainers' periodic evaluation: metrics to the log and the terminal (with the paired gain
     over `baseline`, an earlier eval's per-image rewards), a grid to samples/eval-STEP.png and the
     trackers (with a table of this rank's images and rewards)."""
-    import time
-
     start = time.perf_counter()
     pipe.transformer.eval()
     parts = {}

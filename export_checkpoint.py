@@ -2,18 +2,19 @@
 
     python export_checkpoint.py --checkpoint outputs/demo/checkpoint-10 --output_dir outputs/demo/lora-10
 
-Reads CHECKPOINT/trainable.safetensors (the trained adapter in the checkpoint format of
-trainer_utils.save_checkpoint) and CHECKPOINT/config.json, writes OUTPUT_DIR/pytorch_lora_weights.safetensors
-(what `pipe.load_lora_weights(OUTPUT_DIR)` reads: the same file the trainer writes at the end of a
-run) and OUTPUT_DIR/README.md, whose eval figures are those logged at THIS step in the run's
-metrics.jsonl (or it says no eval ran at that step). No model is loaded: a 20B model's LoRA exports
-in seconds on any machine.
+Reads CHECKPOINT/trainable.safetensors (the adapters in the checkpoint format of
+checkpoints.save_checkpoint) and CHECKPOINT/config.json, writes OUTPUT_DIR/pytorch_lora_weights.safetensors
+(what `pipe.load_lora_weights(OUTPUT_DIR)` reads: the adapter the trainer writes at the end of a run,
+the trained one or, with eval_with_ema, its EMA, as the card says) and OUTPUT_DIR/README.md, whose
+eval figures are those logged at THIS step in the run's metrics.jsonl (or it says no eval ran at that
+step). No model is loaded: a 20B model's LoRA exports in seconds on any machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import checkpoints
@@ -29,7 +30,25 @@ class ExportConfig:
     preset: str = ""  # no presets: every value comes from the checkpoint
 
 
-TRAINED_ADAPTER = ".default."  # peft's name of the trained adapter; the old (EMA) one is ".old."
+TRAINED_ADAPTER = ".default."  # peft's name of the trained adapter; the old policy's is ".old."
+EMA_ADAPTER = ".ema."  # eval_with_ema: the EMA adapter, which the run evaluated and exports (policy.save_final)
+
+
+def exported_adapter(config: dict) -> str:
+    """The adapter the export holds: the EMA with eval_with_ema (what the run evaluated, what its
+    final lora/ holds and what the card says: model_card.exported_weights_line), else the trained one."""
+    return EMA_ADAPTER if config.get("eval_with_ema") else TRAINED_ADAPTER
+
+
+def full_finetune_problem(checkpoint: str) -> str | None:
+    """None for a LoRA checkpoint, else why there is nothing to export and what to do instead."""
+    config = checkpoint_config(checkpoint)
+    if config.get("train_mode", "lora") == "lora":
+        return None
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    return (f"{checkpoint!r} is a full fine-tune (train_mode {config['train_mode']!r}): there is no LoRA to export; the "
+            f"run's final weights are {os.path.join(run_dir, 'transformer')} (QwenImageTransformer2DModel.from_pretrained), "
+            "written at the end of the run (resume it with --resume_from_checkpoint to write them)")
 
 
 def checkpoint_config(checkpoint: str) -> dict:
@@ -54,18 +73,19 @@ def checkpoint_lora(checkpoint: str) -> tuple[dict, dict, dict, int]:
     if problem:
         raise run_config.InputError(f"checkpoint {checkpoint!r} is not a complete checkpoint: {problem}")
     config = checkpoint_config(checkpoint)
-    if config.get("train_mode", "lora") != "lora":
-        raise run_config.InputError(f"checkpoint {checkpoint!r} trained the full transformer (train_mode "
-                            f"{config['train_mode']!r}): there is no LoRA to export")
+    problem = full_finetune_problem(checkpoint)
+    if problem:
+        raise run_config.InputError(f"checkpoint {problem}")
+    adapter = exported_adapter(config)
     with open(os.path.join(checkpoint, "train_state.json")) as f:
         step = json.load(f)["step"]
     saved = load_file(os.path.join(checkpoint, "trainable.safetensors"))
     # "transformer_blocks.0.attn.to_q.lora_A.default.weight" -> "transformer_blocks.0.attn.to_q.lora_A.weight",
     # the keys get_peft_model_state_dict gives (qwen_image.save_lora)
-    state = {name.replace(TRAINED_ADAPTER, "."): tensor.contiguous() for name, tensor in saved.items()
-             if TRAINED_ADAPTER in name}
+    state = {name.replace(adapter, "."): tensor.contiguous() for name, tensor in saved.items() if adapter in name}
     if not state:
-        raise run_config.InputError(f"{os.path.join(checkpoint, 'trainable.safetensors')} holds no LoRA weights")
+        raise run_config.InputError(f"{os.path.join(checkpoint, 'trainable.safetensors')} holds no LoRA weights of "
+                                    f"the adapter {adapter.strip('.')!r}")
     # the adapter config as qwen_image.save_lora writes it: the exact adapted modules, alpha
     metadata = LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"],
                           init_lora_weights=qi.LORA_INITS[config.get("lora_init", "gaussian")],
@@ -107,14 +127,22 @@ def main(argv=None):
     run_config.require(bool(config.checkpoint), "checkpoint", "a checkpoint folder is required (--checkpoint RUN/checkpoint-N)")
     problem = checkpoints.checkpoint_problem(config.checkpoint)
     run_config.require(problem is None, "checkpoint", f"{config.checkpoint!r} is not a complete checkpoint: {problem}")
+    full = full_finetune_problem(config.checkpoint)  # before output_dir exists: no empty folder is left
+    run_config.require(full is None, "checkpoint", full or "")
     output_dir = config.output_dir or os.path.join(
         os.path.dirname(os.path.abspath(config.checkpoint)),
         "lora-" + os.path.basename(os.path.normpath(config.checkpoint)).removeprefix("checkpoint-"))
     if os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors")) and not config.overwrite_output:
         raise FileExistsError(f"output_dir {output_dir!r} already holds a LoRA: pass --overwrite_output true to "
                               "replace it, or choose another --output_dir")
-    run_config.require_writable_dir(output_dir, "output_dir")
-    export(config.checkpoint, output_dir)
+    created = not os.path.exists(output_dir)
+    run_config.require_writable_dir(output_dir, "output_dir", create=False)
+    try:
+        export(config.checkpoint, output_dir)
+    except BaseException:
+        if created:  # the folder is this export's own: nothing half-written is left
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     print(f"exported {config.checkpoint} -> {output_dir} (pytorch_lora_weights.safetensors, README.md)")
     return output_dir
 

@@ -72,13 +72,36 @@ def transition_log_prob(next_latents: torch.Tensor, mean: torch.Tensor, step_std
     return log_prob.reshape(log_prob.shape[0], -1).mean(dim=1)
 
 
+def window_start(num_steps: int, length: int, seed: int) -> int:
+    """Flow-GRPO-Fast's random SDE window start: uniform over 0 .. num_steps // 2 - length (official
+    flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_fast.py: `random.randint(sde_window_range[0],
+    sde_window_range[1] - sde_window_size)` with config/grpo.py `sde_window_range = (0, num_steps // 2)`,
+    drawn per pipeline call from Python's `random`); here from a generator seeded with `seed`."""
+    top = num_steps // 2 - length
+    if length < 1 or top < 0:
+        raise ValueError(f"window random:{length}: need 1 <= length <= num_steps // 2 = {num_steps // 2}")
+    return int(torch.randint(0, top + 1, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
+def resolve_window(window: str, num_steps: int, seed: int) -> str:
+    """"random:LENGTH" -> "start,LENGTH" with start = window_start(num_steps, LENGTH, seed); any other
+    window as it is (checked by sde_steps)."""
+    if not window.strip().startswith("random:"):
+        return window
+    try:
+        length = int(window.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"window must be '', 'start,length' or 'random:length', got {window!r}") from None
+    return f"{window_start(num_steps, length, seed)},{length}"
+
+
 def sde_steps(num_steps: int, window: str = "", timestep_fraction: float = DEFAULT_TIMESTEP_FRACTION,
               ) -> tuple[list[int], list[int]]:
     """-> (SDE step indices, trained step indices) of a num_steps sampler.
 
     window "": every step is an SDE step (official train_sd3.py); "start,length": steps start ..
     start+length-1 are SDE steps, the others ODE (Euler) steps (Flow-GRPO-Fast / MixGRPO: official
-    train_sd3_fast.py, `sample.sde_window_size`, with a fixed start here). Trained: the first
+    train_sd3_fast.py, `sample.sde_window_size`; its random start: resolve_window). Trained: the first
     int(n_sde * timestep_fraction) SDE steps (official `num_train_timesteps = int(num_steps *
     timestep_fraction)`: 0.99 drops the last, sharpest step; use 1 to train a whole window, as
     train_sd3_fast.py does). Raises ValueError on a window outside the steps or no trained step."""

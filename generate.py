@@ -79,12 +79,10 @@ def validate(config: GenerateConfig, prompts: list[str]):
     run_config.require(not config.prompts or run_config.data_source_exists(config.prompts), "prompts",
                f"file {config.prompts!r} does not exist")
     evaluate.require_lora_source(config.lora, "lora")
-    run_config.require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
-    run_config.require(config.height % 16 == 0 and config.width % 16 == 0 and config.height > 0 and config.width > 0, "height",
-               "height and width must be positive multiples of 16")
-    run_config.require(config.num_inference_steps >= 1, "num_inference_steps", "must be >= 1")
-    run_config.require(config.true_cfg_scale >= 1.0, "true_cfg_scale", "must be >= 1 (1 disables CFG)")
-    run_config.require(config.chunk_size >= 1 and config.grid_columns >= 1, "chunk_size", "chunk_size and grid_columns must be >= 1")
+    evaluate.require_lora_fits(config.lora, config.pretrained, "lora")  # its modules and sizes, before the model loads
+    run_config.require_pretrained(config.pretrained)  # a typo'd local path: one line, before any model loads
+    evaluate.validate_sampling(config)  # the checks evaluate.py makes of the same flags
+    run_config.require(config.grid_columns >= 1, "grid_columns", "must be >= 1")
     run_config.require(config.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
                "must be auto, bfloat16, float16 or float32")
     run_config.require_writable_dir(config.output_dir, "output_dir")  # fail now, not after the sampling
@@ -105,7 +103,7 @@ def generate(config: GenerateConfig, prompts: list[str]) -> list[dict]:
 
     import qwen_image as qi
     import qwen_image_rollout as qir
-    from evaluate import load_lora_source
+    from evaluate import load_lora_source, model_linear_shapes, require_lora_fits
 
     if config.prompts:
         prompts = prompts + [row["prompt"] for row in prompt_data.load_prompts(config.prompts, split="test")]
@@ -115,6 +113,8 @@ def generate(config: GenerateConfig, prompts: list[str]) -> list[dict]:
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, dtype), device=device)
     if config.lora:
+        if run_config.known_linear_shapes(config.pretrained) is None:  # validate could not check it before loading
+            require_lora_fits(config.lora, config.pretrained, "lora", model_linear_shapes(pipe.transformer))
         load_lora_source(pipe, config.lora)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(config.samples_per_prompt)]
     seeds = [config.seed + i * 1000 + j for i, j in jobs]

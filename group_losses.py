@@ -365,3 +365,18 @@ def awm_loss(model_pred: torch.Tensor, old_pred: torch.Tensor, target: torch.Ten
         metrics = {"loss": loss.item(), "kl": kl.item(), "old_kl": old_kl.item(), "ratio_mean": ratio.mean().item(),
                    "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(), "logp_mean": logp.mean().item()}
     return total, metrics
+
+
+def stratified_sampler_indices(n_steps: int, strata: int, fraction: float, u: torch.Tensor) -> torch.Tensor:
+    """AWM's `time_type = "discrete_wo_init"` (scripts/train_sd3_awm.py): the sampler's step indices
+    1 .. int(n_steps * fraction) split into `strata` intervals (boundaries linspace(1, top, strata + 1)
+    floored); u [strata] in [0, 1) picks one index in each -> long [strata]."""
+    boundaries = torch.linspace(1, int(n_steps * fraction), strata + 1)
+    lower, upper = boundaries[:-1].long(), boundaries[1:].long()
+    return lower + (u * (upper - lower)).long()
+
+
+def first_steps_available(n_steps: int, fraction: float) -> int:
+    """DGPO: how many of the sampler's first steps it trains on: int(n_steps * fraction) + 1 (official
+    config/dgpo.py `trunc_steps = 6` of 10 steps, indices 0..trunc_steps: fraction 0.6)."""
+    return max(1, min(n_steps, int(n_steps * fraction) + 1))

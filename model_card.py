@@ -56,7 +56,21 @@ def objective_card(config: dict) -> dict:
         knobs = tuple(k for k in config if k.startswith(f"{name}_"))
     if name == "dpo" and config.get("reverse_preference"):
         knobs = (*knobs, "reverse_preference")
-    return dict(entry, name=name, knobs=[k for k in knobs if k in config])
+    shown = [k for k in knobs if k in config and not (name == "dpo" and lever_off(k, config))]
+    return dict(entry, name=name, knobs=shown)
+
+
+# DPO's stabilising levers (policy.validate_dpo_levers) and the values that leave them off: a card names a
+# lever (and its setting) only when the run used it
+LEVERS_OFF = {"update_split": ("", "all"), "pair_weighting": ("none",), "chosen_sft_weight": (0,),
+              "winner_preserving": (False,), "ref_update_every": (0,), "norm_guard_weight": (0,)}
+LEVER_SETTINGS = {"winner_preserving_mu": "winner_preserving", "ref_update_alpha": "ref_update_every",
+                  "norm_guard_tolerance": "norm_guard_weight"}
+
+
+def lever_off(knob: str, config: dict) -> bool:
+    lever = LEVER_SETTINGS.get(knob, knob)
+    return lever in LEVERS_OFF and lever in config and config[lever] in LEVERS_OFF[lever]
 
 
 def is_hub_id(pretrained: str) -> bool:

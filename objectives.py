@@ -10,15 +10,14 @@ updates the `Policy` (policy.py):
           from the trained and the old (EMA) policy, weighted by its advantage.
 - `awm`   AWM: advantage-weighted flow matching with a PPO-style ratio to the old policy.
 - `grpo`  Flow-GRPO: the rollout samples with an SDE and records its transitions; PPO-clipped ratio
-          of each trained step's transition log-probability, KL to the reference (flow_grpo.py).
+          of each trained step's transition log-probability, KL to the reference (objective_grpo.py).
 
 The group objectives share one update (`GroupObjective.update`): advantages within each group
-(tied groups trained with A = 0 as the official scripts do, or dropped with drop_tied_groups; both
-counted), noise and sigma per group or sample and update (each objective's official timestep
-scheme by default), whole groups per micro-batch, the predictions the loss needs (reference, old,
-and for AWM the rollout policy's), the loss from group_losses.py, backward scaled to the global
-mean over the loss's units, one guarded optimizer step per update, and the old adapter's EMA step
-(decay from the optimizer-step count, as the official schedules). Each subclass says what its loss is.
+(tied groups trained with A = 0 as the official scripts, or dropped: drop_tied_groups), the groups
+cut into one part per optimizer step (update_split; objective_grpo.split_parts), per part its
+noise and `timesteps` sigmas per group or sample (each objective's official scheme by default),
+whole groups per micro-batch, the predictions the loss needs, the loss from group_losses.py,
+backward scaled to the global mean, one guarded optimizer step, and the old adapter's EMA step.
 """
 
 from __future__ import annotations
@@ -29,8 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
+import objective_grpo
 import perf
 from distributed import all_max, all_sum
+from group_losses import first_steps_available, stratified_sampler_indices
+from objective_grpo import TrainedGroups, mean_metrics
 from policy import dpo_update
 from prompt_data import derived_seed
 
@@ -43,44 +45,6 @@ class Rollouts:
     group_ids: list[str]  # [N], equal within a prompt group; unique in the step over all ranks
     prompts: list[str]  # [N]
     trajectory: dict | None = None  # grpo: the SDE rollout's recorded transitions (qwen_image_rollout.SDERecorder.result)
-
-
-@dataclass
-class TrainedGroups:
-    """This rank's share of one step's update: whole groups, in micro-batches of `per_micro` groups."""
-    advantages: torch.Tensor  # [N] of every rollout row
-    groups: list[list[int]]  # row indices of each trained group; a rank with none: one zero-weight placeholder
-    n_groups: int  # real groups on this rank (0 with the placeholder)
-    groups_total: int  # over all ranks
-    rows_total: int  # over all ranks
-    per_micro: int
-    n_micro: int  # the same on every rank (the largest), so the collectives line up
-
-    @property
-    def order(self) -> list[int]:
-        return [row for g in self.groups for row in g]
-
-    def micro_batches(self):
-        """-> (micro, rows: slice of `order`, n_rows, n_groups, weight, first group) per micro-batch;
-        a rank with fewer groups runs padding micro-batches with weight 0 (same work, no contribution)."""
-        bounds = [0]
-        for g in self.groups:
-            bounds.append(bounds[-1] + len(g))
-        for micro in range(self.n_micro):
-            first, last = micro * self.per_micro, min((micro + 1) * self.per_micro, self.n_groups)
-            weight = 1.0
-            if last <= first:
-                first, last, weight = 0, 1, 0.0
-            yield micro, slice(bounds[first], bounds[last]), bounds[last] - bounds[first], last - first, weight, first
-
-
-def mean_metrics(accelerator, prefix: str, totals: dict, units_total: float, good_updates: int) -> dict:
-    """Sums of unit-weighted metric values (this rank, every good update) -> their means over all ranks."""
-    if not good_updates:
-        return {}
-    keys = sorted(totals)
-    summed = all_sum(accelerator, *[totals[k] for k in keys])
-    return {f"{prefix}/{k}": v / (units_total * good_updates) for k, v in zip(keys, summed)}
 
 
 def parse_ema(spec: str) -> tuple[float, float, float]:
@@ -98,8 +62,12 @@ class DPO:
     """Pairs per group (`pair_strategy`, ties dropped and counted), the Diffusion-DPO update."""
 
     name = "dpo"
-    knobs = ("beta", "pair_strategy", "min_reward_margin")  # compared on resume (checkpoints.config_changes)
+    # compared on resume (checkpoints.config_changes); the card shows a lever only when it is on (model_card.LEVERS_OFF)
+    knobs = ("beta", "pair_strategy", "min_reward_margin", "update_split", "pair_weighting", "chosen_sft_weight",
+             "winner_preserving", "winner_preserving_mu", "ref_update_every", "ref_update_alpha", "norm_guard_weight",
+             "norm_guard_tolerance")
     uses_old_adapter = False
+    official_update_split = "all"  # what update_split "" means for dpo (today's behaviour)
 
     def __init__(self, config):
         self.config = config
@@ -109,12 +77,19 @@ class DPO:
 
     def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
         """-> (metrics, pairs [P, 2] of (chosen, rejected) row indices, for the sample grid)."""
-        from pairing import interleave, pair_stats, select_pairs
+        from dpo_loss import margin_pair_weights
+        from pairing import interleave, pair_stats, select_pairs, tied_candidates
 
         config, accelerator = self.config, policy.accelerator
         group_ids, rewards, latents, prompts = rollouts.group_ids, rollouts.rewards, rollouts.latents, rollouts.prompts
         pairs = select_pairs(group_ids, rewards, config.pair_strategy, config.min_reward_margin)  # [P, 2]
         stats = pair_stats(group_ids, rewards, pairs)
+        tied, candidates = tied_candidates(group_ids, rewards, config.pair_strategy)
+        margins = (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).double()  # [P], > min_reward_margin
+        pair_weights = None
+        if getattr(config, "pair_weighting", "none") == "margin":  # GPO-style: weight by the reward margin
+            margin_sum, pair_count = all_sum(accelerator, float(margins.sum()), pairs.shape[0])
+            pair_weights = margin_pair_weights(margins, margin_sum / max(pair_count, 1))
         if config.reverse_preference:
             pairs = pairs.flip(1)
         n_pairs = pairs.shape[0]
@@ -125,28 +100,27 @@ class DPO:
         else:  # no pair on this rank: placeholder rows, zero weight, so it still joins every collective
             chosen_rejected_latents, pair_prompts = latents[:2].to(device), prompts[:2]
         metrics = dpo_update(policy, chosen_rejected_latents, pair_prompts, n_pairs, prompt_cache, step,
-                             updates=config.updates_per_rollout)
+                             updates=config.updates_per_rollout,
+                             split=getattr(config, "update_split", "") or self.official_update_split,
+                             pair_weights=pair_weights)
         metrics["perf/update_tflop"] = perf.update_tflop(config, policy.transformer.config, prompt_cache, pair_prompts,
                                                          2 * config.micro_batch_pairs) if n_pairs else 0.0
+        if (getattr(config, "update_split", "") or self.official_update_split) == "disjoint":  # each pair once
+            metrics["perf/update_tflop"] /= config.updates_per_rollout
         if "update/skipped_no_pairs" in metrics:
             accelerator.print(f"step {step}: no pairs (every group tied or below min_reward_margin); update skipped")
-        pairs_total, tie_groups, no_pair_groups, gap_sum = all_sum(
-            accelerator, n_pairs, stats["tie_groups"], stats["groups_without_pair"], stats["reward_gap_mean"] * n_pairs)
+        pairs_total, tie_groups, no_pair_groups, gap_sum, tied_total, candidates_total = all_sum(
+            accelerator, n_pairs, stats["tie_groups"], stats["groups_without_pair"], stats["reward_gap_mean"] * n_pairs,
+            tied, candidates)
+        # pairs/reward_gap: the trained pairs' mean chosen - rejected reward; pairs/tied_fraction: the
+        # pair_strategy's candidate pairs with equal rewards (margin 0), never trained
         metrics.update({"pairs/kept": pairs_total, "pairs/tie_groups_dropped": tie_groups,
-                        "pairs/groups_without_pair": no_pair_groups, "pairs/reward_gap": gap_sum / max(pairs_total, 1)})
+                        "pairs/groups_without_pair": no_pair_groups, "pairs/reward_gap": gap_sum / max(pairs_total, 1),
+                        "pairs/tied_fraction": tied_total / max(candidates_total, 1)})
         return metrics, pairs
 
 
-GROUP_SIGMA_SCHEMES = ("sampler", "sampler_stratified")  # besides pairing.SIGMA_SCHEMES
-
-
-def stratified_sampler_indices(n_steps: int, strata: int, fraction: float, u: torch.Tensor) -> torch.Tensor:
-    """AWM's `time_type = "discrete_wo_init"` (scripts/train_sd3_awm.py): the sampler's step indices
-    1 .. int(n_steps * fraction) split into `strata` intervals (boundaries linspace(1, top, strata + 1)
-    floored); u [strata] in [0, 1) picks one index in each -> long [strata]."""
-    boundaries = torch.linspace(1, int(n_steps * fraction), strata + 1)
-    lower, upper = boundaries[:-1].long(), boundaries[1:].long()
-    return lower + (u * (upper - lower)).long()
+GROUP_SIGMA_SCHEMES = ("sampler", "sampler_stratified", "sampler_first")  # besides pairing.SIGMA_SCHEMES
 
 
 class GroupObjective:
@@ -155,17 +129,29 @@ class GroupObjective:
     name = ""
     knobs: tuple[str, ...] = ()  # the config fields of this objective, compared on resume
     units = "samples"  # what the loss averages over: "samples" or "groups"
-    uses_old_adapter = True
+    uses_old_adapter = True  # an old (EMA) LoRA adapter exists (memory; sampling and/or the loss)
     needs_reference = True
     ratio_to_rollout = False  # AWM: the loss needs the rollout policy's likelihood (precomputed per update)
     old_ema_per_optimizer_step = False  # DGPO: the old EMA steps after every optimizer step (NFT, AWM: per rollout)
     shared_noise = False  # one noise per group (DGPO's `use_shared_noise`) or per sample (NFT, AWM: randn_like)
     official_sigma_scheme = "logit_normal"  # what sigma_scheme "" means for this objective
+    official_update_split = "disjoint"  # every official script uses each sample once per rollout batch
     ema = "0,0,0"  # the old adapter's EMA schedule (parse_ema), of the optimizer-step count
 
     def __init__(self, config):
         self.config = config
         self.sigma_scheme = config.sigma_scheme or self.official_sigma_scheme
+        self.update_split = config.update_split or self.official_update_split
+        # timesteps per trained sample per optimizer step (gradients accumulate over them)
+        self.timesteps = config.train_timesteps or self.official_timesteps(config)
+
+    @property
+    def needs_old_prediction(self) -> bool:
+        """Whether the loss runs the old adapter's forward (DGPO: only with its clip)."""
+        return self.uses_old_adapter
+
+    def official_timesteps(self, config) -> int:
+        return 1
 
     def samples_with_old(self, optimizer_steps: int) -> bool:
         """Whether this step's rollouts are sampled with the old adapter."""
@@ -175,20 +161,18 @@ class GroupObjective:
         raise NotImplementedError
 
     def advantages(self, rollouts: Rollouts, accelerator):
-        from group_losses import group_advantages
+        return objective_grpo.group_advantages_for(self.config, rollouts, accelerator)
 
-        std = "group"
-        if self.config.advantage_std == "global":
-            # one scale: the std of every reward of the step (all ranks) + 1e-4, as the official
-            # `sample.global_std = True` (flow_grpo/stat_tracking.py: np.std(rewards) + 1e-4)
-            everything = accelerator.gather(rollouts.rewards.to(accelerator.device)) if accelerator.num_processes > 1 \
-                else rollouts.rewards
-            std = everything.double().std(unbiased=False).item() + 1e-4
-        advantages, keep, group_index, stats = group_advantages(rollouts.rewards, rollouts.group_ids, std=std,
-                                                                group_size=self.config.samples_per_prompt)
-        if self.config.reverse_preference:  # control run: train towards the worse samples
-            advantages = -advantages
-        return advantages, keep, group_index, stats
+    def batch_of(self, accelerator, advantages, groups: list[list[int]]) -> TrainedGroups | None:
+        """These groups of this rank as one optimizer step's batch; None when no rank has a group."""
+        groups_total, rows_total = all_sum(accelerator, len(groups), sum(len(g) for g in groups))
+        if rows_total == 0:
+            return None
+        per_micro = self.config.micro_batch_groups
+        n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups) / per_micro))))
+        placeholder = [list(range(self.config.samples_per_prompt))]  # joins the collectives with zero weight
+        return TrainedGroups(advantages, groups or placeholder, len(groups), int(groups_total), int(rows_total),
+                             per_micro, n_micro)
 
     def trained_groups(self, rollouts: Rollouts, accelerator, step: int) -> tuple[TrainedGroups | None, dict]:
         """-> (the groups to train, None when no rank has one; the adv/* metrics). Tied groups (A = 0)
@@ -198,64 +182,85 @@ class GroupObjective:
         by_group: dict[int, list[int]] = {}
         for row in torch.nonzero(trained).flatten().tolist():
             by_group.setdefault(int(group_index[row]), []).append(row)
-        metrics = self._advantage_metrics(accelerator, stats, advantages[trained], self.config.drop_tied_groups)
-        groups = list(by_group.values())
-        groups_total, rows_total = all_sum(accelerator, len(groups), sum(len(g) for g in groups))
-        if rows_total == 0:
+        metrics = objective_grpo.advantage_metrics(accelerator, stats, advantages[trained], self.config.drop_tied_groups)
+        batch = self.batch_of(accelerator, advantages, list(by_group.values()))
+        if batch is None:
             accelerator.print(f"step {step}: every group has equal rewards (drop_tied_groups); update skipped")
             metrics["update/skipped_no_groups"] = 1.0
-            return None, metrics
-        per_micro = self.config.micro_batch_groups
-        n_micro = int(all_max(accelerator, max(1, math.ceil(len(groups) / per_micro))))
-        placeholder = [list(range(self.config.samples_per_prompt))]  # joins the collectives with zero weight
-        return TrainedGroups(advantages, groups or placeholder, len(groups), int(groups_total), int(rows_total),
-                             per_micro, n_micro), metrics
+        return batch, metrics
 
-    def _draws(self, policy, rollouts, groups_list, step, shape, n_updates):
-        """-> [(noise [M, *shape], sigmas [M]) per update] for the rows of `groups_list` in order.
-        Everything a group draws comes from generators seeded by (seed, step, [update,] its id), so
-        the same on any number of ranks. Noise: one per group (shared_noise) or per row. Sigmas per
-        `sigma_scheme`: logit_normal / uniform / mode: one per group and update (pairing.sample_sigmas);
-        "sampler": per row, the sampler's own sigmas (qwen_image_rollout.sampler_sigmas) in a random order
-        per row, update u taking the u-th (official NFT: `timesteps` of the sampler, permuted per
-        sample, scripts/train_nft_sd3.py); "sampler_stratified": per group, one sampler step index
-        per stratum (stratified_sampler_indices, strata = updates_per_rollout, visited in a random
-        order; official AWM `time_type = "discrete_wo_init"`, `train.timestep_fraction` 0.9)."""
+    def update_parts(self, rollouts: Rollouts, batch: TrainedGroups, accelerator, step: int) -> list:
+        """-> [(update index, its batch)]: "all": the whole batch at every update; "disjoint": the
+        groups of all ranks cut into updates_per_rollout parts (objective_grpo.split_parts: the same
+        on any number of ranks), one per optimizer step, each group used once (empty parts left out)."""
+        n = self.config.updates_per_rollout
+        if self.update_split == "all":
+            return [(u, batch) for u in range(n)]
+        real = batch.groups[:batch.n_groups]
+        part_of = objective_grpo.split_parts(accelerator, objective_grpo.unit_keys(rollouts.group_ids, real), n,
+                                             self.config.seed, step)
+        parts = [(u, self.batch_of(accelerator, batch.advantages, [g for g, p in zip(real, part_of) if p == u]))
+                 for u in range(n)]
+        return [(u, part) for u, part in parts if part is not None]
+
+    def _draws(self, policy, rollouts, groups_list, step, shape, updates) -> dict:
+        """-> {update: [(noise [M, *shape], sigmas [M]) per trained timestep]} for the rows of
+        `groups_list` in order, `self.timesteps` timesteps per update. Everything a group draws comes
+        from generators seeded by (seed, step, update, timestep, its id), so the same on any number of
+        ranks and in any part. Noise: one per group (shared_noise) or per row. Sigmas per `sigma_scheme`:
+        logit_normal / uniform / mode: one per group and timestep (pairing.sample_sigmas);
+        "sampler": per row, the sampler's own sigmas (qwen_image_rollout.sampler_sigmas) in a random
+        order per row, the update's timesteps taking the next ones (official NFT: each sample's
+        `timesteps` permuted, its first int(0.99 n) trained in one optimizer step, train_nft_sd3.py);
+        "sampler_stratified": per group and update, one sampler step index per stratum of 1 ..
+        int(0.9 n), strata = the timesteps (official AWM `time_type = "discrete_wo_init"`, 6
+        timesteps in one optimizer step); "sampler_first": distinct indices among the first
+        first_steps_available steps, shared by every group (official DGPO `generate_shared_sampled_timesteps`:
+        drawn once per rollout batch; here per update with update_split all)."""
         from pairing import sample_sigmas
 
-        config = self.config
-        scheme = self.sigma_scheme
+        config, scheme, T = self.config, self.sigma_scheme, self.timesteps
         schedule = policy.sampler_sigmas() if scheme in GROUP_SIGMA_SCHEMES else None  # [n_steps]
         keys = [zlib.crc32(rollouts.group_ids[g[0]].encode()) for g in groups_list]
-        per_rollout = [torch.Generator().manual_seed(derived_seed("group_timesteps", config.seed, step, key))
-                       for key in keys]
         if scheme == "sampler":
-            orders = [[torch.randperm(len(schedule), generator=gen) for _ in g] for gen, g in zip(per_rollout, groups_list)]
-        elif scheme == "sampler_stratified":
-            orders = [torch.randperm(n_updates, generator=gen) for gen in per_rollout]
-        draws = []
-        for update in range(n_updates):
-            noises, sigmas = [], []
-            for number, (key, g) in enumerate(zip(keys, groups_list)):
-                gen = torch.Generator().manual_seed(derived_seed("group_noise", config.seed, step, update, key))
-                if self.shared_noise:
-                    noises.append(torch.randn(tuple(shape), generator=gen).expand(len(g), *shape))
-                else:
-                    noises.append(torch.randn((len(g), *shape), generator=gen))
-                if scheme == "sampler":
-                    sigmas.append(torch.stack([schedule[order[update % len(schedule)]] for order in orders[number]]))
-                elif scheme == "sampler_stratified":
-                    index = stratified_sampler_indices(len(schedule), n_updates, 0.9, torch.rand(n_updates, generator=gen))
-                    sigmas.append(schedule[index[orders[number][update]]].expand(len(g)))
-                else:
-                    sigma = sample_sigmas(1, scheme, gen, logit_mean=config.logit_mean, logit_std=config.logit_std)
-                    sigmas.append(sigma.float().expand(len(g)))
-            draws.append((torch.cat(noises), torch.cat(sigmas).float()))
+            per_group = [torch.Generator().manual_seed(derived_seed("group_timesteps", config.seed, step, key))
+                         for key in keys]
+            orders = [[torch.randperm(len(schedule), generator=gen) for _ in g] for gen, g in zip(per_group, groups_list)]
+        draws = {}
+        for update in updates:
+            if scheme == "sampler_first":
+                shared = torch.Generator().manual_seed(derived_seed(
+                    "dgpo_timesteps", config.seed, step, update if self.update_split == "all" else 0))
+                first = torch.randperm(first_steps_available(len(schedule), config.dgpo_first_steps_fraction),
+                                       generator=shared)
+            draws[update] = []
+            for k in range(T):
+                noises, sigmas = [], []
+                for number, (key, g) in enumerate(zip(keys, groups_list)):
+                    gen = torch.Generator().manual_seed(derived_seed("group_noise", config.seed, step, update, key, k))
+                    if self.shared_noise:
+                        noises.append(torch.randn(tuple(shape), generator=gen).expand(len(g), *shape))
+                    else:
+                        noises.append(torch.randn((len(g), *shape), generator=gen))
+                    if scheme == "sampler":
+                        slot = (update * T + k) % len(schedule)
+                        sigmas.append(torch.stack([schedule[order[slot]] for order in orders[number]]))
+                    elif scheme == "sampler_stratified":
+                        strata = torch.Generator().manual_seed(derived_seed("group_strata", config.seed, step, update, key))
+                        index = stratified_sampler_indices(len(schedule), T, 0.9, torch.rand(T, generator=strata))
+                        sigmas.append(schedule[index[k]].expand(len(g)))
+                    elif scheme == "sampler_first":
+                        sigmas.append(schedule[first[k % len(first)]].expand(len(g)))
+                    else:
+                        sigma = sample_sigmas(1, scheme, gen, logit_mean=config.logit_mean, logit_std=config.logit_std)
+                        sigmas.append(sigma.float().expand(len(g)))
+                draws[update].append((torch.cat(noises), torch.cat(sigmas).float()))
         return draws
 
     def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
-        """`updates_per_rollout` optimizer steps on this rank's groups; the loss is the mean over
-        every unit (sample or group) of every rank. -> (metrics, best/worst pairs for the grid)."""
+        """`updates_per_rollout` optimizer steps (update_parts), each accumulating over its groups'
+        micro-batches and `timesteps` trained timesteps; the loss is the mean over every unit (sample
+        or group) and timestep of the step's part on every rank. -> (metrics, best/worst pairs)."""
         from dpo_loss import velocity_target
         from pairing import select_pairs
 
@@ -265,40 +270,29 @@ class GroupObjective:
         grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
         if batch is None:
             return metrics, grid_pairs
-        groups_list, order = batch.groups, batch.order
-        units_total = batch.groups_total if self.units == "groups" else batch.rows_total
-        x0 = rollouts.latents[order].to(device)  # [M, S, 64], whole groups in a row
-        prompts = [rollouts.prompts[i] for i in order]
-        adv = batch.advantages[order].to(device)
-        dense_group = torch.tensor([number for number, g in enumerate(groups_list) for _ in g])  # [M]
-        n_micro = batch.n_micro
-
-        def micro_batches():  # -> (micro, rows, units, weight, first group)
-            for micro, rows, n_rows, n_groups, weight, first in batch.micro_batches():
-                yield micro, rows, (n_groups if self.units == "groups" else n_rows), weight, first
-
-        draws = [(noise.to(device, x0.dtype), sigmas.to(device))
-                 for noise, sigmas in self._draws(policy, rollouts, groups_list, step, x0.shape[1:],
-                                                  config.updates_per_rollout)]
-        rollout_logp = self._rollout_likelihoods(policy, prompt_cache, x0, prompts, draws, micro_batches, device)
-        totals, good_updates, decay = {}, 0, None
-        for update in range(config.updates_per_rollout):
-            noise, sigmas = draws[update]
-            target = velocity_target(x0, noise)
+        parts = [self._prepare(policy, rollouts, part, update, step, device)
+                 for update, part in self.update_parts(rollouts, batch, accelerator, step)]
+        rollout_logp = self._rollout_likelihoods(policy, prompt_cache, parts, device)
+        totals, good_updates, decay, tflop = {}, 0, None, 0.0
+        for number, p in enumerate(parts):
+            part, units_total, T = p["batch"], p["units_total"], len(p["draws"])
             sums = {}
-            for micro, rows, units, weight, first in micro_batches():
-                args = (x0[rows], noise[rows], sigmas[rows], *policy.conditioning(prompt_cache, prompts[rows], device))
-                ref_pred = policy.reference_velocity(*args) if self.needs_reference else None
-                old_pred = policy.old_velocity(*args) if self.uses_old_adapter else None
-                with policy.no_sync(micro == n_micro - 1):
-                    model_pred = policy.velocity(*args)
-                    loss, m = self.loss(model_pred, ref_pred, old_pred, target[rows], sigmas[rows], adv[rows],
-                                        dense_group[rows] - first,
-                                        rollout_logp=rollout_logp[update][rows] if update > 0 and self.ratio_to_rollout else None)
-                    # DDP / FSDP average gradients over ranks: scale to the global mean over units
-                    accelerator.backward(loss * (weight * units * world / units_total))
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0.0) + weight * value * units
+            for k, (noise, sigmas) in enumerate(p["draws"]):
+                target = velocity_target(p["x0"], noise)
+                for micro, rows, units, weight, first in p["micro_batches"]():
+                    args = (p["x0"][rows], noise[rows], sigmas[rows],
+                            *policy.conditioning(prompt_cache, p["prompts"][rows], device))
+                    ref_pred = policy.reference_velocity(*args) if self.needs_reference else None
+                    old_pred = policy.old_velocity(*args) if self.needs_old_prediction else None
+                    with policy.no_sync(micro == part.n_micro - 1 and k == T - 1):
+                        model_pred = policy.velocity(*args)
+                        loss, m = self.loss(model_pred, ref_pred, old_pred, target[rows], sigmas[rows], p["adv"][rows],
+                                            p["dense_group"][rows] - first,
+                                            rollout_logp=rollout_logp[number][k][rows] if number > 0 and rollout_logp else None)
+                        # DDP / FSDP average gradients over ranks: scale to the global mean over units and timesteps
+                        accelerator.backward(loss * (weight * units * world / (units_total * T)))
+                    for key, value in m.items():
+                        sums[key] = sums.get(key, 0.0) + weight * value * units / (units_total * T)
             if policy.optimizer_step(math.isfinite(sums["loss"]), step, metrics):
                 good_updates += 1
                 for key, value in sums.items():
@@ -308,10 +302,12 @@ class GroupObjective:
                     # with global_step = the optimizer steps before this one
                     decay = ema_decay(self.ema, policy.optimizer_steps - 1)
                     policy.update_old(decay)
-        metrics["perf/update_tflop"] = perf.update_tflop(
-            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * batch.per_micro,
-            reference=self.needs_reference, old=self.uses_old_adapter,
-            extra_policy_forwards=config.updates_per_rollout - 1 if self.ratio_to_rollout else 0) if batch.n_groups else 0.0
+            if part.n_groups:
+                tflop += perf.update_tflop(config, policy.transformer.config, prompt_cache, p["prompts"],
+                                           config.samples_per_prompt * part.per_micro, reference=self.needs_reference,
+                                           old=self.needs_old_prediction, forwards_per_row=T, updates=1,
+                                           extra_policy_forwards=T if number > 0 and self.ratio_to_rollout else 0)
+        metrics["perf/update_tflop"] = tflop
         if self.uses_old_adapter and not self.old_ema_per_optimizer_step:
             # official NFT / AWM: once per rollout batch, after its optimizer steps, with the decay of
             # the optimizer-step count (`global_step` in scripts/train_nft_sd3.py, train_sd3_awm.py)
@@ -320,70 +316,86 @@ class GroupObjective:
         if decay is not None:
             metrics["old/ema_decay"] = decay
         metrics["update/optimizer_steps"] = float(policy.optimizer_steps)
-        metrics.update(mean_metrics(accelerator, self.name, totals, units_total, good_updates))
+        metrics["update/timesteps_per_sample"] = float(self.timesteps)
+        metrics.update(mean_metrics(accelerator, self.name, totals, 1.0, good_updates))
         return metrics, grid_pairs
 
-    def _rollout_likelihoods(self, policy, prompt_cache, x0, prompts, draws, micro_batches, device):
-        """AWM (ratio_to_rollout): [updates][M] the likelihood of every update's (noise, sigma) under
-        the weights that sampled the rollouts, computed before the first optimizer step (as the
-        official on-policy recipe computes its `old_log_probs`); the first update needs none (its
-        own prediction, detached). Every rank runs the same forwards (padding included)."""
-        if not self.ratio_to_rollout or len(draws) < 2:
+    def _prepare(self, policy, rollouts, part: TrainedGroups, update: int, step: int, device) -> dict:
+        """One optimizer step's tensors: its rows' clean latents, prompts, advantages, dense group
+        numbers, its draws, and its micro-batches -> (micro, rows, units, weight, first group)."""
+        order = part.order
+        x0 = rollouts.latents[order].to(device)  # [M, S, 64], whole groups in a row
+        draws = self._draws(policy, rollouts, part.groups, step, x0.shape[1:], [update])[update]
+
+        def micro_batches():
+            for micro, rows, n_rows, n_groups, weight, first in part.micro_batches():
+                yield micro, rows, (n_groups if self.units == "groups" else n_rows), weight, first
+
+        return {"batch": part, "x0": x0, "prompts": [rollouts.prompts[i] for i in order],
+                "adv": part.advantages[order].to(device), "micro_batches": micro_batches,
+                "dense_group": torch.tensor([n for n, g in enumerate(part.groups) for _ in g]),
+                "units_total": part.groups_total if self.units == "groups" else part.rows_total,
+                "draws": [(noise.to(device, x0.dtype), sigmas.to(device)) for noise, sigmas in draws]}
+
+    def _rollout_likelihoods(self, policy, prompt_cache, parts, device):
+        """AWM (ratio_to_rollout): [part][timestep][M] the likelihood of every later part's (noise,
+        sigma) under the weights that sampled the rollouts, computed before the first optimizer step
+        (as the official on-policy recipe computes its `old_log_probs`); the first part needs none
+        (its own prediction, detached). Every rank runs the same forwards (padding included)."""
+        if not self.ratio_to_rollout or len(parts) < 2:
             return None
         from dpo_loss import velocity_target
 
         out = [None]
-        for noise, sigmas in draws[1:]:
-            target = velocity_target(x0, noise)
-            logp = torch.zeros(x0.shape[0], device=device)
-            for _, rows, _, _, _ in micro_batches():
-                args = (x0[rows], noise[rows], sigmas[rows], *policy.conditioning(prompt_cache, prompts[rows], device))
-                with torch.no_grad():
-                    logp[rows] = self.likelihood(policy.velocity(*args), target[rows], sigmas[rows])
-            out.append(logp)
+        for p in parts[1:]:
+            per_timestep = []
+            for noise, sigmas in p["draws"]:
+                target = velocity_target(p["x0"], noise)
+                logp = torch.zeros(p["x0"].shape[0], device=device)
+                for _, rows, _, _, _ in p["micro_batches"]():
+                    args = (p["x0"][rows], noise[rows], sigmas[rows],
+                            *policy.conditioning(prompt_cache, p["prompts"][rows], device))
+                    with torch.no_grad():
+                        logp[rows] = self.likelihood(policy.velocity(*args), target[rows], sigmas[rows])
+                per_timestep.append(logp)
+            out.append(per_timestep)
         return out
 
-    @staticmethod
-    def _advantage_metrics(accelerator, stats, trained_advantages, dropped: bool) -> dict:
-        """Over every rank: groups, tied groups (all rewards equal) and how many of them were trained,
-        samples trained, mean |A|, max and min A of the trained samples."""
-        groups, tied, kept, abs_sum = all_sum(
-            accelerator, stats["groups"], stats["zero_variance_groups"], float(trained_advantages.numel()),
-            float(trained_advantages.abs().sum()))
-        has = trained_advantages.numel() > 0
-        top = all_max(accelerator, trained_advantages.max().item() if has else -math.inf)
-        bottom = -all_max(accelerator, -trained_advantages.min().item() if has else -math.inf)
-        return {"adv/groups": groups, "adv/tied_groups": tied, "adv/tied_groups_trained": 0.0 if dropped else tied,
-                "adv/zero_variance_groups_dropped": tied if dropped else 0.0, "adv/samples_kept": kept,
-                "adv/abs_mean": abs_sum / max(kept, 1), "adv/max": top if kept else 0.0,
-                "adv/min": bottom if kept else 0.0}
-
-
-COMMON_GROUP_KNOBS = ("advantage_std", "drop_tied_groups", "sigma_scheme")
+COMMON_GROUP_KNOBS = ("advantage_std", "drop_tied_groups", "sigma_scheme", "update_split", "train_timesteps")
 
 
 class DGPO(GroupObjective):
     """group_losses.dgpo_loss: (1/beta) * -logsigmoid((1/K) sum_i A_i * -beta (err_model_i - err_ref_i))
     per group (the official gradient). Knobs: dgpo_beta, dgpo_kl_weight, dgpo_exact_gradient,
-    dgpo_clip_range (> 0 adds the old adapter, an EMA with schedule dgpo_old_ema stepped after every
-    optimizer step, the official PPO-style clip on each sample's error, and rollouts sampled with
-    that EMA once more than dgpo_switch_ema_ref optimizer steps are done)."""
+    dgpo_clip_range (> 0: the official PPO-style clip on each sample's error against the old adapter),
+    dgpo_old_ema (that adapter: an EMA stepped after every optimizer step; rollouts are sampled with
+    it once more than dgpo_switch_ema_ref optimizer steps are done, with or without the clip, as the
+    official script), dgpo_first_steps_fraction (the official timesteps: `timesteps` distinct steps
+    among the sampler's first ones, shared by the whole batch, sigma_scheme "sampler_first")."""
 
     name, units = "dgpo", "groups"
     knobs = COMMON_GROUP_KNOBS + ("dgpo_beta", "dgpo_kl_weight", "dgpo_exact_gradient", "dgpo_clip_range",
-                                  "dgpo_old_ema", "dgpo_switch_ema_ref")
+                                  "dgpo_old_ema", "dgpo_switch_ema_ref", "dgpo_first_steps_fraction")
     old_ema_per_optimizer_step = True
     shared_noise = True  # official config/dgpo.py `use_shared_noise = True`
+    official_sigma_scheme = "sampler_first"  # official scripts/train_sd3_dgpo.py generate_shared_sampled_timesteps
 
     def __init__(self, config):
         super().__init__(config)
-        self.uses_old_adapter = config.dgpo_clip_range > 0
         self.ema = config.dgpo_old_ema
+
+    @property
+    def needs_old_prediction(self) -> bool:
+        return self.config.dgpo_clip_range > 0  # official: the old forward only with clip_dsm / clip_kl
+
+    def official_timesteps(self, config) -> int:
+        # official config/dgpo.py `num_train_timesteps = 4`, at most the steps it draws from
+        return min(4, first_steps_available(config.num_inference_steps, config.dgpo_first_steps_fraction))
 
     def samples_with_old(self, optimizer_steps: int) -> bool:
         # official scripts/train_sd3_dgpo.py: `if global_step > config.switch_ema_ref: ema_ref.copy_ema_to(...)`
-        # before sampling (the EMA reference is the clip's old policy)
-        return self.uses_old_adapter and optimizer_steps > self.config.dgpo_switch_ema_ref
+        # before sampling, whatever the clip
+        return optimizer_steps > self.config.dgpo_switch_ema_ref
 
     def loss(self, model_pred, ref_pred, old_pred, target, sigmas, advantages, group_index, rollout_logp=None):
         from group_losses import dgpo_loss
@@ -406,6 +418,10 @@ class NFT(GroupObjective):
         super().__init__(config)
         self.needs_reference = config.nft_kl_weight > 0
         self.ema = config.nft_old_ema
+
+    def official_timesteps(self, config) -> int:
+        # official scripts/train_nft_sd3.py: num_train_timesteps = int(num_steps * timestep_fraction 0.99)
+        return max(1, int(config.num_inference_steps * 0.99))
 
     def samples_with_old(self, optimizer_steps: int) -> bool:
         return True  # official scripts/train_nft_sd3.py: set_adapter("old") around sampling
@@ -435,6 +451,9 @@ class AWM(GroupObjective):
         self.needs_reference = config.awm_kl_weight > 0
         self.ema = config.awm_old_ema
 
+    def official_timesteps(self, config) -> int:
+        return 6  # official config/dgx_awm.py ocr_sd3_no_cfg_1node: train.train_timesteps = 6
+
     def likelihood(self, pred, target, sigmas):
         from group_losses import awm_log_likelihood
 
@@ -451,106 +470,7 @@ class AWM(GroupObjective):
                         kl_weight=c.awm_kl_weight, old_kl_weight=c.awm_old_kl_weight, rollout_logp=rollout_logp)
 
 
-class GRPO(GroupObjective):
-    """Flow-GRPO (flow_grpo.py): the rollout samples with the SDE (qwen_image_rollout.SDERecorder, started by
-    the trainer through `recorder()`) and records each trained step's transition x_j -> x_{j+1} and
-    its log-probability; the update recomputes that log-probability under the current policy at every
-    trained step of every kept sample and applies the PPO-clipped ratio to the clipped group
-    advantage, plus the KL to the reference (LoRA disabled) on the step means. Per update (inner
-    epoch): gradients accumulate over all micro-batches and all trained steps, then one guarded
-    optimizer step (official train_sd3.py accumulates over the trained timesteps); the loss is the mean
-    over every (sample, trained step) of every rank. No old adapter: the old log-probs are the
-    rollout's. Knobs: advantage_std, grpo_noise_level, grpo_sde_window, grpo_timestep_fraction,
-    grpo_clip_range, grpo_adv_clip, grpo_kl_weight."""
-
-    name = "grpo"
-    knobs = ("advantage_std", "grpo_noise_level", "grpo_sde_window", "grpo_timestep_fraction", "grpo_clip_range",
-             "grpo_adv_clip", "grpo_kl_weight")
-    uses_old_adapter = False
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.needs_reference = config.grpo_kl_weight > 0
-
-    def recorder(self):
-        """A fresh SDE recorder for one step's rollout (qir.rollout(..., scheduler_step=recorder.chunk_step))."""
-        import flow_grpo
-        import qwen_image_rollout as qir
-
-        c = self.config
-        sde, trained = flow_grpo.sde_steps(c.num_inference_steps, c.grpo_sde_window, c.grpo_timestep_fraction)
-        return qir.SDERecorder(c.grpo_noise_level, sde, trained)
-
-    def transition(self, policy, trajectory, rows, j: int, conditioning, reference: bool = False):
-        """Under the policy (or the reference): (log p(x_{j+1} | x_j) [n], step mean [n, S, 64], sigma_t
-        [n, 1, 1]) of the recorded transitions `rows` at trained step j."""
-        import flow_grpo
-
-        device = policy.accelerator.device
-        x = trajectory["before"][rows, j].to(device)
-        sigma, sigma_next = trajectory["sigmas"][j], trajectory["sigmas_next"][j]
-        predict = policy.reference_velocity_at if reference else policy.velocity_at
-        v = predict(x, sigma.expand(x.shape[0]).to(device), *conditioning)
-        mean, step_std, sigma_t = flow_grpo.sde_step_mean(x, v, sigma, sigma_next, trajectory["sigma_max"],
-                                                          trajectory["noise_level"])
-        log_prob = flow_grpo.transition_log_prob(trajectory["after"][rows, j].to(device), mean, step_std)
-        return log_prob, mean, sigma_t
-
-    def update(self, policy, rollouts: Rollouts, prompt_cache, step: int) -> tuple[dict, torch.Tensor]:
-        """`updates_per_rollout` optimizer steps, each over every kept sample and trained step of this rank.
-        -> (metrics, best/worst pairs for the grid)."""
-        from flow_grpo import grpo_loss
-        from pairing import select_pairs
-
-        config, accelerator = self.config, policy.accelerator
-        world, device = accelerator.num_processes, accelerator.device
-        trajectory = rollouts.trajectory
-        if trajectory is None:
-            raise ValueError("objective grpo needs the SDE rollout's trajectory (Rollouts.trajectory)")
-        batch, metrics = self.trained_groups(rollouts, accelerator, step)  # tied groups carry the KL term
-        grid_pairs = select_pairs(rollouts.group_ids, rollouts.rewards, "best_worst")
-        if batch is None:
-            return metrics, grid_pairs
-        order = torch.tensor(batch.order)
-        traj = {**trajectory, "before": trajectory["before"][order], "after": trajectory["after"][order]}
-        old_log_probs = trajectory["log_probs"][order]  # [M, T]
-        prompts = [rollouts.prompts[i] for i in order.tolist()]
-        adv = batch.advantages[order].to(device)
-        n_steps = old_log_probs.shape[1]
-        units_total = batch.rows_total * n_steps  # the loss is the mean over every (sample, trained step)
-        n_micro = batch.n_micro
-        c = config
-        totals, good_updates = {}, 0
-        for update in range(config.updates_per_rollout):
-            sums = {}
-            for micro, rows, n, _, weight, _ in batch.micro_batches():
-                conditioning = policy.conditioning(prompt_cache, prompts[rows], device)
-                for j in range(n_steps):
-                    ref_mean = None
-                    if self.needs_reference:
-                        _, ref_mean, _ = self.transition(policy, traj, rows, j, conditioning, reference=True)
-                    with policy.no_sync(micro == n_micro - 1 and j == n_steps - 1):
-                        log_prob, mean, sigma_t = self.transition(policy, traj, rows, j, conditioning)
-                        loss, m = grpo_loss(log_prob, old_log_probs[rows, j].to(device), adv[rows], c.grpo_clip_range,
-                                            c.grpo_adv_clip, mean, ref_mean, sigma_t, c.grpo_kl_weight)
-                        # DDP / FSDP average gradients over ranks: scale to the global mean over (sample, step)
-                        accelerator.backward(loss * (weight * n * world / units_total))
-                    for key, value in m.items():
-                        sums[key] = sums.get(key, 0.0) + weight * value * n
-            if policy.optimizer_step(math.isfinite(sums["loss"]), step, metrics):
-                good_updates += 1
-                for key, value in sums.items():
-                    totals[key] = totals.get(key, 0.0) + value
-        # one policy forward + backward (+ the reference forward when the KL is on) per trained step per row
-        metrics["perf/update_tflop"] = perf.update_tflop(
-            config, policy.transformer.config, prompt_cache, prompts, config.samples_per_prompt * batch.per_micro,
-            reference=self.needs_reference, old=False, forwards_per_row=n_steps) if batch.n_groups else 0.0
-        metrics["grpo/trained_steps"] = float(n_steps)
-        metrics.update(mean_metrics(accelerator, "grpo", totals, units_total, good_updates))
-        return metrics, grid_pairs
-
-
-OBJECTIVES = {"dpo": DPO, "dgpo": DGPO, "nft": NFT, "awm": AWM, "grpo": GRPO}
+OBJECTIVES = {"dpo": DPO, "dgpo": DGPO, "nft": NFT, "awm": AWM, "grpo": objective_grpo.GRPO}
 
 
 def build(config):

@@ -51,15 +51,47 @@ def select_pairs(group_ids: Sequence | torch.Tensor, rewards: torch.Tensor, stra
         raise ValueError(f"min_margin must be finite and >= 0, got {min_margin}")
 
     values = rewards.tolist()
+    pairs = [(c, r) for c, r in _candidate_pairs(group_ids, values, strategy) if values[c] - values[r] > min_margin]
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+def _candidate_pairs(group_ids, values: list, strategy: str) -> list[tuple[int, int]]:
+    """The strategy's (chosen, rejected) pairs before the margin filter (ties included)."""
     pairs = []
     for members in _groups_in_order(group_ids).values():
         ranked = sorted(members, key=lambda i: (-values[i], i))  # best first, ties by index
         n_pairs = 1 if strategy == "best_worst" else len(ranked) // 2
         for k in range(n_pairs if len(ranked) >= 2 else 0):
-            chosen, rejected = ranked[k], ranked[len(ranked) - 1 - k]
-            if values[chosen] - values[rejected] > min_margin:
-                pairs.append((chosen, rejected))
-    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+            pairs.append((ranked[k], ranked[len(ranked) - 1 - k]))
+    return pairs
+
+
+def tied_candidates(group_ids: Sequence, rewards: torch.Tensor, strategy: str = "best_worst") -> tuple[int, int]:
+    """-> (tied, candidates): how many of the strategy's candidate pairs have equal rewards (margin 0:
+    never trained, select_pairs drops them) out of how many. top_bottom's inner pairs tie often."""
+    values = torch.as_tensor(rewards).detach().to("cpu", torch.float64).reshape(-1).tolist()
+    candidates = _candidate_pairs(group_ids, values, strategy)
+    return sum(1 for c, r in candidates if values[c] == values[r]), len(candidates)
+
+
+UPDATE_SPLITS = ("all", "disjoint")
+
+
+def update_parts(n_pairs: int, updates: int, split: str = "all") -> list[tuple[int, int]]:
+    """The pairs [lo, hi) each of `updates` optimizer steps trains on: "all" every pair each time;
+    "disjoint" consecutive, near-equal parts (the first n_pairs % updates one longer), each pair
+    in exactly one update (a part may be empty when n_pairs < updates)."""
+    if split not in UPDATE_SPLITS:
+        raise ValueError(f"split must be one of {UPDATE_SPLITS}, got {split!r}")
+    if split == "all":
+        return [(0, n_pairs)] * updates
+    base, extra = divmod(n_pairs, updates)
+    bounds, lo = [], 0
+    for u in range(updates):
+        hi = lo + base + (1 if u < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
 
 
 def interleave(pairs: torch.Tensor, items):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
+import os
 import time
 
 import torch
@@ -412,17 +413,20 @@ def update_step_flops(model_config, image_tokens: int, pair_lengths: list[int], 
 
 def update_tflop(config, model_config, prompt_cache, row_prompts: list[str], rows_per_micro: int,
                  reference: bool = True, old: bool = False, forwards_per_row: int = 1,
-                 extra_policy_forwards: int = 0) -> float:
+                 extra_policy_forwards: int = 0, updates: int | None = None) -> float:
     """TFLOP of one online update (update_flops) from the trainer's config, for perf/update_tflop;
     with true_cfg_scale > 1 each prediction also runs on the negative prompt (Policy.conditioning).
-    forwards_per_row: the passes over each row per update (grpo: one per trained SDE step).
+    forwards_per_row: the passes over each row per update (grpo: one per trained SDE step; the group
+    objectives: one per trained timestep). updates: the updates over these rows (default
+    updates_per_rollout; 1 for one part of a "disjoint" split, counted part by part).
     extra_policy_forwards: no-grad policy forwards over every row besides (AWM: the rollout policy's
     likelihoods of updates 2..U, computed before the first optimizer step)."""
     negative = text_lengths(prompt_cache, [config.negative_prompt])[0] if config.true_cfg_scale > 1 else None
     common = (model_config, image_tokens_for(config.height, config.width), text_lengths(prompt_cache, row_prompts),
               rows_per_micro)
     lora = (config.train_mode, config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing)
-    total = update_flops(*common, config.updates_per_rollout * forwards_per_row, *lora, reference, old, negative)
+    updates = config.updates_per_rollout if updates is None else updates
+    total = update_flops(*common, updates * forwards_per_row, *lora, reference, old, negative)
     if extra_policy_forwards:
         total += update_flops(*common, extra_policy_forwards, *lora, False, False, negative, forward_only=True)
     return total / 1e12
@@ -465,3 +469,47 @@ def validate_config(config, require):
             "must be inductor, aot_eager or eager")
     require(not (config.compile_transformer and config.sharding == "fsdp2"), "compile_transformer",
             "not supported with sharding=fsdp2 yet (untested: compile would have to wrap the blocks before fully_shard)")
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU threads
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: distinct (physical id, core id) pairs of /proc/cpuinfo
+    (hyperthreads share a core's matmul units), at most the CPUs in its affinity mask."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cores, package = set(), "0"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    package = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((package, value.strip()))
+    except OSError:
+        cores = set()
+    return max(1, min(logical, len(cores) or logical))
+
+
+def choose_threads(load: float, cores: int) -> int:
+    """Torch threads for a CPU run: one per core that the 1-minute load average leaves idle, and 1
+    when the cores are busy (threads that wait for a core made a tiny-model step ~5x slower: 34 s
+    instead of 7 s on 2 cores shared with other runs)."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def set_cpu_threads(device_type: str) -> int | None:
+    """On a CPU run whose user did not choose (OMP_NUM_THREADS unset): torch.set_num_threads to
+    choose_threads(load now, physical cores), said in one line; never more threads than torch has.
+    -> the threads set, or None (a GPU run, or OMP_NUM_THREADS given)."""
+    if device_type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = physical_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = min(torch.get_num_threads(), choose_threads(load, cores))
+    torch.set_num_threads(threads)
+    print(f"cpu threads: {threads} ({cores} physical cores, load average {load:.1f}); "
+          "set OMP_NUM_THREADS to choose", flush=True)
+    return threads

@@ -26,6 +26,7 @@ from run_config import config_dict
 
 OLD_ADAPTER = "old"  # the name of the "old" / EMA policy's LoRA adapter; the trained one is peft's "default"
 EMA_ADAPTER = "ema"  # eval_with_ema: the evaluation / export EMA of the trained adapter (not the old policy)
+REF_ADAPTER = "moving_ref"  # ref_update_every > 0: DPO's moving reference, a LoRA adapter (TR-DPO)
 
 
 class TrainingStopped(FloatingPointError):
@@ -36,8 +37,9 @@ class TrainingStopped(FloatingPointError):
 class Policy:
     """Reads these config fields: dtype, train_mode, lora_rank, lora_alpha, lora_targets, lora_init,
     gradient_checkpointing, sharding, learning_rate, adam_beta1, adam_beta2, weight_decay,
-    adam_epsilon, lr_warmup_steps, max_grad_norm, max_nonfinite_in_a_row, height, width, seed (and
-    dpo_update's: beta, sigma_scheme, logit_mean, logit_std, micro_batch_pairs).
+    adam_epsilon, lr_warmup_steps, max_grad_norm, max_nonfinite_in_a_row, height, width, seed,
+    ref_update_every / ref_update_alpha when present (DPO's moving reference: a LoRA adapter) (and
+    dpo_update's: beta, sigma_scheme, logit_mean, logit_std, micro_batch_pairs and the levers).
 
     old_adapter: add a second LoRA adapter, a copy of the trained one at the start, that
     `update_old` moves towards the trained weights (an EMA); only with train_mode "lora".
@@ -56,6 +58,10 @@ class Policy:
         self.reference = None
         self.has_old = old_adapter
         self.has_ema = bool(getattr(config, "eval_with_ema", False))
+        # TR-DPO's moving reference: its own adapter, equal to the trained one's start (zero delta with
+        # B = 0), so the first steps match the "adapters disabled" reference exactly
+        self.ref_update_every = int(getattr(config, "ref_update_every", 0))
+        self.has_moving_ref = self.ref_update_every > 0
         if config.train_mode == "lora":
             qi.add_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_targets.split(","),
                         config.lora_init)
@@ -63,9 +69,11 @@ class Policy:
                 add_old_adapter(transformer)
             if self.has_ema:
                 add_old_adapter(transformer, EMA_ADAPTER)
+            if self.has_moving_ref:
+                add_old_adapter(transformer, REF_ADAPTER)
         else:
-            if old_adapter or self.has_ema:
-                raise ValueError("an old-policy or EMA adapter needs train_mode 'lora'")
+            if old_adapter or self.has_ema or self.has_moving_ref:
+                raise ValueError("an old-policy, EMA or moving-reference adapter needs train_mode 'lora'")
             # Policy and reference must compute in the same precision, or the DPO margin is not 0 at
             # step 0: both are fp32 copies of the same weights (a bf16 frozen copy next to an fp32
             # policy would not be). --dtype then applies to the text encoder and VAE only.
@@ -89,6 +97,8 @@ class Policy:
                           if f".{OLD_ADAPTER}." in n] if old_adapter else []
         self.ema_pairs = [(named[n.replace(f".{EMA_ADAPTER}.", ".default.")], p) for n, p in named.items()
                           if f".{EMA_ADAPTER}." in n] if self.has_ema else []
+        self.ref_pairs = [(named[n.replace(f".{REF_ADAPTER}.", ".default.")], p) for n, p in named.items()
+                          if f".{REF_ADAPTER}." in n] if self.has_moving_ref else []
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.weight_decay, eps=config.adam_epsilon)
         # Not prepared: accelerate's scheduler wrapper steps once per process per optimizer step, which
@@ -138,12 +148,16 @@ class Policy:
         return self._velocity(self.model, *args)
 
     def reference_velocity(self, *args):
-        """The frozen reference: LoRA adapters disabled, or the frozen copy in full mode."""
+        """The frozen reference: LoRA adapters disabled, or the frozen copy in full mode, or the moving
+        reference's adapter (ref_update_every > 0)."""
         import qwen_image as qi
 
         with torch.no_grad():
             if self.reference is not None:
                 return self._velocity(self.reference, *args)
+            if self.has_moving_ref:
+                with adapter_active(self.transformer, REF_ADAPTER):
+                    return self._velocity(self.transformer, *args)
             with qi.lora_disabled(self.transformer):
                 return self._velocity(self.transformer, *args)
 
@@ -158,6 +172,9 @@ class Policy:
         with torch.no_grad():
             if self.reference is not None:
                 return self._velocity_at(self.reference, *args)
+            if self.has_moving_ref:
+                with adapter_active(self.transformer, REF_ADAPTER):
+                    return self._velocity_at(self.transformer, *args)
             with qi.lora_disabled(self.transformer):
                 return self._velocity_at(self.transformer, *args)
 
@@ -210,6 +227,8 @@ class Policy:
         self.optimizer.zero_grad(set_to_none=True)
         if self.has_ema:
             self.update_ema()
+        if self.has_moving_ref and self.optimizer_steps % self.ref_update_every == 0:
+            self.update_reference(self.config.ref_update_alpha)
         # finite gradients can still give non-finite weights (e.g. Adam dividing 0 by 0): stop
         # before they make NaN images, tied rewards and a NaN LoRA
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
@@ -290,6 +309,13 @@ class Policy:
         for trained, ema in self.ema_pairs:
             ema.mul_(decay).add_(trained.detach(), alpha=1.0 - decay)
 
+    @torch.no_grad()
+    def update_reference(self, alpha: float):
+        """TR-DPO's soft update (Gorbatovski et al., arXiv 2404.09656): ref <- alpha * trained +
+        (1 - alpha) * ref, on the LoRA weights (alpha 1: a hard copy, flow_grpo's ref_update_step)."""
+        for trained, ref in self.ref_pairs:
+            ref.mul_(1.0 - alpha).add_(trained.detach(), alpha=alpha)
+
     def sampling_with_ema(self):
         """Context: the pipeline samples with the eval EMA adapter (eval_with_ema)."""
         return adapter_active(self.transformer, EMA_ADAPTER)
@@ -302,7 +328,8 @@ class Policy:
 
     # -- state: the trained weights, and the old adapter when there is one
     def _also_frozen(self) -> tuple[str, ...]:
-        return ((f".{OLD_ADAPTER}.",) if self.has_old else ()) + ((f".{EMA_ADAPTER}.",) if self.has_ema else ())
+        return ((f".{OLD_ADAPTER}.",) if self.has_old else ()) + ((f".{EMA_ADAPTER}.",) if self.has_ema else ()) \
+            + ((f".{REF_ADAPTER}.",) if self.has_moving_ref else ())
 
     def save_checkpoint(self, output_dir: str, step: int, limit: int | None):
         if self.rollouts_nonfinite:  # weights that sample NaN: a checkpoint would only rotate good ones out
@@ -331,7 +358,8 @@ class Policy:
         """LoRA: output_dir/lora/pytorch_lora_weights.safetensors (diffusers format; the trained
         adapter only, or with eval_with_ema its EMA, as the official scripts save); full: output_dir/transformer/
         (QwenImageTransformer2DModel.from_pretrained). Refused (TrainingStopped, nothing written) when the
-        weights' last rollouts were non-finite."""
+        weights' last rollouts were non-finite. A failed write (a full disk): WriteError, one line naming
+        the file and the intact checkpoint to export (raise_final_write_error)."""
         import qwen_image as qi
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -348,14 +376,46 @@ class Policy:
                           for k, v in full_state.items()}
         if self.config.train_mode == "lora":
             out = os.path.join(output_dir, "lora")
-            qi.save_lora(self.transformer, out, state_dict=full_state)
+            file = os.path.join(out, "pytorch_lora_weights.safetensors")
+            write = lambda: qi.save_lora(self.transformer, out, state_dict=full_state)  # noqa: E731
         else:
             out = os.path.join(output_dir, "transformer")
-            os.makedirs(out, exist_ok=True)
-            self.transformer.save_config(out)
-            save_file({k: v.contiguous() for k, v in full_state.items()},
-                      os.path.join(out, "diffusion_pytorch_model.safetensors"))
+            file = os.path.join(out, "diffusion_pytorch_model.safetensors")
+
+            def write():
+                os.makedirs(out, exist_ok=True)
+                self.transformer.save_config(out)
+                save_file({k: v.contiguous() for k, v in full_state.items()}, file)
+        try:
+            write()
+        except Exception as error:  # a full disk: one line that says what is safe (cli: exit 2)
+            raise_final_write_error(error, file, output_dir)
         return out
+
+
+def raise_final_write_error(error: Exception, file: str, output_dir: str):
+    """The final weights could not be written: re-raises `error` unless it is a failed write
+    (checkpoints.write_failure: a full disk, an I/O error), else removes the cut-off file and raises
+    WriteError naming the file, the reason, the newest checkpoint (complete: written atomically) and
+    the export_checkpoint.py command that turns it into the LoRA."""
+    from checkpoints import list_checkpoints, write_failure
+    from run_config import WriteError
+
+    reason = write_failure(error, os.path.dirname(file))
+    if reason is None:
+        raise error
+    with contextlib.suppress(OSError):
+        os.remove(file)  # cut off mid-write: not loadable, and it must not pass for the run's weights
+    newest = list_checkpoints(output_dir)[-1:]
+    if not newest:
+        safe = "no checkpoint was written (checkpoint_every); free some space and run again"
+    elif os.path.basename(file).startswith("pytorch_lora"):
+        safe = (f"the checkpoint {newest[0]} is intact; free some space and export it with: python export_checkpoint.py "
+                f"--checkpoint {newest[0]}")
+    else:
+        safe = (f"the checkpoint {newest[0]} is intact; free some space and resume with --resume_from_checkpoint latest "
+                "to write them again")
+    raise WriteError(f"final weights not written: {file}: {reason}; {safe}") from error
 
 
 def add_old_adapter(transformer, adapter: str = OLD_ADAPTER):
@@ -388,33 +448,47 @@ def adapter_active(transformer, name: str):
 
 
 def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pairs: int, prompt_cache, step: int,
-               updates: int = 1, stream: int = 0) -> dict:
+               updates: int = 1, stream: int = 0, split: str = "all", pair_weights: torch.Tensor | None = None) -> dict:
     """Diffusion-DPO: `updates` optimizer steps on this rank's pairs: x0 [2P, S, 64] interleaved,
     n_pairs = P (0 allowed: x0 then holds 2 placeholder rows and this rank joins with zero weight).
-    The loss is the mean over every pair of every rank. Noise and sigma: one per pair, fresh per
-    update, drawn from (seed, step, rank, stream, update), so a resumed run draws the same."""
+    split "all": every update trains every pair; "disjoint": update u trains part u of the pairs
+    (pairing.update_parts), each pair once. The loss is the mean over the update's pairs of every
+    rank. Noise and sigma: one per pair, fresh per update, drawn from (seed, step, rank, stream,
+    update), so a resumed run draws the same. pair_weights [P]: per-pair loss weights (margin
+    weighting). The config's stabilising levers (chosen_sft_weight, norm_guard_weight /
+    norm_guard_tolerance, winner_preserving / winner_preserving_mu) add to or scale the loss;
+    read with getattr, so a config without them (0 / off) trains plain Diffusion-DPO."""
     import dpo_loss
     from dpo_loss import velocity_target
-    from pairing import sample_pair_noise_and_sigmas
+    from pairing import sample_pair_noise_and_sigmas, update_parts
 
     config, accelerator = policy.config, policy.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
-    pairs_total = all_sum(accelerator, n_pairs)[0]
-    metrics = {}
-    if pairs_total == 0:
+    sft_weight = getattr(config, "chosen_sft_weight", 0.0)
+    guard_weight, guard_tolerance = getattr(config, "norm_guard_weight", 0.0), getattr(config, "norm_guard_tolerance", 0.05)
+    winner_preserving, winner_mu = getattr(config, "winner_preserving", False), getattr(config, "winner_preserving_mu", 0.0)
+    if all_sum(accelerator, n_pairs)[0] == 0:
         return {"update/skipped_no_pairs": 1.0}
-    # every rank runs the same number of micro-batches (the most any rank needs)
-    n_micro = int(all_max(accelerator, max(1, math.ceil(n_pairs / config.micro_batch_pairs))))
-    totals, good_updates = [0.0, 0.0, 0.0], 0
-    for update in range(updates):
+    # summed over pairs (weighted by the pair count of each micro-batch), then over ranks
+    names = ["loss", "implicit_acc", "reward_margin", "err_chosen", "err_rejected", "ref_err_chosen",
+             "ref_err_rejected", "velocity_norm_ratio", "chosen_sft_loss", "norm_guard_penalty", "winner_scale"]
+    totals, trained_pairs, metrics = dict.fromkeys(names, 0.0), 0.0, {}
+    for update, (part_lo, part_hi) in enumerate(update_parts(n_pairs, updates, split)):
+        part_pairs = part_hi - part_lo
+        part_total = all_sum(accelerator, part_pairs)[0]
+        if part_total == 0:  # disjoint split with fewer pairs than updates, on every rank
+            continue
+        # every rank runs the same number of micro-batches (the most any rank needs)
+        n_micro = int(all_max(accelerator, max(1, math.ceil(part_pairs / config.micro_batch_pairs))))
         generator = torch.Generator().manual_seed(dpo_noise_seed(config.seed, step, rank, stream, update))
         noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme or "logit_normal",
                                                      logit_mean=config.logit_mean, logit_std=config.logit_std)
         target = velocity_target(x0, noise)
-        sums = [0.0, 0.0, 0.0]  # loss, implicit accuracy, implicit reward margin, summed over pairs
+        sums = dict.fromkeys(names, 0.0)
+        total_loss_sum = 0.0
         for micro in range(n_micro):
-            lo = micro * config.micro_batch_pairs
-            hi, weight = min(lo + config.micro_batch_pairs, n_pairs), 1.0
+            lo = part_lo + micro * config.micro_batch_pairs
+            hi, weight = min(lo + config.micro_batch_pairs, part_hi), 1.0
             if hi <= lo:  # padding micro-batch: same shapes, no contribution
                 lo, hi, weight = 0, 1, 0.0
             rows = slice(2 * lo, 2 * hi)
@@ -422,17 +496,69 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
             ref_pred = policy.reference_velocity(*args)
             with policy.no_sync(micro == n_micro - 1):
                 model_pred = policy.velocity(*args)
-                loss, m = dpo_loss.diffusion_dpo_loss(model_pred, ref_pred, target[rows], config.beta)
+                scale = dpo_loss.winner_preserving_scale(model_pred, target[rows], winner_mu) if winner_preserving else 1.0
+                weights = pair_weights[lo:hi] if pair_weights is not None and weight else None
+                loss, m = dpo_loss.diffusion_dpo_loss(model_pred, ref_pred, target[rows], config.beta,
+                                                      pair_weights=weights, rejected_scale=scale)
+                total = loss
+                if sft_weight:  # RPO: the chosen sample's flow-matching loss
+                    sft = dpo_loss.chosen_sft_loss(model_pred, target[rows]).mean()
+                    total = total + sft_weight * sft
+                    m["chosen_sft_loss"] = sft.item()
+                if guard_weight:
+                    guard = dpo_loss.norm_guard_penalty(model_pred, ref_pred, guard_tolerance).mean()
+                    total = total + guard_weight * guard
+                    m["norm_guard_penalty"] = guard.item()
                 # DDP / FSDP average gradients over ranks: scale to the global mean over pairs
-                accelerator.backward(loss * (weight * (hi - lo) * world / pairs_total))
-            for i, value in enumerate((loss.item(), m["implicit_acc"], m["reward_margin"])):
-                sums[i] += weight * value * (hi - lo)
-        if policy.optimizer_step(math.isfinite(sums[0]), step, metrics):
-            good_updates += 1
-            totals = [a + b for a, b in zip(totals, sums)]
-    if good_updates:
-        loss_total, acc_total, margin_total = all_sum(accelerator, *totals)
-        denominator = pairs_total * good_updates
-        metrics.update({"dpo/loss": loss_total / denominator, "dpo/implicit_acc": acc_total / denominator,
-                        "dpo/implicit_reward_margin": margin_total / denominator})
+                accelerator.backward(total * (weight * (hi - lo) * world / part_total))
+            m.update(loss=loss.item(), err_chosen=m["model_err_chosen"], err_rejected=m["model_err_rejected"],
+                     winner_scale=float(scale))
+            for name in names:
+                sums[name] += weight * m.get(name, 0.0) * (hi - lo)
+            total_loss_sum += weight * total.item() * (hi - lo)
+        if policy.optimizer_step(math.isfinite(total_loss_sum), step, metrics):
+            trained_pairs += part_total
+            totals = {name: totals[name] + sums[name] for name in names}
+    if trained_pairs:
+        summed = dict(zip(names, all_sum(accelerator, *[totals[name] for name in names])))
+        mean = {name: value / trained_pairs for name, value in summed.items()}
+        metrics.update({"dpo/loss": mean["loss"], "dpo/implicit_acc": mean["implicit_acc"],
+                        "dpo/implicit_reward_margin": mean["reward_margin"], "dpo/pair_updates": trained_pairs})
+        for name in ("err_chosen", "err_rejected", "ref_err_chosen", "ref_err_rejected", "velocity_norm_ratio"):
+            metrics[f"dpo/{name}"] = mean[name]
+        # both above 0: the policy fits both samples worse than the reference (Diffusion-SDPO's pathology)
+        metrics["dpo/chosen_err_above_ref"] = mean["err_chosen"] - mean["ref_err_chosen"]
+        metrics["dpo/rejected_err_above_ref"] = mean["err_rejected"] - mean["ref_err_rejected"]
+        if sft_weight:
+            metrics["dpo/chosen_sft_loss"] = mean["chosen_sft_loss"]
+        if guard_weight:
+            metrics["dpo/norm_guard_penalty"] = mean["norm_guard_penalty"]
+        if winner_preserving:
+            metrics["dpo/winner_scale"] = mean["winner_scale"]
     return metrics
+
+
+def validate_dpo_levers(config):
+    """DPO's stabilising levers (dpo_update, the moving reference; both trainers, before any model
+    loads): each checked, naming its field. A field a trainer's Config lacks counts as off. The
+    online trainer's group objectives ignore the levers: there a lever that is on is refused."""
+    from run_config import require
+
+    pair_weighting = getattr(config, "pair_weighting", "none")
+    require(pair_weighting in ("none", "margin"), "pair_weighting", "must be 'none' or 'margin'")
+    for field in ("chosen_sft_weight", "norm_guard_weight", "norm_guard_tolerance"):
+        value = getattr(config, field, 0.0)
+        require(math.isfinite(value) and value >= 0, field, "must be a finite number >= 0")
+    mu = getattr(config, "winner_preserving_mu", 0.0)
+    require(math.isfinite(mu) and 0 <= mu <= 1, "winner_preserving_mu", "must be in [0, 1]")
+    every, alpha = getattr(config, "ref_update_every", 0), getattr(config, "ref_update_alpha", 1.0)
+    require(every >= 0, "ref_update_every", "must be >= 0 (0: a frozen reference)")
+    require(math.isfinite(alpha) and 0 < alpha <= 1, "ref_update_alpha", "must be in (0, 1]")
+    require(every == 0 or config.train_mode == "lora", "ref_update_every",
+            "needs train_mode 'lora' (the moving reference is a LoRA adapter)")
+    objective = getattr(config, "objective", "dpo")
+    lever_on = {"pair_weighting": pair_weighting != "none", "chosen_sft_weight": getattr(config, "chosen_sft_weight", 0) > 0,
+                "winner_preserving": bool(getattr(config, "winner_preserving", False)), "ref_update_every": every > 0,
+                "norm_guard_weight": getattr(config, "norm_guard_weight", 0) > 0}
+    for field, on in lever_on.items():
+        require(not on or objective == "dpo", field, f"applies to objective dpo only (objective is {objective!r})")

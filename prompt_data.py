@@ -37,12 +37,12 @@ def _prompt_column(name: str, columns: list[str]) -> str:
 
 
 def load_prompts(path: str, need_ocr_target: bool = False, split: str = "train", max_rows: int = 0) -> list[dict]:
-    """Rows {prompt, ground_truth, uid} through `datasets` (data_process/records.py): a
+    """Rows {prompt, ground_truth, uid} through `datasets` (records.py): a
     data_process/qwenimage_ocr.py parquet, a .jsonl, a .txt with one prompt per line (blank lines
     skipped), a directory of such files, or a Hub dataset id (its `split`; column prompt, caption or
     text). Errors name the file (or `id[split]`) and row; with need_ocr_target, every prompt must
     carry a quoted OCR target. max_rows > 0 stops reading after that many prompts."""
-    from data_process.records import is_hub_id
+    from records import is_hub_id
     from rewards import ocr_target
 
     if not os.path.exists(path) and not is_hub_id(path):
@@ -82,9 +82,9 @@ def _is_read_error(error: Exception) -> bool:
 
 
 def _read_rows(path: str, split: str, max_rows: int) -> list[dict]:
-    from data_process.records import column_names, open_parts
+    from records import column_names, open_parts
 
-    from data_process.records import is_hub_id, local_files
+    from records import is_hub_id, local_files
 
     rows = []
     if not is_hub_id(path):  # a parquet's footer first: datasets would log its own error line before raising
@@ -114,7 +114,7 @@ def _read_rows(path: str, split: str, max_rows: int) -> list[dict]:
 
 def _read_part(name: str, dataset, rows: list[dict], max_rows: int):
     """One part's rows appended to `rows` (uid = file:line for .txt, file:row otherwise)."""
-    from data_process.records import column_names
+    from records import column_names
 
     label = os.path.basename(name) if os.path.exists(name) else name
     if name.endswith(".txt"):  # one prompt per line; uid = file:line number

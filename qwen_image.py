@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,6 +87,15 @@ _TOKENIZER_CORPUS = [
 # Loading
 
 
+def looks_like_local_path(spec: str) -> bool:
+    """A path meant as a local one: it starts with ./ ../ / ~, or its first component is a folder
+    here (`worlds/text_wrold`: `worlds` exists, so this is not the Hub id of an owner `worlds`)."""
+    if spec.startswith(("./", "../", "/", "~")):
+        return True
+    first = spec.split("/", 1)[0]
+    return "/" in spec and bool(first) and os.path.isdir(first)
+
+
 def load_pipeline(pretrained: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                   ) -> QwenImagePipeline:
     """The pipeline for a hub id (`Qwen/Qwen-Image`), a local directory written by `save_pretrained`,
@@ -97,6 +107,8 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.bfloat16, device: 
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
+        if looks_like_local_path(pretrained) and not os.path.exists(pretrained):  # not a Hub id: no download tried
+            raise FileNotFoundError(2, "no such local model folder (a local path, not a Hub id)", pretrained)
         pipe = QwenImagePipeline.from_pretrained(pretrained, dtype=dtype, trust_remote_code=False)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

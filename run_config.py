@@ -10,10 +10,12 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 
 import qwen_image
+from qwen_image import looks_like_local_path  # (Qwen-Image loading refuses a missing local path too)
 
 # Presets the scripts share (each script's PRESETS builds on these).
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -196,7 +198,11 @@ def cli(main, argv=None, input_errors: tuple = ()):
     full disk anywhere (errno ENOSPC) prints one line to stderr and exits with status 2 (no
     traceback)."""
     try:
-        return main(argv)
+        result = main(argv)
+        if argv is None:  # the script is leaving after a clean end (or a clean stop): a late Ctrl-C must not
+            for sig in (signal.SIGINT, signal.SIGTERM):  # turn it into status 130 (the run restored the handlers)
+                signal.signal(sig, signal.SIG_IGN)
+        return result
     except (InputError, FileExistsError, WriteError, *input_errors) as error:
         print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr)
         sys.exit(2)
@@ -251,14 +257,14 @@ def require_writable_dir(path: str, field: str, create: bool = True):
 
 def data_source_exists(spec: str) -> bool:
     """A local path that exists, or a Hub dataset id (`owner/name`; read through `datasets`)."""
-    from data_process.records import source_exists
+    from records import source_exists
 
     return source_exists(spec)
 
 
 def require_data_source(spec: str, field: str):
-    """A data flag names something readable: data_process.records.source_problem's reason otherwise."""
-    from data_process.records import source_problem
+    """A data flag names something readable: records.source_problem's reason otherwise."""
+    from records import source_problem
 
     problem = source_problem(spec)
     require(problem is None, field, problem or "")
@@ -267,7 +273,7 @@ def require_data_source(spec: str, field: str):
 def require_pretrained(spec: str, field: str = "pretrained"):
     """`pretrained` before anything loads: "tiny" / "tiny-bench", a folder that save_pretrained wrote
     (it holds model_index.json), or a Hub model id (offline: only when the Hub cache has it)."""
-    from data_process.records import hub_offline
+    from records import hub_offline
 
     if spec in ("tiny", "tiny-bench"):
         return
@@ -276,6 +282,7 @@ def require_pretrained(spec: str, field: str = "pretrained"):
                 f"folder {spec!r} has no model_index.json: not a diffusers pipeline folder (save_pretrained writes one)")
         return
     require(not os.path.exists(spec), field, f"{spec!r} is a file; a diffusers pipeline folder or a Hub model id is expected")
+    require_local_path_exists(spec, field)
     hub_shaped = bool(re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", spec)) and not spec.startswith(".")
     require(hub_shaped, field, f"{spec!r} does not exist")
     if hub_offline():
@@ -284,6 +291,105 @@ def require_pretrained(spec: str, field: str = "pretrained"):
         cached = try_to_load_from_cache(spec, "model_index.json")
         require(isinstance(cached, str), field, f"{spec!r} does not exist as a local folder, and the Hub cache has no "
                                                 "copy of it to use offline (HF_HUB_OFFLINE is set)")
+
+
+def transformer_config(pretrained: str) -> dict | None:
+    """The transformer's config without loading any weight: "tiny" / "tiny-bench" as
+    qwen_image.build_tiny_pipeline builds them, a local folder's transformer/config.json, a Hub id's
+    cached transformer/config.json (Qwen/Qwen-Image: its published dims even when not cached); None
+    when unknown (another Hub model not in the cache)."""
+    if pretrained in ("tiny", "tiny-bench"):
+        sizes = qwen_image.TINY_SIZES["tiny" if pretrained == "tiny" else "bench"]
+        head_dim = sizes["attention_head_dim"]
+        return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=sizes["num_layers"],
+                    attention_head_dim=head_dim, num_attention_heads=sizes["num_attention_heads"],
+                    joint_attention_dim=sizes["text_hidden"], guidance_embeds=False,
+                    axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    path = os.path.join(pretrained, "transformer", "config.json")
+    if not os.path.isdir(pretrained):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(pretrained, "transformer/config.json")
+        except Exception:  # not a Hub-shaped id: nothing cached
+            cached = None
+        if not isinstance(cached, str):
+            return dict(qwen_image.QWEN_IMAGE_TRANSFORMER_CONFIG) if pretrained == "Qwen/Qwen-Image" else None
+        path = cached
+    try:
+        with open(path) as f:
+            return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    except (OSError, ValueError):
+        return None
+
+
+_LINEAR_SHAPES: dict[str, dict] = {}
+
+
+def transformer_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of every Linear of the transformer `config`
+    describes, built on the meta device (shapes only: no memory; ~1 s for the 20B model, cached)."""
+    key = json.dumps(config, sort_keys=True)
+    if key not in _LINEAR_SHAPES:
+        import torch
+        from diffusers import QwenImageTransformer2DModel
+
+        with torch.device("meta"):
+            model = QwenImageTransformer2DModel.from_config(config)
+        _LINEAR_SHAPES[key] = {name: (module.in_features, module.out_features) for name, module in model.named_modules()
+                               if isinstance(module, torch.nn.Linear)}
+    return _LINEAR_SHAPES[key]
+
+
+def known_linear_shapes(pretrained: str) -> dict[str, tuple[int, int]] | None:
+    """transformer_linear_shapes of `pretrained` read from its config, or None when its config is
+    unknown or does not build a Qwen-Image transformer (the model's own loading then says why)."""
+    config = transformer_config(pretrained)
+    if config is None:
+        return None
+    try:
+        return transformer_linear_shapes(config)
+    except Exception:  # a config of another architecture, or of another diffusers version
+        return None
+
+
+def lora_parameter_count(linear_shapes: dict, targets, rank: int) -> int:
+    """rank x (in + out) for each Linear a target names (peft's rule: the whole name or its dotted
+    suffix); an upper bound of what qwen_image.add_lora adds (it may leave dead modules out)."""
+    targets = [t.strip() for t in targets if t.strip()]
+    return sum(rank * (shape[0] + shape[1]) for name, shape in linear_shapes.items()
+               if any(name == t or name.endswith("." + t) for t in targets))
+
+
+BYTES_PER_LORA_PARAM = 16  # fp32 weight, its gradient and AdamW's two moments
+
+
+def available_memory_bytes() -> int:
+    """The host memory a new allocation can get now: /proc/meminfo's MemAvailable (free pages plus
+    reclaimable cache); elsewhere the free pages (sysconf)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def require_lora_fits_memory(pretrained: str, lora_targets: str, lora_rank: int, available: int | None = None):
+    """`lora_rank`: the LoRA (weights, gradients, AdamW states: 16 bytes a parameter) fits the memory
+    available now, counted from the transformer's config before anything is allocated (a rank of 1e9
+    would otherwise try to allocate hundreds of GB). Unknown models pass (nothing to count from)."""
+    shapes = known_linear_shapes(pretrained)
+    if shapes is None:
+        return
+    count = lora_parameter_count(shapes, lora_targets.split(","), lora_rank)
+    needed = count * BYTES_PER_LORA_PARAM
+    available = available_memory_bytes() if available is None else available
+    require(needed <= available, "lora_rank",
+            f"rank {lora_rank} gives {count:,} LoRA parameters, which need {needed / 1e9:.1f} GB (fp32 weights, "
+            f"gradients and AdamW states); {available / 1e9:.1f} GB of memory is available")
 
 
 def validate_reward(spec: str, reward_kwargs: str):
@@ -331,3 +437,27 @@ def differing_fields(saved: dict, config, names) -> list[tuple]:
         if not same:
             changes.append((name, old, new))
     return changes
+
+
+def closest_path(spec: str) -> str | None:
+    """The existing entry of spec's folder whose name is closest to spec's last component (difflib), or None."""
+    import difflib
+
+    parent, name = os.path.split(spec.rstrip("/"))
+    try:
+        names = os.listdir(os.path.expanduser(parent) or ".")
+    except OSError:
+        return None
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return os.path.join(parent, close[0]) if close else None
+
+
+def require_local_path_exists(spec: str, field: str = "pretrained"):
+    """A model path that is meant to be local (looks_like_local_path) exists, before any model loads:
+    a typo of a local folder is one line naming the field (with the closest existing name), not a
+    Hub download that fails after many seconds."""
+    if os.path.exists(spec) or not looks_like_local_path(spec):
+        return
+    close = closest_path(spec)
+    require(False, field, f"{spec!r} does not exist (a local path, not a Hub id)"
+            + (f"; did you mean {close!r}?" if close else ""))

@@ -1,6 +1,6 @@
 """Offline Diffusion-DPO for Qwen-Image on a dataset of preference pairs.
 
-Once: read the pairs (data_process/pairs_format.py), take each pair's latents from the file or
+Once: read the pairs (pairs_format.py), take each pair's latents from the file or
 VAE-encode its images (resized and centre-cropped to the training resolution), encode every prompt.
 Then each step, on every rank: this rank's pairs -> shared noise and sigma per pair -> reference and
 policy velocity predictions -> the same Diffusion-DPO loss and update as the online trainer.
@@ -64,6 +64,14 @@ class Config:
     logit_mean: float = 0.0  # mean of the logit-normal sigma distribution
     logit_std: float = 1.0  # std of the logit-normal sigma distribution
     micro_batch_pairs: int = 1  # pairs per forward/backward; gradients accumulate over micro-batches
+    # DPO's stabilising levers, all off by default (docs/objectives.md, "Keeping online DPO stable")
+    chosen_sft_weight: float = 0.0  # RPO (arXiv 2404.19733): adds this weight x the flow-matching loss of the chosen sample (>= 0; 0 = off)
+    winner_preserving: bool = False  # Diffusion-SDPO (arXiv 2511.03317; official train.py --use_winner_preserving): scale the rejected sample's gradient so the chosen error does not rise, to first order
+    winner_preserving_mu: float = 0.0  # Diffusion-SDPO's safety margin mu, in [0, 1] (official --winner_preserving_mu, default 0)
+    ref_update_every: int = 0  # TR-DPO (arXiv 2404.09656): move the reference towards the policy every N optimizer steps (0 = frozen reference; LoRA only: the reference is then its own adapter)
+    ref_update_alpha: float = 1.0  # TR-DPO's soft update ref <- alpha x policy + (1 - alpha) x ref, on the LoRA factors, in (0, 1] (1 = a hard copy)
+    norm_guard_weight: float = 0.0  # adds this weight x relu(|v| / |v_ref| - 1 - norm_guard_tolerance)^2 per sample: stops the velocity norm inflating (NormGuard; 0 = off)
+    norm_guard_tolerance: float = 0.05  # the velocity-norm inflation over the reference's the guard lets through for free (>= 0)
     # optimisation
     learning_rate: float = 1e-4  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -120,6 +128,7 @@ def validate(config: Config, world_size: int = 1):
     from run_config import require
     from run_lifecycle import validate_policy_config
     from getting_started import OFFLINE_TRY, missing_data_rule
+    from policy import validate_dpo_levers
 
     for field in ("pairs_path", "eval_data"):  # first: a run without data says what to run instead
         path = getattr(config, field)
@@ -130,6 +139,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")
+    validate_dpo_levers(config)  # policy.py: DPO's stabilising levers
 
 
 def main(argv=None):
@@ -164,7 +174,7 @@ def load_pair_latents(pipe, pairs: list[dict], height: int, width: int, batch_si
 def train(config: Config):
     from tqdm.auto import tqdm
 
-    from data_process.pairs_format import read_pairs
+    from pairs_format import read_pairs
     from policy import Policy, dpo_update
     from rewards import build_reward, uses_ocr_target
 
@@ -242,6 +252,6 @@ def train(config: Config):
 
 
 if __name__ == "__main__":
-    from data_process.pairs_format import PairsDataError
+    from pairs_format import PairsDataError
 
     run_config.cli(main, input_errors=(PairsDataError,))  # a config or data error: one line on stderr, exit status 2

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import distributed
+import dpo_watch
 import evaluation
 import perf
 import prompt_data
@@ -77,11 +78,22 @@ class Config:
     pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
     min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     reverse_preference: bool = False  # control run: train towards the rejected sample
-    sigma_scheme: str = ""  # "" = the objective's official: dpo, dgpo logit_normal; nft sampler (the sampler's own sigmas); awm sampler_stratified; or logit_normal, uniform, mode (any), sampler, sampler_stratified (group objectives)
+    sigma_scheme: str = ""  # "" = the objective's official: dpo logit_normal; dgpo sampler_first (distinct steps among the sampler's first, shared by the batch); nft sampler (the sampler's own sigmas); awm sampler_stratified; or logit_normal, uniform, mode (any), sampler, sampler_stratified (group objectives)
     logit_mean: float = 0.0  # mean of the logit-normal sigma distribution (logit_normal scheme)
     logit_std: float = 1.0  # std of the logit-normal sigma distribution (logit_normal scheme)
     updates_per_rollout: int = 1  # optimizer steps per rollout batch, fresh noise and sigma each
+    train_timesteps: int = 0  # group objectives: timesteps per trained sample per optimizer step, gradients accumulated over them; 0 = the official: dgpo 4 (num_train_timesteps), nft int(0.99 x num_inference_steps) (timestep_fraction), awm 6 (train_timesteps)
+    update_split: str = ""  # "" = the objective's official; "all": each of the updates_per_rollout optimizer steps uses every sample (fresh noise / sigma); "disjoint": the rollout batch is split into updates_per_rollout disjoint parts, one optimizer step each (each sample used once, as the official Flow-GRPO / VeRL-Omni scripts)
     micro_batch_pairs: int = 1  # pairs per forward/backward; gradients accumulate over micro-batches
+    # DPO's stabilising levers, all off by default (docs/objectives.md, "Keeping online DPO stable"); objective dpo only
+    pair_weighting: str = "none"  # "none" or "margin": each pair's DPO loss weighted by its reward margin / the step's mean margin (GPO, arXiv 2505.11070)
+    chosen_sft_weight: float = 0.0  # RPO (arXiv 2404.19733): adds this weight x the flow-matching loss of the chosen sample (>= 0; 0 = off)
+    winner_preserving: bool = False  # Diffusion-SDPO (arXiv 2511.03317; official train.py --use_winner_preserving): scale the rejected sample's gradient so the chosen error does not rise, to first order
+    winner_preserving_mu: float = 0.0  # Diffusion-SDPO's safety margin mu, in [0, 1] (official --winner_preserving_mu, default 0)
+    ref_update_every: int = 0  # TR-DPO (arXiv 2404.09656): move the reference towards the policy every N optimizer steps (0 = frozen reference; LoRA only: the reference is then its own adapter)
+    ref_update_alpha: float = 1.0  # TR-DPO's soft update ref <- alpha x policy + (1 - alpha) x ref, on the LoRA factors, in (0, 1] (1 = a hard copy, flow_grpo online DPO's ref_update_step)
+    norm_guard_weight: float = 0.0  # adds this weight x relu(|v| / |v_ref| - 1 - norm_guard_tolerance)^2 per sample: stops the velocity norm inflating (NormGuard; 0 = off)
+    norm_guard_tolerance: float = 0.05  # the velocity-norm inflation over the reference's the guard lets through for free (>= 0)
     # optimisation
     learning_rate: float = 3e-4  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -123,26 +135,28 @@ class Config:
     dgpo_beta: float = 100.0  # DGPO's DPO beta (official train.beta_dpo: 100)
     dgpo_kl_weight: float = 0.0  # weight of mean (v - v_ref)^2, relative to the official-scale policy term (official train.beta: OCR 0.02, README mode 1 1e-3; 0 here)
     dgpo_exact_gradient: bool = False  # use the -logsigmoid's own gradient, beta times the official surrogate's (then the KL weight counts 1/beta as much)
-    dgpo_clip_range: float = 0.0  # > 0: PPO-style clip against an EMA old adapter (official clip_range with clip_dsm: OCR 1e-2; 0 here)
+    dgpo_clip_range: float = 0.0  # > 0: PPO-style clip of each sample's error against the old (EMA) adapter (official clip_range with clip_dsm: OCR 1e-2; 0 here)
     dgpo_old_ema: str = "0,0.001,0.3"  # old adapter EMA "start,rate,max" of the optimizer-step count, stepped per optimizer step (official ema_ref: min(0.3, 0.001 * global_step))
-    dgpo_switch_ema_ref: int = 200  # with dgpo_clip_range > 0: rollouts sampled with the old (EMA) adapter after this many optimizer steps (official switch_ema_ref: 200)
+    dgpo_switch_ema_ref: int = 200  # rollouts sampled with the old (EMA) adapter after this many optimizer steps, with or without the clip (official switch_ema_ref: 200, unconditional)
+    dgpo_first_steps_fraction: float = 0.6  # sigma_scheme sampler_first draws among the sampler's first int(n x fraction) + 1 steps (official config/dgpo.py trunc_steps 6 of 10 steps)
     nft_beta: float = 0.1  # DiffusionNFT's beta: v+ = beta v + (1-beta) v_old (official config.beta, OCR: 0.1)
     nft_adv_clip: float = 5.0  # advantages clipped to +-c; r = A/(2c) + 1/2 (official train.adv_clip_max: 5)
     nft_kl_weight: float = 1e-4  # weight of mean (v - v_ref)^2 (official train.beta: 1e-4)
     nft_old_ema: str = "75,0.0075,0.999"  # old adapter EMA schedule of the optimizer-step count, stepped per rollout batch (official decay_type 2)
     awm_clip_range: float = 1.0  # PPO clip range of the likelihood ratio to the rollout policy (official train.clip_range: 1)
     awm_adv_clip: float = 5.0  # advantages clipped to +-c, then divided by c (official train.adv_clip_max: 5)
-    awm_weighting: str = "uniform"  # likelihood weighting: uniform, t or ghuber (official train.weighting, OCR: ghuber; uniform here: the plain flow-matching loss)
+    awm_weighting: str = "ghuber"  # likelihood weighting: uniform (the plain flow-matching loss), t or ghuber (official config/dgx_awm.py OCR train.weighting ghuber, ghuber_power 0.25)
     awm_kl_weight: float = 0.003  # weight of mean (v - v_ref)^2 (official train.beta: 0.003)
     awm_old_kl_weight: float = 1.0  # weight of mean (v - v_old)^2 (official train.ema_beta: 1)
     awm_old_ema: str = "0,0.001,0.3"  # old adapter EMA schedule of the optimizer-step count, stepped per rollout batch (official kl_ema_decay_type linear, kl_ema_decay 0.3)
     # ---- Flow-GRPO (objective grpo; flow_grpo.py)
     grpo_noise_level: float = 0.7  # SDE noise level a, sigma_t = a sqrt(t/(1-t)) (official config/base.py sample.noise_level)
-    grpo_sde_window: str = ""  # "": SDE on every step; "start,length": SDE on those steps, ODE elsewhere (official train_sd3_fast.py sde_window_size)
+    grpo_sde_window: str = ""  # "": SDE on every step; "start,length": SDE on those steps, ODE elsewhere; "random:length": Flow-GRPO-Fast, a start drawn per step in 0 .. num_inference_steps // 2 - length (official train_sd3_fast.py; its SD3.5 configs: random:3 with grpo_timestep_fraction 1, grpo_noise_level 0.8, grpo_clip_range 1e-5, grpo_kl_weight 0)
     grpo_timestep_fraction: float = 0.99  # trains the first int(SDE steps x fraction) SDE steps (official config/grpo.py general_ocr_sd3 train.timestep_fraction)
     grpo_clip_range: float = 1e-4  # PPO clip range of the likelihood ratio (official config/base.py train.clip_range)
     grpo_adv_clip: float = 5.0  # advantages clipped to +-c (official config/base.py train.adv_clip_max)
     grpo_kl_weight: float = 0.04  # weight of the KL to the reference on the SDE step means (official config/grpo.py general_ocr_sd3 train.beta)
+    grpo_keep_zero_advantage: bool = False  # train the samples whose advantage is exactly 0 too (only their KL acts); official: dropped before training (train_sd3.py)
 
 PRESETS = {
     # The tiny random Qwen-Image on a CPU with a reward it can learn (run_config.CPU_TINY_OVERRIDES), 8 prompts
@@ -170,6 +184,7 @@ def validate(config: Config, world_size: int = 1):
     from run_config import require
     from run_lifecycle import validate_policy_config
     from getting_started import ONLINE_TRY, missing_data_rule
+    from policy import validate_dpo_levers
 
     for field in ("train_data", "eval_data"):  # first: a run without data says what to run instead
         path = getattr(config, field)
@@ -192,9 +207,11 @@ def validate(config: Config, world_size: int = 1):
     require(not (config.rollout_cache and config.sharding == "fsdp2"), "rollout_cache",
             "not supported with sharding=fsdp2 yet (untested)")
     require(config.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
+    require(config.update_split in ("", "all", "disjoint"), "update_split", "must be '', 'all' or 'disjoint'")
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     require(config.max_degenerate_steps_in_a_row >= 0, "max_degenerate_steps_in_a_row", "must be >= 0 (0: never stop)")
     validate_objective(config)
+    validate_dpo_levers(config)  # policy.py: DPO's stabilising levers
     run_config.require_data_source(config.train_data, "train_data")
 
 
@@ -209,6 +226,8 @@ def validate_objective(config: Config):
     require(config.objective != "dpo" or config.sigma_scheme not in ("sampler", "sampler_stratified"), "sigma_scheme",
             "sampler and sampler_stratified are the group objectives' schemes; dpo takes logit_normal, uniform or mode")
     require(config.dgpo_switch_ema_ref >= 0, "dgpo_switch_ema_ref", "must be >= 0")
+    require(config.train_timesteps >= 0, "train_timesteps", "must be >= 0 (0: the objective's official)")
+    require(0 < config.dgpo_first_steps_fraction <= 1, "dgpo_first_steps_fraction", "must be in (0, 1]")
     require(math.isfinite(config.eval_ema_decay) and 0 <= config.eval_ema_decay < 1, "eval_ema_decay", "must be in [0, 1)")
     require(not config.eval_with_ema or config.train_mode == "lora", "train_mode",
             "must be 'lora' with eval_with_ema: the EMA is a LoRA adapter")
@@ -256,7 +275,8 @@ def validate_grpo(config: Config):
     require(not (config.objective == "grpo" and config.rollout_cache), "rollout_cache",
             "must be '' with objective grpo: its likelihood ratios need the exact sampler of its recorded steps")
     try:
-        flow_grpo.sde_steps(config.num_inference_steps, config.grpo_sde_window, config.grpo_timestep_fraction)
+        window = flow_grpo.resolve_window(config.grpo_sde_window, config.num_inference_steps, config.seed)
+        flow_grpo.sde_steps(config.num_inference_steps, window, config.grpo_timestep_fraction)
     except ValueError as error:
         field = "grpo_sde_window" if "window" in str(error) else "grpo_timestep_fraction"
         require(False, field, str(error))
@@ -322,6 +342,16 @@ def train(config: Config):
             with policy.sampling_with_ema():
                 return eval_trained(step)
 
+    # dpo: one warning line when the run shows the collapse pattern (dpo_watch.py), naming its best checkpoint
+    watch = dpo_watch.CollapseWatch(config.output_dir, run_logs.eval_history(config.output_dir) if start_step else [])
+    if config.objective == "dpo":
+        eval_unwatched = run_eval
+
+        def run_eval(step):
+            metrics = eval_unwatched(step)
+            watch.add(metrics, step)
+            return metrics
+
     if start_step == 0 and config.eval_every:
         run_eval(0)
     progress = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
@@ -339,7 +369,7 @@ def train(config: Config):
         seeds = prompt_data.rollout_seeds(config.seed, step, rank, len(prompts))
         transformer.eval()
         block_forwards = [] if config.rollout_cache else None  # under a step cache: the block forwards that ran
-        recorder = objective.recorder() if hasattr(objective, "recorder") else None  # grpo: the SDE sampler
+        recorder = objective.recorder(step) if hasattr(objective, "recorder") else None  # grpo: the SDE sampler
         scheduler_step = recorder.chunk_step if recorder else None
         # NFT samples with its old adapter (the paper's behaviour policy), DGPO with it after dgpo_switch_ema_ref
         # optimizer steps (when it has one); the other objectives with the trained one
@@ -408,6 +438,7 @@ def train(config: Config):
             run_logs.save_image(grid, os.path.join(config.output_dir, "samples", f"pairs-{step + 1:06d}.png"), "sample grid")
             metrics_log.log_image("train/pairs", grid, step + 1, caption="chosen (top) vs rejected (bottom), rank 0")
         metrics_log.log(metrics, step + 1)
+        watch.add(metrics, step + 1)
         policy.stop_if_degenerate(step)  # non-finite rollouts or nothing trained too often in a row: raise
         progress.update(1)
         loss_key, acc_key = f"{objective.name}/loss", f"{objective.name}/implicit_acc"
@@ -416,6 +447,9 @@ def train(config: Config):
                              acc=f"{metrics[acc_key]:.2f}" if acc_key in metrics else "-")
         if run_lifecycle.after_step(step + 1, config, policy, accelerator, stop, run_eval):  # eval, checkpoint, SIGTERM
             return {"stopped_at": step + 1}
+        warning = watch.check() if config.objective == "dpo" else None  # after the step's checkpoint is written
+        if warning:
+            accelerator.print(warning)
     progress.close()
     return run_lifecycle.finish(config, policy, metrics_log, accelerator)
 

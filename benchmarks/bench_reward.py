@@ -2,9 +2,11 @@
 
     python benchmarks/bench_reward.py [--images 32] [--repeats 3] [--vlm] [--world]
 
-`ocr` (rewards.PaddleOcrReward: the crops of all images recognised together) is timed against
-`ocr_per_image` (the engine's own ocr() one image at a time, as before), on the same images, with the
-same scores (checked). `--world` renders the text world's images instead (3-letter capitals at
+`ocr` (rewards.PaddleOcrReward: the images of one size detected together, onnxruntime on torch's
+threads) is timed against `ocr_per_image` (the engine's
+own ocr() one image at a time) and `ocr_onnxruntime_threads` (`ocr` with onnxruntime's default
+threads: every core), on the same images, with the same scores (checked). Run it with
+OMP_NUM_THREADS=1 for the 1-thread figures. `--world` renders the text world's images instead (3-letter capitals at
 32x64, build_text_world.render). `--vlm` adds the ocr_vlm path on a tiny random Qwen2.5-VL built
 locally (its speed says nothing about an 8B model; it shows the per-image overhead of the code
 path). Last line: a JSON object.
@@ -68,6 +70,7 @@ def main():
         return [rewards.ocr_score(text, rewards.ocr_target(prompt)) for text, prompt in zip(texts, prompts)]
 
     candidates = {"ocr": ocr, "ocr_per_image": ocr_per_image,
+                  "ocr_onnxruntime_threads": rewards.build_reward("ocr", threads=0),
                   "jpeg_compressibility": rewards.build_reward("jpeg_compressibility"),
                   "brightness": rewards.build_reward("brightness")}
     if args.vlm:
@@ -89,13 +92,17 @@ def main():
             start = time.perf_counter()
             scores[name] = fn(images, prompts)
             result.setdefault(name, []).append(args.images / (time.perf_counter() - start))
-    assert scores["ocr"] == scores["ocr_per_image"], "batched recognition changed a score"
+    assert scores["ocr"] == scores["ocr_per_image"] == scores["ocr_onnxruntime_threads"], "batching changed a score"
     result["ocr_mean_score"] = sum(scores["ocr"]) / len(scores["ocr"])
     speedups = [a / b for a, b in zip(result["ocr"], result["ocr_per_image"])]  # per interleaved repeat
     out = {k: (round(statistics.median(v), 2) if isinstance(v, list) else v) for k, v in result.items()}
     out = {f"{k}_images_per_s" if k in candidates else k: v for k, v in out.items()}
     out["ocr_over_per_image_speed"] = round(statistics.median(speedups), 3)
     out["ocr_over_per_image_speed_range"] = [round(min(speedups), 3), round(max(speedups), 3)]
+    threads = [a / b for a, b in zip(result["ocr"], result["ocr_onnxruntime_threads"])]
+    out["ocr_over_onnxruntime_threads_speed"] = round(statistics.median(threads), 3)
+    out["ocr_over_onnxruntime_threads_speed_range"] = [round(min(threads), 3), round(max(threads), 3)]
+    out["load_average"] = round(os.getloadavg()[0], 1)  # a busy machine: the figures are noisy
     print(json.dumps(out))
 
 

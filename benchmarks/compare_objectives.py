@@ -13,20 +13,27 @@ seed-major order so that an interrupted comparison has whole seeds; a run whose 
 holds its final eval is not run again (the command resumes). All runs take the first run's step-0
 eval (`--eval_baseline`): one base model, one baseline.
 
-Reported per objective (mean and standard error over seeds): the exact-match and reward gains at
-the last eval, the final exact match, the mean gain per mean rollout image, rollout TFLOP and update
-TFLOP (the trainer's own FLOP accounting, perf/*), per rollout second and per training second
-(rollout + reward + update, not the evals); collapse (an eval whose exact match is more than 2 paired standard errors below the
-start: the first such step); and, against `grpo` when it is in the table, how many times fewer
-rollout images the objective needs to reach GRPO's final mean exact match (linear interpolation on
-the seed-mean curve; "not reached" otherwise). `--plot` writes exact match vs rollout images with a
-standard-error band per objective.
+Reported per objective (compare_stats.py states each rule and why): exact-match and reward gains (mean
++- SE over seeds; one seed: the run's SE clustered by prompt, "image-level SE (old row)" for rows archived
+without per-image data), final exact match, gain per rollout image, TFLOP and second; collapses (an eval
+COLLAPSE_MARGIN below the run's own peak so far); against `grpo`: x fewer rollout images to a fixed target
+and the ratio of areas under the gain curves, with bootstrap intervals and per-seed values. `--plot`: the
+curves. The tuning protocol (compare_stats.PROTOCOL, its rule above it) searches every objective alike on
+TUNING_SEEDS, then runs an `official` and a `tuned` arm on REPORT_SEEDS; one command runs all of it and
+resumes (each round starts what the archive lacks; `--dry_run` lists the next round):
 
-`--archive FILE` keeps every finished run's result (its curve and totals, one JSON line per run, keyed
-by variant, seed, knob, steps and extra flags; written as each run ends, and an archived run is not
-run again) and summarises the archive's runs together with
-the workdir's: a comparison that takes several sessions or machines accumulates seeds in the file
-(docs/results/compare_objectives.jsonl is the project's) instead of in run folders that may be lost.
+    python benchmarks/compare_objectives.py --workdir outputs/protocol --jobs 2 --run_protocol \
+        --archive docs/results/compare_objectives.jsonl
+    python benchmarks/compare_objectives.py --workdir outputs/protocol --protocol \
+        --archive docs/results/compare_objectives.jsonl --plot_sensitivity docs/img/lr_sensitivity.png
+
+`--protocol` prints each configuration's score and the winners; `--summary_only --archive FILE` prints,
+after the table of KNOBS' runs, the official and tuned arms' tables.
+
+`--archive FILE` keeps every finished run's result (its curve with per-image evals, and totals; one JSON
+line per run keyed by variant, seed, knob, steps and extra flags; written as each run ends; an archived
+run is not run again) and summarises the archive's runs with the workdir's: a comparison over several
+sessions or machines accumulates in the file (docs/results/compare_objectives.jsonl is the project's).
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ import statistics
 import subprocess
 import sys
 import time
+
+import compare_stats as stats
+from compare_archive import DEFAULTS, archive_key, load_archive, update_archive
+
+READ_DEFAULTS = DEFAULTS  # --defaults: the archive rows a summary reads (runs are always of today's defaults)
+from compare_stats import (KNOB_GRID, LR_GRID, PROTOCOL, REPORT_SEEDS, TUNING_SEEDS, canonical,  # noqa: F401
+                           images_to_reach, mean_se, official_config, plus_minus, protocol_configs, protocol_plan,
+                           versus_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +82,11 @@ DERIVED = {
     "nft_group_std": ("nft", ["--advantage_std", "group"]),
     "nft_drop_tied": ("nft", ["--drop_tied_groups", "true"]),
     "dgpo_exact_gradient": ("dgpo", ["--dgpo_exact_gradient", "true"]),
+    # online DPO's stabilising levers (docs/objectives.md, "Keeping online DPO stable")
+    "top_bottom_disjoint": ("top_bottom", ["--update_split", "disjoint"]),
+    "top_bottom_sdpo": ("top_bottom", ["--winner_preserving", "true"]),
+    "top_bottom_rpo10": ("top_bottom", ["--chosen_sft_weight", "10"]),
+    "top_bottom_trdpo": ("top_bottom", ["--ref_update_every", "40", "--ref_update_alpha", "0.6"]),
 }
 for _name, (_base, _flags) in DERIVED.items():
     VARIANTS[_name] = VARIANTS[_base] + _flags
@@ -85,10 +105,52 @@ for _name, (_base, _flags) in DERIVED.items():
     KNOBS[_name] = KNOBS[_base]
 PRESET = "top_bottom"  # the text_world preset's objective: the others are compared with it
 CORE = ["best_worst", "top_bottom", "dgpo", "nft", "awm", "grpo"]
+TEXT_WORLD_LR, TEXT_WORLD_UPDATES = 5e-4, 4  # train_online_dpo.PRESETS["text_world"]: a run without the flags
 
 
-def run_name(variant: str, seed: int, knob: tuple[str, float]) -> str:
-    return f"{variant}-s{seed}-{knob[0]}{knob[1]:g}"
+def run_defaults(variant: str) -> tuple[float, int]:
+    """(learning rate, updates per rollout) a run of `variant` gets without protocol flags."""
+    flags = VARIANTS[variant]
+    updates = int(flags[flags.index("--updates_per_rollout") + 1]) if "--updates_per_rollout" in flags else TEXT_WORLD_UPDATES
+    return TEXT_WORLD_LR, updates
+
+
+def config_flags(variant: str, lr: float, updates: int) -> tuple[str, ...]:
+    """The flags that set a configuration: only those that differ from the run's default, so a protocol run
+    and an earlier run of the same configuration share their archive key."""
+    default_lr, default_updates = run_defaults(variant)
+    flags = () if lr == default_lr else ("--learning_rate", f"{lr:g}")
+    return flags + (() if updates == default_updates else ("--updates_per_rollout", str(updates)))
+
+
+def config_job(variant: str, seed: int, config: tuple) -> tuple:
+    lr, updates, knob = config
+    return variant, seed, (PROTOCOL[variant][2], knob), config_flags(variant, lr, updates)
+
+
+def tuning_rows(by_key: dict, steps: int, extra: tuple):
+    """rows(variant, config) -> the archived run of each tuning seed (None where missing)."""
+    return lambda variant, config: [by_key.get(job_key(config_job(variant, seed, config), steps, extra)) for seed in TUNING_SEEDS]
+
+
+def protocol_jobs(variants, by_key: dict, steps: int, extra: tuple) -> dict[str, list[tuple]]:
+    """{"tuning", "official", "tuned"}: the jobs each part of the protocol has reached, from the archive."""
+    out = {"tuning": [], "official": [], "tuned": []}
+    for variant in variants:
+        stages, winner = protocol_plan(variant, stats.config_score(variant, tuning_rows(by_key, steps, extra)))
+        out["tuning"] += [config_job(variant, s, c) for c in protocol_configs(stages) for s in TUNING_SEEDS]
+        out["official"] += [config_job(variant, s, official_config(variant)) for s in REPORT_SEEDS]
+        out["tuned"] += [config_job(variant, s, winner) for s in REPORT_SEEDS] if winner else []
+    return out
+
+
+def run_name(variant: str, seed: int, knob: tuple[str, float], flags: tuple = ()) -> str:  # flags: config_flags'
+    return f"{variant}-s{seed}-{knob[0]}{knob[1]:g}" + "".join(f"-{f[2:]}{v}" for f, v in zip(flags[::2], flags[1::2]))
+
+
+def job_key(job: tuple, steps: int, extra) -> tuple:
+    """A job's archive key: its flags, the flags every run of the command gets (`--extra`), the defaults."""
+    return job[0], job[1], tuple(job[2]), steps, tuple(job[3]) + tuple(extra), READ_DEFAULTS
 
 
 def command(variant, seed, knob, out, steps, eval_every, baseline, extra) -> list[str]:
@@ -123,7 +185,8 @@ def has_step0_eval(out: str) -> bool:
 
 
 def result(variant: str, seed: int, knob, out: str) -> dict:
-    """One finished run -> its curve and totals."""
+    """One finished run -> its curve (with each eval's per-image exact match and reward, and each image's
+    prompt: the eval is prompt-major, evaluation.evaluate) and totals."""
     rows = read_rows(out)
     config = json.load(open(os.path.join(out, "config.json")))
     images_per_step = config["prompts_per_step"] * config["samples_per_prompt"]
@@ -133,181 +196,40 @@ def result(variant: str, seed: int, knob, out: str) -> dict:
     curve = [{"step": r["step"], "images": r["step"] * images_per_step, "exact_match": r["eval/exact_match"],
               "reward": r["eval/reward_mean"], "exact_match_gain_se": r.get("eval/exact_match_gain_se", 0.0)}
              for r in evals]
-    collapse = next((c["step"] for c in curve[1:]
-                     if c["exact_match"] - first["eval/exact_match"] < -2 * max(c["exact_match_gain_se"], 1e-9)), None)
+    per_image = all(r.get("eval/rewards") for r in evals) and "eval_samples_per_prompt" in config
+    if per_image:  # exact match per image as evaluation.exact_matches computes it
+        for point, r in zip(curve, evals):
+            point["exact_by_image"] = [int(x >= 1.0 - 1e-9) for x in r["eval/rewards"]]
+            point["reward_by_image"] = [round(x, 6) for x in r["eval/rewards"]]
+    collapse = stats.collapse(curve)
     last = evals[-1]
-    return {"variant": variant, "seed": seed, "knob": list(knob), "curve": curve, "collapse_step": collapse,
-            "exact_match_gain": last["eval/exact_match"] - first["eval/exact_match"],
-            "exact_match_gain_paired_se": last.get("eval/exact_match_gain_se"),
-            "reward_gain_paired_se": last.get("eval/reward_gain_se"),
-            "reward_gain": last["eval/reward_mean"] - first["eval/reward_mean"],
-            "final_exact_match": last["eval/exact_match"], "images": len(train) * images_per_step,
-            "rollout_tflop": sum(r.get("perf/rollout_tflop", 0.0) for r in train),
-            "update_tflop": sum(r.get("perf/update_tflop", 0.0) for r in train),
-            "rollout_seconds": sum(r["time/rollout_s"] for r in train),
-            "train_seconds": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/update_s"] for r in train)}
-
-
-def archive_key(r: dict) -> tuple:
-    return r["variant"], r["seed"], tuple(r["knob"]), r["steps"], tuple(r["extra"])
-
-
-def load_archive(path: str) -> list[dict]:
-    if not path or not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path} line {number}: not a JSON run result ({e})")
-    return rows
-
-
-def update_archive(path: str, runs: list[dict]) -> dict[tuple, dict]:
-    """Archive + these runs (a re-run replaces its archived row), written atomically; returns all by key."""
-    merged = {archive_key(r): r for r in load_archive(path)}
-    merged.update({archive_key(r): r for r in runs})
-    if runs:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            for key in sorted(merged, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
-                f.write(json.dumps(merged[key]) + "\n")
-        os.replace(path + ".tmp", path)
-    return merged
-
-
-def mean_se(values) -> tuple[float, float]:
-    values = list(values)
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
-
-
-def images_to_reach(curve_mean: list[tuple[int, float]], level: float) -> float | None:
-    """Rollout images at which a (images, exact match) curve first reaches `level` (linear interpolation)."""
-    for (i0, e0), (i1, e1) in zip(curve_mean, curve_mean[1:]):
-        if e1 >= level:
-            return i0 + (i1 - i0) * ((level - e0) / (e1 - e0) if e1 != e0 else 1.0) if e0 < level else i0
-    return None
-
-
-def mean_curve(results: list[dict]) -> list[tuple[int, float, float]]:
-    """(images, mean exact match over seeds, standard error over seeds) at every eval step all runs have;
-    with one seed the standard error is the run's paired one against its step-0 eval (over the eval images)."""
-    steps = sorted(set.intersection(*({c["step"] for c in r["curve"]} for r in results)))
-    out = []
-    for step in steps:
-        points = [next(c for c in r["curve"] if c["step"] == step) for r in results]
-        mean, se = mean_se(p["exact_match"] for p in points)
-        out.append((points[0]["images"], mean, se if len(points) > 1 else points[0]["exact_match_gain_se"]))
-    return out
+    out_row = {"variant": variant, "seed": seed, "knob": list(knob), "curve": curve, "defaults": DEFAULTS,
+               "collapse_step": collapse and collapse[0], "collapse_drop": collapse and collapse[1],
+               "exact_match_gain": last["eval/exact_match"] - first["eval/exact_match"],
+               "exact_match_gain_paired_se": last.get("eval/exact_match_gain_se"),
+               "reward_gain_paired_se": last.get("eval/reward_gain_se"),
+               "reward_gain": last["eval/reward_mean"] - first["eval/reward_mean"],
+               "final_exact_match": last["eval/exact_match"], "images": len(train) * images_per_step,
+               "rollout_tflop": sum(r.get("perf/rollout_tflop", 0.0) for r in train),
+               "update_tflop": sum(r.get("perf/update_tflop", 0.0) for r in train),
+               "rollout_seconds": sum(r["time/rollout_s"] for r in train),
+               "train_seconds": sum(r["time/rollout_s"] + r["time/reward_s"] + r["time/update_s"] for r in train)}
+    if per_image:
+        per_prompt = config["eval_samples_per_prompt"]
+        out_row["image_prompt"] = [k // per_prompt for k in range(len(evals[0]["eval/rewards"]))]
+    return out_row
 
 
 def summarise(results: list[dict]) -> dict:
-    by_variant: dict[str, list[dict]] = {}
-    for r in results:
-        by_variant.setdefault(r["variant"], []).append(r)
-    summary = {}
-    for variant, runs in by_variant.items():
-        s = {"seeds": sorted(r["seed"] for r in runs), "knob": runs[0]["knob"],
-             "exact_match_gain_by_seed": [r["exact_match_gain"] for r in sorted(runs, key=lambda r: r["seed"])]}
-        for key in ("exact_match_gain", "reward_gain", "final_exact_match"):
-            s[key], s[key + "_se"] = mean_se(r[key] for r in runs)
-        if len(runs) == 1:  # one seed: the gains' paired standard errors over the eval images
-            for key in ("exact_match_gain", "reward_gain"):
-                s[key + "_se"] = runs[0].get(key + "_paired_se") or math.nan
-        for per in ("images", "rollout_tflop", "update_tflop", "rollout_seconds", "train_seconds"):
-            s[per] = statistics.fmean(r[per] for r in runs)
-            s[f"gain_per_{per}"] = s["exact_match_gain"] / s[per] if s[per] > 0 else None  # mean gain / mean cost
-        s["collapsed"] = {r["seed"]: r["collapse_step"] for r in runs if r["collapse_step"] is not None}
-        s["curve"] = mean_curve(runs)
-        summary[variant] = s
-    if PRESET in by_variant:  # each objective minus the preset DPO, paired by seed (same eval images, data order)
-        preset_gain = {r["seed"]: r["exact_match_gain"] for r in by_variant[PRESET]}
-        for variant, runs in by_variant.items():
-            diffs = [r["exact_match_gain"] - preset_gain[r["seed"]] for r in runs if r["seed"] in preset_gain]
-            summary[variant]["minus_preset"] = mean_se(diffs) if len(diffs) > 1 else (math.nan, math.nan)
-    if "grpo" in summary:
-        level = summary["grpo"]["curve"][-1][1]
-        grpo_images = images_to_reach([(i, e) for i, e, _ in summary["grpo"]["curve"]], level)
-        for variant, s in summary.items():
-            reach = images_to_reach([(i, e) for i, e, _ in s["curve"]], level)
-            s["images_to_grpo_final"] = reach
-            s["fewer_images_than_grpo"] = (grpo_images / reach) if reach and grpo_images else None
-    return summary
-
-
-def plus_minus(value: float, se: float, sign: str = "+") -> str:
-    return f"{value:{sign}.3f}" + ("" if se is None or math.isnan(se) else f" ± {se:.3f}")
-
-
-def table(summary: dict) -> str:
-    """Markdown table; ± is the standard error over seeds, or for a one-seed variant the paired one over the eval images."""
-    lines = ["| objective (knob) | exact-match gain by seed | exact-match gain | reward gain | final exact match | gain / 1k images | "
-             "minus preset's gain (paired by seed) | gain / rollout PFLOP | rollout s | train s | collapsed (seed: step) | x fewer images than GRPO |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for variant, s in summary.items():
-        fewer = s.get("fewer_images_than_grpo")
-        lines.append(
-            f"| {variant} ({s['knob'][0]} {s['knob'][1]:g}) | {' / '.join(f'{g:+.3f}' for g in s['exact_match_gain_by_seed'])} "
-            f"| {plus_minus(s['exact_match_gain'], s['exact_match_gain_se'])} "
-            f"| {plus_minus(s['reward_gain'], s['reward_gain_se'])} | {plus_minus(s['final_exact_match'], s['final_exact_match_se'], '')} "
-            f"| {1000 * s['gain_per_images']:+.4f} "
-            f"| {'-' if variant == PRESET or math.isnan(s.get('minus_preset', (math.nan,))[0]) else plus_minus(*s['minus_preset'])} "
-            f"| {1000 * s['gain_per_rollout_tflop']:+.3f} | {s['rollout_seconds']:.0f} | {s['train_seconds']:.0f} "
-            f"| {', '.join(f'{k}: {v}' for k, v in s['collapsed'].items()) or 'none'} "
-            f"| {'-' if 'fewer_images_than_grpo' not in s else ('not reached' if fewer is None else f'{fewer:.2f}')} |")
-    return "\n".join(lines)
+    return stats.summarise(results, PRESET)
 
 
 def versus_base(results: list[dict], by_key: dict, steps: int, extra: tuple) -> list[dict]:
-    """Each lever or deviation (DERIVED) against its base variant on the seeds both have run (the base's
-    runs may come from the archive alone): the final exact match's difference, paired by seed (+- the SE
-    over seeds; one seed: the lever's own paired SE over the eval images), and the ratios of mean gain per
-    mean rollout TFLOP and per rollout second. `goal`: the cheaper-rollout target, >= 2x the gain per
-    rollout TFLOP with the final exact match at most 1 SE lower (None where the rollout costs the same)."""
-    rows = []
-    for variant in dict.fromkeys(r["variant"] for r in results if r["variant"] in DERIVED):
-        base = DERIVED[variant][0]
-        pairs = [(r, by_key[key]) for r in results if r["variant"] == variant
-                 for key in [(base, r["seed"], tuple(r["knob"]), steps, tuple(extra))] if key in by_key]
-        if not pairs:
-            continue
-        diff, diff_se = mean_se(r["final_exact_match"] - b["final_exact_match"] for r, b in pairs)
-        if len(pairs) == 1:
-            diff_se = pairs[0][0].get("exact_match_gain_paired_se") or math.nan
-
-        def ratio(cost):
-            mine = statistics.fmean(r["exact_match_gain"] for r, _ in pairs) / statistics.fmean(r[cost] for r, _ in pairs)
-            theirs = statistics.fmean(b["exact_match_gain"] for _, b in pairs) / statistics.fmean(b[cost] for _, b in pairs)
-            return mine / theirs if theirs > 0 else math.nan
-
-        per_tflop = ratio("rollout_tflop")
-        rows.append({"variant": variant, "base": base, "seeds": sorted(r["seed"] for r, _ in pairs),
-                     "gain": statistics.fmean(r["exact_match_gain"] for r, _ in pairs),
-                     "base_gain": statistics.fmean(b["exact_match_gain"] for _, b in pairs),
-                     "rollout_tflop_frac": statistics.fmean(r["rollout_tflop"] / b["rollout_tflop"] for r, b in pairs),
-                     "final_diff": diff, "final_diff_se": diff_se, "gain_per_rollout_tflop_ratio": per_tflop,
-                     "gain_per_rollout_second_ratio": ratio("rollout_seconds"),
-                     "goal": None if rows_cost_same(pairs) else bool(per_tflop >= 2 and diff >= -diff_se)})
-    return rows
+    return stats.versus_base(results, by_key, steps, extra, DERIVED)
 
 
-def rows_cost_same(pairs) -> bool:  # a deviation, not a cheaper rollout: the goal does not apply
-    return all(abs(r["rollout_tflop"] - b["rollout_tflop"]) <= 1e-6 * b["rollout_tflop"] for r, b in pairs)
-
-
-def versus_table(rows: list[dict]) -> str:
-    lines = ["| variant (vs base) | seeds | exact-match gain (base's) | rollout TFLOP vs base | final exact match - base's "
-             "| gain per rollout TFLOP vs base | per rollout second | >= 2x per TFLOP, final >= -1 SE |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['variant']} (vs {r['base']}) | {', '.join(map(str, r['seeds']))} | {r['gain']:+.3f} ({r['base_gain']:+.3f}) "
-                     f"| {r['rollout_tflop_frac']:.2f} | {plus_minus(r['final_diff'], r['final_diff_se'])} "
-                     f"| {r['gain_per_rollout_tflop_ratio']:.2f} | {r['gain_per_rollout_second_ratio']:.2f} | {'-' if r['goal'] is None else 'yes' if r['goal'] else 'no'} |")
-    return "\n".join(lines)
+def table(summary: dict) -> str:
+    return stats.table(summary, PRESET)
 
 
 def plot(summary: dict, path: str):
@@ -329,13 +251,66 @@ def plot(summary: dict, path: str):
     one_seed = all(len(s["seeds"]) == 1 for s in summary.values())
     ax.set_title("Text world, equal rollout budget: " + ("one seed, band = paired SE over the eval images" if one_seed
                                                           else "mean, band = SE over seeds (one seed: paired SE)"), fontsize=10)
-    if "grpo" in summary:
-        ax.axhline(summary["grpo"]["curve"][-1][1], color="grey", lw=0.8, ls=":", label="GRPO's final")
+    target = (summary.get("grpo", {}).get("against_grpo") or {}).get("target")
+    if target is not None:
+        ax.axhline(target, color="grey", lw=0.8, ls=":", label="target: GRPO's start + half its gain")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
+
+
+def plot_sensitivity(by_key: dict, variants, steps: int, extra: tuple, path: str):
+    """Each objective's final exact match against the learning rate: its stage-1 tuning runs (the official
+    knob, the current updates per rollout), every tuning seed a dot and their mean a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for variant in variants:
+        stage1 = sorted(protocol_plan(variant, lambda c: None)[0][0])
+        points = [(c[0], [by_key[k]["final_exact_match"] for s in TUNING_SEEDS
+                          for k in [job_key(config_job(variant, s, c), steps, extra)] if k in by_key]) for c in stage1]
+        points = [(lr, finals) for lr, finals in points if finals]
+        if points:
+            line, = ax.plot([lr for lr, _ in points], [statistics.fmean(f) for _, f in points], marker="o", label=variant)
+            ax.scatter([lr for lr, f in points for _ in f], [x for _, f in points for x in f], s=8, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final eval exact match")
+    ax.set_title(f"Learning-rate sensitivity (tuning seeds {', '.join(map(str, TUNING_SEEDS))}; official knob)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+
+
+def fail(message: str):  # a user error before any run starts: one line, exit 2
+    print(f"compare_objectives.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_knobs(items, variants) -> dict:
+    """--knob VARIANT=VALUE items -> {variant: (knob, value)} over KNOBS' defaults, every item checked."""
+    knobs = {v: (KNOBS[v][0], KNOBS[v][1]) for v in variants}
+    for item in items:
+        variant, equals, value = item.partition("=")
+        if not equals:
+            fail(f"--knob {item!r}: expected VARIANT=VALUE, e.g. nft=0.3")
+        if variant not in KNOBS:
+            fail(f"--knob {item!r}: unknown variant {variant!r} (valid: {', '.join(KNOBS)})")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            fail(f"--knob {item!r}: {value!r} is not a finite number (the value of {KNOBS[variant][0]})")
+        knobs[variant] = (KNOBS[variant][0], number)
+    return knobs
 
 
 def main():
@@ -351,28 +326,50 @@ def main():
     parser.add_argument("--sweep", nargs="*", default=None, metavar="VARIANT",
                         help="first sweep the main knob (KNOBS) of these variants (none named: all) on the first seed")
     parser.add_argument("--summary_only", action="store_true", help="run nothing: summarise the finished runs")
+    parser.add_argument("--run_protocol", action="store_true",
+                        help="run the tuning protocol (PROTOCOL) and both arms, round by round, for the --variants it covers")
+    parser.add_argument("--protocol", action="store_true", help="run nothing: print the tuning table from the archive")
+    parser.add_argument("--dry_run", action="store_true", help="run nothing: list the runs the command would start next")
     parser.add_argument("--plot", default="", help="write the curves to this PNG")
+    parser.add_argument("--plot_sensitivity", default="", help="write final exact match vs learning rate (tuning runs) to this PNG")
     parser.add_argument("--json", default="", help="write the summary (and every run) to this JSON file")
     parser.add_argument("--archive", default="", help="JSON-lines file of finished runs: updated with the workdir's, "
                         "and its runs are summarised with them (the workdir's win)")
+    parser.add_argument("--defaults", type=int, default=DEFAULTS, choices=[1, DEFAULTS],
+                        help="summarise the archived runs of these trainer defaults (compare_archive.DEFAULTS; 1 = "
+                        "before the official group updates); with --summary_only only")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     args = parser.parse_args()
-    knobs = {v: (KNOBS[v][0], KNOBS[v][1]) for v in args.variants}
-    for item in args.knob:
-        variant, value = item.split("=")
-        knobs[variant] = (KNOBS[variant][0], float(value))
-    os.makedirs(args.workdir, exist_ok=True)
-    jobs = []  # (variant, seed, knob), seed-major
+    if args.defaults != DEFAULTS and not (args.summary_only or args.protocol):
+        fail(f"--defaults {args.defaults}: runs are always of today's defaults ({DEFAULTS}); add --summary_only to read them")
+    global READ_DEFAULTS
+    READ_DEFAULTS = args.defaults
+    knobs = parse_knobs(args.knob, args.variants)
+    unknown = [v for v in args.sweep or [] if v not in VARIANTS]
+    if unknown:
+        fail(f"--sweep {unknown[0]!r}: unknown variant (valid: {', '.join(VARIANTS)})")
+    if (args.run_protocol or args.protocol or args.plot_sensitivity) and not args.archive:
+        fail("--run_protocol, --protocol and --plot_sensitivity read the tuning runs from --archive: name the file")
+    protocol_variants = [v for v in args.variants if v in PROTOCOL]
+    if args.protocol or args.plot_sensitivity:
+        by_key = {archive_key(r): r for r in load_archive(args.archive)}
+        print(stats.protocol_table(protocol_variants, tuning_rows(by_key, args.steps, tuple(args.extra))))
+        if args.plot_sensitivity:
+            plot_sensitivity(by_key, protocol_variants, args.steps, tuple(args.extra), args.plot_sensitivity)
+        return
+    if args.run_protocol:
+        return run_protocol(args, protocol_variants)
+    jobs = []  # (variant, seed, knob, flags), seed-major
     if args.sweep is not None:
-        jobs += [(v, args.seeds[0], (KNOBS[v][0], x)) for v in (args.sweep or args.variants) for x in KNOBS[v][2]]
-    jobs += [(v, s, knobs[v]) for s in args.seeds for v in args.variants]
+        jobs += [(v, args.seeds[0], (KNOBS[v][0], x), ()) for v in (args.sweep or args.variants) for x in KNOBS[v][2]]
+    jobs += [(v, s, knobs[v], ()) for s in args.seeds for v in args.variants]
     jobs = list(dict.fromkeys(jobs))
+    if args.dry_run:
+        return print_plan(jobs, args)
     if not args.summary_only:
         execute(jobs, args)
-    in_workdir = [dict(result(v, s, k, os.path.join(args.workdir, run_name(v, s, k))), steps=args.steps, extra=args.extra)
-                  for v, s, k in jobs if finished(os.path.join(args.workdir, run_name(v, s, k)), args.steps)]
-    by_key = update_archive(args.archive, in_workdir) if args.archive else {archive_key(r): r for r in in_workdir}
-    finished_runs = [by_key[key] for key in ((v, s, k, args.steps, tuple(args.extra)) for v, s, k in jobs) if key in by_key]
+    by_key = collect(jobs, args)
+    finished_runs = [by_key[key] for key in (job_key(j, args.steps, args.extra) for j in jobs) if key in by_key]
     results = [r for r in finished_runs if tuple(r["knob"]) == knobs[r["variant"]]]
     summary = summarise(results)
     print(table(summary))
@@ -383,22 +380,76 @@ def main():
     for variant in dict.fromkeys(r["variant"] for r in swept):
         print(f"sweep {variant} (seed {args.seeds[0]}): " + "; ".join(
             f"{r['knob'][0]} {r['knob'][1]:g}: {r['exact_match_gain']:+.3f} ± {r['exact_match_gain_paired_se']:.3f} "
-            f"(reward {r['reward_gain']:+.3f}{', collapsed at step %d' % r['collapse_step'] if r['collapse_step'] else ''})"
+            f"(reward {r['reward_gain']:+.3f}{', collapsed at step %d' % stats.collapse(r['curve'])[0] if stats.collapse(r['curve']) else ''})"
             for r in swept if r["variant"] == variant))
+    arms = arm_results(by_key, protocol_variants, args.steps, tuple(args.extra)) if args.archive else {}
+    for arm, runs in arms.items():
+        print(f"\n{arm} arm (report seeds {', '.join(map(str, REPORT_SEEDS))}; PROTOCOL):\n{table(summarise(runs))}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"summary": summary, "versus_base": versus, "runs": results}, f, indent=1)
+            json.dump({"summary": summary, "versus_base": versus, "runs": results,
+                       "arms": {arm: summarise(runs) for arm, runs in arms.items()}}, f, indent=1)
     if args.plot:
         plot(summary, args.plot)
+
+
+def arm_results(by_key: dict, variants, steps: int, extra: tuple) -> dict[str, list[dict]]:
+    """{"official": runs, "tuned": runs}: the archived report-seed runs of each arm (an arm without any: left out)."""
+    planned = protocol_jobs(variants, by_key, steps, extra)
+    arms = {arm: [by_key[k] for k in (job_key(j, steps, extra) for j in planned[arm]) if k in by_key]
+            for arm in ("official", "tuned")}
+    return {arm: runs for arm, runs in arms.items() if runs}
+
+
+def collect(jobs, args) -> dict[tuple, dict]:
+    """The jobs finished in the workdir, archived (with --archive); returns every known run by key."""
+    in_workdir = [dict(result(v, s, k, out), steps=args.steps, extra=list(f) + list(args.extra))
+                  for v, s, k, f in jobs for out in [os.path.join(args.workdir, run_name(v, s, k, f))]
+                  if finished(out, args.steps)]
+    return update_archive(args.archive, in_workdir) if args.archive else {archive_key(r): r for r in in_workdir}
+
+
+def print_plan(jobs, args):
+    archived = {archive_key(r) for r in load_archive(args.archive)}
+    pending = [j for j in jobs if job_key(j, args.steps, args.extra) not in archived
+               and not finished(os.path.join(args.workdir, run_name(*j)), args.steps)]
+    print(f"{len(pending)} run(s) to start ({len(jobs) - len(pending)} of {len(jobs)} already finished):")
+    for job in pending:
+        out = os.path.join(args.workdir, run_name(*job))
+        print(f"{run_name(*job)}: {' '.join(command(*job[:3], out, args.steps, args.eval_every, '', list(job[3]) + args.extra)[1:])}")
+
+
+def run_protocol(args, variants):
+    """Round by round until nothing is missing: each round starts every run the protocol has reached
+    (the tuning stages whose predecessors are scored, the official arm, the tuned arm once chosen) that the
+    archive lacks. Stops when a round's runs did not all finish (their logs say why)."""
+    tried = set()
+    while True:
+        by_key = collect([], args)
+        planned = protocol_jobs(variants, by_key, args.steps, tuple(args.extra))
+        jobs = planned["tuning"] + planned["official"] + planned["tuned"]
+        if args.dry_run:
+            print("later stages and the tuned arm follow from these runs' scores")
+            return print_plan(jobs, args)
+        missing = [j for j in jobs if job_key(j, args.steps, args.extra) not in by_key]
+        if not missing:
+            print(stats.protocol_table(variants, tuning_rows(by_key, args.steps, tuple(args.extra))))
+            return
+        if tried.issuperset(missing):
+            raise SystemExit(f"{len(missing)} protocol run(s) did not finish, e.g. {run_name(*missing[0])}: see its log in {args.workdir}")
+        tried.update(missing)
+        execute(jobs, args)
+        collect(jobs, args)
 
 
 def execute(jobs, args):
     import shutil
 
+    os.makedirs(args.workdir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     archived = {archive_key(r) for r in load_archive(args.archive)}
     pending = [j for j in jobs if not finished(os.path.join(args.workdir, run_name(*j)), args.steps)
-               and (j[0], j[1], j[2], args.steps, tuple(args.extra)) not in archived]
+               and job_key(j, args.steps, args.extra) not in archived]
     # every run takes one step-0 eval (--eval_baseline): a finished run's, else the first run's once it has it
     outs = (os.path.join(args.workdir, run_name(*j)) for j in jobs if j not in pending)
     baseline = next((out for out in outs if has_step0_eval(out)), "")
@@ -409,7 +460,7 @@ def execute(jobs, args):
             out = os.path.join(args.workdir, run_name(*job))
             if os.path.exists(out):  # an unfinished earlier attempt: start it again from scratch
                 shutil.rmtree(out)
-            cmd = command(job[0], job[1], job[2], out, args.steps, args.eval_every, baseline, args.extra)
+            cmd = command(job[0], job[1], job[2], out, args.steps, args.eval_every, baseline, list(job[3]) + args.extra)
             log = open(out + ".log", "w")
             running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), job, out))
             print(f"started {run_name(*job)}", flush=True)
@@ -423,7 +474,7 @@ def execute(jobs, args):
             running.remove((proc, job, out))
             ok = proc.returncode == 0 and finished(out, args.steps)
             if ok and args.archive:  # at once: a comparison stopped later keeps every finished run
-                update_archive(args.archive, [dict(result(*job, out), steps=args.steps, extra=args.extra)])
+                update_archive(args.archive, [dict(result(*job[:3], out), steps=args.steps, extra=list(job[3]) + args.extra)])
             print(f"{'done' if ok else f'FAILED (exit {proc.returncode})'} {run_name(*job)} (log {out}.log)", flush=True)
             if out == baseline and not has_step0_eval(out):
                 raise SystemExit(f"the first run {out} failed before its step-0 eval: see {out}.log")

@@ -64,9 +64,9 @@ GB = 1e9
 TEXT_ENCODER_PARAMS = 8_292_166_656
 VAE_PARAMS = 126_892_531
 BACKWARD_WORKSPACE_BLOCKS = 0.5  # transient gradients during one block's backward, in blocks' saved tensors
-# objectives the planner knows beyond objectives.OBJECTIVES (until the trainer has them):
-# (a group objective, has an old adapter, runs the reference)
-EXTRA_OBJECTIVES = {"grpo": (True, False, True)}
+# objectives the planner knows beyond objectives.OBJECTIVES (until the trainer has them): objective_shape's
+# (a group objective, has an old adapter, runs the reference, runs the old forward, passes per row); none now
+EXTRA_OBJECTIVES: dict[str, tuple[bool, bool, bool, bool, int]] = {}
 
 
 def build_meta_transformer(config: dict, train_mode: str = "lora", lora_rank: int = 64, lora_alpha: int = 128,
@@ -158,17 +158,34 @@ def activation_peak_bytes(saved: dict, gradient_checkpointing: bool) -> int:
     return int(saved["outside"] + sum(saved["per_block"]) + workspace)
 
 
-def objective_shape(name: str, dgpo_clip_range: float = 0.0) -> tuple[bool, bool, bool]:
-    """(a group objective, has an old adapter, runs the reference forward) of an online objective,
-    read from objectives.py with the trainer's defaults (dgpo: an old adapter only with a clip range)."""
+def objective_shape(name: str, dgpo_clip_range: float = 0.0, num_inference_steps: int = 35,
+                    updates_per_rollout: int = 1) -> tuple[bool, bool, bool, bool, int]:
+    """(a group objective, has an old adapter, runs the reference forward, runs the old forward,
+    passes over each trained row per rollout batch) of an online objective, read from objectives.py
+    with the trainer's defaults: dgpo always keeps its EMA adapter (it samples from it after
+    switch_ema_ref) and runs its forward only with a clip range; a group objective trains each row at
+    its `timesteps` (grpo: its trained SDE steps), once per rollout batch under update_split
+    "disjoint" (the official default) or in every update under "all"; dpo once per update."""
     import objectives
     from train_online_dpo import Config
 
     if name not in objectives.OBJECTIVES:
         return EXTRA_OBJECTIVES[name]
-    objective = objectives.build(Config(objective=name, dgpo_clip_range=dgpo_clip_range))
-    return (isinstance(objective, objectives.GroupObjective), objective.uses_old_adapter,
-            getattr(objective, "needs_reference", True))
+    config = Config(objective=name, dgpo_clip_range=dgpo_clip_range, num_inference_steps=num_inference_steps,
+                    updates_per_rollout=updates_per_rollout)
+    objective = objectives.build(config)
+    group = not isinstance(objective, objectives.DPO)
+    if name == "grpo":
+        import flow_grpo
+
+        window = flow_grpo.resolve_window(config.grpo_sde_window, num_inference_steps, config.seed)
+        timesteps = len(flow_grpo.sde_steps(num_inference_steps, window, config.grpo_timestep_fraction)[1])
+    else:
+        timesteps = getattr(objective, "timesteps", 1)
+    split = getattr(objective, "update_split", "all")
+    passes = timesteps * (updates_per_rollout if not group or split == "all" else 1)
+    return (group, objective.uses_old_adapter, getattr(objective, "needs_reference", True),
+            getattr(objective, "needs_old_prediction", objective.uses_old_adapter), passes)
 
 
 class LiveTensorPeak(TorchDispatchMode):
@@ -270,7 +287,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=int, default=getattr(c, name))
     p.add_argument("--objective", default=c.objective, choices=objective_names(),
                    help="dpo: pairs; the group objectives train whole groups of samples_per_prompt rows")
-    p.add_argument("--dgpo_clip_range", type=float, default=c.dgpo_clip_range, help="> 0: dgpo keeps an old adapter")
+    p.add_argument("--dgpo_clip_range", type=float, default=c.dgpo_clip_range,
+                   help="> 0: dgpo's loss also runs its old (EMA) adapter's forward")
     p.add_argument("--true_cfg_scale", type=float, default=c.true_cfg_scale)
     p.add_argument("--rollout_blocks_run_frac", type=float, default=1.0,
                    help="fraction of block forwards a rollout step cache runs (perf/rollout_blocks_run_frac of a "
@@ -282,7 +300,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.rollout_blocks_run_frac <= 1:
         p.error("--rollout_blocks_run_frac must be in (0, 1]")
-    if objective_shape(args.objective, args.dgpo_clip_range)[1] and args.train_mode != "lora":
+    if objective_shape(args.objective, args.dgpo_clip_range, args.num_inference_steps)[1] and args.train_mode != "lora":
         p.error(f"--objective {args.objective} keeps an old LoRA adapter: it needs --train_mode lora")
     return args
 
@@ -300,7 +318,8 @@ def plan(args) -> dict:
     transformer = build_meta_transformer(config, args.train_mode, args.lora_rank, args.lora_alpha, targets, dtype)
     params = count_params(transformer)
     image_tokens = perf.image_tokens_for(args.height, args.width)
-    group, old, reference = objective_shape(args.objective, args.dgpo_clip_range)
+    group, old, reference, old_forward, passes = objective_shape(args.objective, args.dgpo_clip_range,
+                                                                 args.num_inference_steps, args.updates_per_rollout)
     # the smallest training micro-batch: a whole group (K rows) per group of micro_batch_groups, or pairs
     micro = args.samples_per_prompt * args.micro_batch_groups if group else 2 * args.micro_batch_pairs
     cfg = args.true_cfg_scale > 1
@@ -331,13 +350,14 @@ def plan(args) -> dict:
     rollout = perf.rollout_flops(config, image_tokens, args.text_tokens, args.num_inference_steps, images_per_gpu,
                                  cfg, rank, targets, negative_text_tokens=args.negative_text_tokens,
                                  blocks_run_frac=args.rollout_blocks_run_frac)
-    update = {ck: perf.update_flops(config, image_tokens, [args.text_tokens] * rows, micro, args.updates_per_rollout,
-                                    args.train_mode, rank, targets, ck, reference=reference, old=old,
+    update = {ck: perf.update_flops(config, image_tokens, [args.text_tokens] * rows, micro, passes,
+                                    args.train_mode, rank, targets, ck, reference=reference, old=old_forward,
                                     negative_length=negative) for ck in (True, False)}
     rate = args.peak_tflops * 1e12 * args.mfu
     return dict(
         config=config, world_size=args.world_size, image_tokens=image_tokens, text_tokens=args.text_tokens,
         objective=args.objective, group_objective=group, old_adapter=old, reference_forward=reference,
+        old_forward=old_forward,
         micro_batch_rows=micro, true_cfg=cfg,
         params_base=params["base"], params_total=params["total"], params_trainable=params["trainable"],
         memory_gb={s: {k: v / GB for k, v in rows.items()} for s, rows in memory.items()},
@@ -353,7 +373,7 @@ def plan(args) -> dict:
         forward_tflop_without_lora=perf.forward_flops(config, image_tokens, args.text_tokens) / 1e12, rollout_pflop_per_gpu=rollout / 1e15,
         update_pflop_per_gpu_checkpointed=update[True] / 1e15, update_pflop_per_gpu_no_checkpointing=update[False] / 1e15,
         images_per_gpu=images_per_gpu, pairs_per_gpu=pairs_per_gpu if not group else 0,
-        update_rows_per_gpu=rows * args.updates_per_rollout, peak_tflops=args.peak_tflops, mfu=args.mfu,
+        update_rows_per_gpu=rows * passes, peak_tflops=args.peak_tflops, mfu=args.mfu,
         num_inference_steps=args.num_inference_steps, rollout_blocks_run_frac=args.rollout_blocks_run_frac,
         predicted_rollout_s=rollout / rate, predicted_update_s_checkpointed=update[True] / rate,
         predicted_step_s_checkpointed=(rollout + update[True]) / rate,
@@ -365,7 +385,7 @@ def print_plan(result: dict):
     print(f"Qwen-Image transformer: {result['params_base']:,} parameters; {result['params_trainable']:,} trainable")
     print(f"one forward, {result['image_tokens']} image + {result['text_tokens']} text tokens: "
           f"{result['forward_tflop_without_lora']:.2f} TFLOP ({result['forward_tflop']:.2f} with the LoRA adapters)")
-    extra = [name for name, on in (("the reference", result["reference_forward"]), ("the old adapter", result["old_adapter"]))
+    extra = [name for name, on in (("the reference", result["reference_forward"]), ("the old adapter", result["old_forward"]))
              if on]
     unit = "whole groups" if result["group_objective"] else "pairs"
     print(f"objective {result['objective']}: training micro-batch {result['micro_batch_rows']} rows ({unit}"

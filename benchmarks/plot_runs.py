@@ -36,7 +36,7 @@ CURVE_KEYS = [("eval/exact_match", "eval/exact_match_se", "eval exact match"),
 
 def eval_rows(run_dir: str) -> list[dict]:
     """The eval rows of run_dir/metrics.jsonl in step order (the last row of a step wins, as after a
-    resume that repeated it). The same rows as trainer_utils.eval_history, read without importing
+    resume that repeated it). The same rows as run_logs.eval_history, read without importing
     the trainer (and with it torch and diffusers)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -138,7 +138,7 @@ def plot_grid(run_dir: str, out: str, rows: int = 0, scale: float = 1.0, colors:
               tile_row_height: int = 142) -> tuple[int, int]:
     """The first and last eval grids of a run side by side, each under its caption (step and eval
     figures from metrics.jsonl). rows > 0 keeps only the first `rows` rows of each grid (the eval
-    grids are rows of 8 tiles of 128 px under a 14 px caption line: trainer_utils.image_grid); scale
+    grids are rows of 8 tiles of 128 px under a 14 px caption line: run_logs.image_grid); scale
     resizes each grid; colors > 0 stores the picture with that many palette colours (a PNG for docs:
     a third of the bytes, the glyphs unchanged to the eye). -> (first step, last step)."""
     samples = os.path.join(run_dir, "samples")

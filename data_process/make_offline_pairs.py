@@ -1,6 +1,6 @@
 """Synthetic preference pairs from any model and reward (RankDPO / Syn-Pic style): roll out K
 samples per prompt, score them, pick pairs with pairing.select_pairs, write a pairs parquet
-(format: data_process/pairs_format.py).
+(format: pairs_format.py).
 
     python data_process/make_offline_pairs.py --preset cpu_tiny --output outputs/pairs/tiny.parquet
     python data_process/make_offline_pairs.py --prompts data/ocr/train.parquet --output data/pairs/ocr.parquet
@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import evaluate  # noqa: E402
 import evaluation  # noqa: E402
 import prompt_data  # noqa: E402
 import run_config  # noqa: E402
@@ -46,7 +47,7 @@ class PairsConfig:
     min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
     seed: int = 0  # sample j of prompt i has a seed derived from (seed, i, j)
-    output: str = "data/pairs/pairs.parquet"  # the pairs parquet to write (data_process/pairs_format.py)
+    output: str = "data/pairs/pairs.parquet"  # the pairs parquet to write (pairs_format.py)
     overwrite_output: bool = False  # replace `output` if it exists (otherwise refused, as the trainers refuse a used output_dir)
     preset: str = ""  # a named group of overrides, applied first (listed at the end of --help)
 
@@ -71,11 +72,18 @@ def validate(config: PairsConfig):
 
     require(data_source_exists(config.prompts), "prompts", f"file {config.prompts!r} does not exist")
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "need at least 2 samples per prompt")
+    evaluate.validate_sampling(config)  # max_prompts, resolution, steps, CFG, chunk size: as evaluate.py checks them
+    run_config.require_pretrained(config.pretrained)  # a typo'd local path: one line, before any model loads
     validate_reward(config.reward, config.reward_kwargs)  # a name or weighted components
     require(config.pair_strategy in PAIR_STRATEGIES, "pair_strategy", f"must be one of {PAIR_STRATEGIES}")
-    require(config.height % 16 == 0 and config.width % 16 == 0, "height", "height and width must be multiples of 16")
     require(config.min_reward_margin >= 0, "min_reward_margin", "must be >= 0")
     require(bool(config.output), "output", "must be a file path")
+    # a folder is never replaced by the file (nothing a user owns is deleted); os.replace would refuse
+    # it anyway, but only after every rollout
+    require(not os.path.isdir(config.output), "output", f"{config.output!r} is a folder; give the parquet file to write "
+            f"(e.g. {os.path.join(config.output, 'pairs.parquet')})")
+    require(not os.path.isdir(config.output + ".tmp"), "output", f"{config.output + '.tmp'!r} (where the parquet is "
+            "written before it is renamed) is a folder: move it away")
     if os.path.exists(config.output) and not config.overwrite_output:  # cli: one line, exit status 2
         raise FileExistsError(f"output {config.output!r} already exists: pass --overwrite_output true to replace it, "
                               "or choose another --output")
@@ -95,7 +103,7 @@ def generate(config: PairsConfig) -> dict:
 
     import qwen_image as qi
     import qwen_image_rollout as qir
-    from data_process.pairs_format import image_to_png_bytes, latents_to_bytes, write_pairs
+    from pairs_format import image_to_png_bytes, latents_to_bytes, write_pairs
     from pairing import pair_stats, select_pairs
     from rewards import build_reward, uses_ocr_target
 
@@ -133,7 +141,7 @@ def generate(config: PairsConfig) -> dict:
                            latents_shape=list(latents.shape[1:]), height=config.height, width=config.width)
             out_rows.append(row)
     if not out_rows:
-        raise ValueError("no pairs: every prompt group tied or stayed below min_reward_margin")
+        raise run_config.InputError("no pairs: every prompt group tied or stayed below min_reward_margin; nothing written")
     write_pairs(out_rows, config.output)
     print(json.dumps({**totals, "output": config.output}))
     return totals

@@ -21,14 +21,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_process.pairs_format import (PICKAPIC_COLUMNS, PairsDataError, image_problem,  # noqa: E402
+from pairs_format import (PICKAPIC_COLUMNS, PairsDataError, image_problem,  # noqa: E402
                                        open_pair_parts, pickapic_pair, write_pairs)
 
 
 def convert(input_path: str, output: str, strict: bool = False, split: str = "train", max_rows: int = 0) -> dict:
     """Local parquet file(s) or a Hub dataset id (streamed through `datasets`; max_rows > 0 reads
     only the first max_rows rows) -> the pairs parquet."""
-    from data_process.records import as_bytes, column_names
+    from records import as_bytes, column_names
 
     rows = []
     counts = {"rows_in": 0, "pairs": 0, "ties_dropped": 0, "bad_label_dropped": 0, "corrupt_images_dropped": 0}

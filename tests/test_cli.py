@@ -1,6 +1,7 @@
 """The command line: --help from the Config source comments, one-line config errors with exit
 status 2, closest-field suggestions for misspelled flags."""
 
+import json
 import os
 import subprocess
 import sys
@@ -142,20 +143,22 @@ def test_in_process_errors_are_value_errors_naming_the_field():
 
 def test_bad_input_and_a_refused_run_folder_print_one_line_and_exit_2(tmp_path, capsys):
     """Errors that name a file, line or row (not only config fields) get the same one-line treatment."""
-    from data_process.pairs_format import PairsDataError
+    from pairs_format import PairsDataError
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a red apple\nbad \xff byte\n")
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
+    (run / "config.json").write_text(json.dumps({"output_dir": str(run), "max_steps": 2, "train_mode": "lora",
+                                                 "resume_from_checkpoint": "", "overwrite_output_dir": False}))
     pairs = tmp_path / "pairs.parquet"
     pairs.write_bytes(b"not parquet")
     cases = [
         (train_online_dpo.main, ["--preset", "cpu_tiny", "--train_data", str(prompts), "--output_dir", str(tmp_path / "a")],
          (), f"{prompts}: line 2 is not UTF-8 text"),
         (train_online_dpo.main, ["--preset", "cpu_tiny", "--output_dir", str(run)], (),
-         f"output_dir {str(run)!r} already holds a run (metrics.jsonl)"),
+         f"output_dir {str(run)!r} already holds a run (config.json, metrics.jsonl)"),
         (train_offline_dpo.main, ["--preset", "cpu_tiny", "--pairs_path", str(pairs), "--output_dir", str(tmp_path / "b")],
          (PairsDataError,), str(pairs)),
     ]

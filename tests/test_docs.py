@@ -27,13 +27,14 @@ def test_configuration_md_lists_every_field_with_its_default_and_help_and_every_
     import train_online_dpo
     from run_config import field_comments, shown_value
 
-    text = load_generator().render()
+    generator = load_generator()
+    text = generator.render()
     for module in (train_online_dpo, train_offline_dpo):
         section = text.split(f"## `{module.__name__}.py`")[1].split("\n## ")[0]
         comments = field_comments(module.Config)
         for field in dataclasses.fields(module.Config):
             row = next(line for line in section.splitlines() if line.startswith(f"| `--{field.name}` |"))
-            assert f"| `{shown_value(field.default)}` |" in row and row.endswith(f"| {comments.get(field.name, '')} |")
+            assert f"| `{shown_value(field.default)}` |" in row and row.endswith(f"| {generator.cell(comments.get(field.name, ''))} |")
         for name, overrides in module.PRESETS.items():
             line = next(line for line in section.splitlines() if line.startswith(f"- `{name}`: "))
             assert all(f"--{key} {shown_value(value)}" in line for key, value in overrides.items())
@@ -77,3 +78,48 @@ def test_every_relative_link_and_anchor_in_the_readme_and_docs_resolves():
     assert "the-comparison-at-an-equal-rollout-budget-official-defaults" in github_anchors(
         "## The comparison at an equal rollout budget (official defaults)")
     assert github_anchors("# Flow-GRPO (`--objective grpo`)\n# A\n# A") == {"flow-grpo---objective-grpo", "a", "a-1"}
+
+
+def test_configuration_md_covers_every_script_with_flags():
+    import re
+
+    generator = load_generator()
+    scripts = []
+    for folder in ("", "data_process", "benchmarks"):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder) if folder else ROOT)):
+            path = os.path.join(ROOT, folder, name)
+            if name.endswith(".py") and name != "run_config.py":
+                source = open(path).read()
+                if re.search(r"ArgumentParser\(|parse_config\(", source) and "def main" in source:
+                    scripts.append(os.path.join(folder, name) if folder else name)
+    covered = [script for script, _, _ in generator.SCRIPTS]
+    assert sorted(scripts) == sorted(covered), set(scripts) ^ set(covered)
+    text = generator.render()
+    for script in covered:
+        assert f"\n## `{script}`\n" in text, script
+    # an argparse script's flags, as its parser has them
+    plot_runs = text.split("## `benchmarks/plot_runs.py`")[1].split("\n## ")[0]
+    assert "| `--grid_rows` | int | `0` | --grid: keep the first N rows of each grid (0 = all) |" in plot_runs
+    assert "| `run_dirs` (positional) | list of str | required |" in plot_runs
+
+
+def test_the_stopped_line_the_docs_quote_is_the_one_the_trainer_prints():
+    import re
+    import types
+
+    import policy
+
+    # the guard that stops a run after max_degenerate_steps_in_a_row steps that trained nothing
+    state = types.SimpleNamespace(config=types.SimpleNamespace(max_nonfinite_in_a_row=3, max_degenerate_steps_in_a_row=10),
+                                  step_nonfinite=False, nonfinite_in_a_row=0, degenerate_in_a_row=10)
+    with __import__("pytest").raises(policy.TrainingStopped) as stopped:
+        policy.Policy.stop_if_degenerate(state, 12)
+    trainer = open(os.path.join(ROOT, "train_online_dpo.py")).read()
+    assert 'print(f"{os.path.basename(sys.argv[0])}: stopped: {error}", file=sys.stderr)' in trainer
+    assert "sys.exit(3)" in trainer
+    training = open(os.path.join(ROOT, "docs", "training.md")).read()
+    assert f"\n    train_online_dpo.py: stopped: {stopped.value}\n" in training
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quoted = re.search(r"`(train_online_dpo\.py: stopped: [^`]*)`", readme).group(1)
+    pattern = re.escape(quoted).replace(r"\.\.\.", ".*").replace("N", r"\d+")
+    assert re.fullmatch(pattern, f"train_online_dpo.py: stopped: {stopped.value}"), quoted

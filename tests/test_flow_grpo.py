@@ -101,6 +101,45 @@ def test_sde_steps_windows_and_timestep_fraction():
         flow_grpo.sde_steps(1, "", 0.99)
 
 
+def test_fast_window_start_is_drawn_in_the_first_half_per_seed():
+    """Official Flow-GRPO-Fast (sd3_pipeline_with_logprob_fast.py with config/grpo.py SD3.5 fast
+    configs): start = random.randint(0, num_steps // 2 - window_size), both ends included, so with
+    10 steps and a window of 3 every start of 0, 1, 2 and no other; here drawn from a seed (the
+    run seed and step through prompt_data.derived_seed), the same for the same seed."""
+    import collections
+
+    official = set(range(0, 10 // 2 - 3 + 1))
+    starts = collections.Counter(flow_grpo.window_start(10, 3, seed) for seed in range(600))
+    assert set(starts) == official and min(starts.values()) > 150  # ~200 each: uniform
+    assert [flow_grpo.window_start(10, 3, 7)] * 3 == [flow_grpo.window_start(10, 3, 7) for _ in range(3)]
+    assert flow_grpo.resolve_window("random:3", 10, 7) == f"{flow_grpo.window_start(10, 3, 7)},3"
+    assert flow_grpo.resolve_window("2,3", 10, 7) == "2,3" and flow_grpo.resolve_window("", 10, 7) == ""
+    assert {flow_grpo.window_start(4, 2, seed) for seed in range(50)} == {0}  # 4 steps: only 0..1 fit
+    for window in ("random:6", "random:0", "random:x"):
+        with pytest.raises(ValueError, match="window"):
+            flow_grpo.resolve_window(window, 10, 0)
+
+
+def test_grpo_recorder_draws_its_window_per_step_from_the_run_seed():
+    import objectives
+    import train_online_dpo
+    from prompt_data import derived_seed
+    from run_config import parse_config
+
+    config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, [
+        "--objective", "grpo", "--num_inference_steps", "10", "--grpo_sde_window", "random:3",
+        "--grpo_timestep_fraction", "1", "--seed", "5"])
+    grpo = objectives.build(config)
+    windows = {}
+    for step in range(40):
+        recorder = grpo.recorder(step)
+        start = flow_grpo.window_start(10, 3, derived_seed("grpo_sde_window", 5, step))
+        assert sorted(recorder.sde_steps) == recorder.trained_steps == [start, start + 1, start + 2]
+        assert grpo.recorder(step).trained_steps == recorder.trained_steps  # reproducible (and on resume)
+        windows[start] = windows.get(start, 0) + 1
+    assert set(windows) == {0, 1, 2}
+
+
 def sde_rollout(pipe, prompts, seeds, noise_level, steps=4, window="", fraction=1.0, chunk_size=4, **kw):
     cache = qi.PromptCache(pipe, max_sequence_length=256)
     sde, trained = flow_grpo.sde_steps(steps, window, fraction)

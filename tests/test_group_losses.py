@@ -328,6 +328,24 @@ def test_awm_weightings():
         awm_log_likelihood(model, target, sigmas, "huber2")
 
 
+def test_awm_default_weighting_is_the_official_ghuber_at_given_t():
+    """Official AWM OCR recipe (config/dgx_awm.py: train.weighting 'ghuber', ghuber_power 0.25) and its
+    compute_log_prob_awm written out in float64: log_prob = -mean((v - (noise - x0))^2), then
+    -((-log_prob + 1e-10)^p - (1e-10)^p) * t / p, at t = 0.1, 0.5 and 0.9 for known errors."""
+    import train_online_dpo
+
+    assert train_online_dpo.Config.awm_weighting == "ghuber" and train_online_dpo.Config.awm_old_kl_weight == 1.0
+    t = torch.tensor([0.1, 0.5, 0.9])
+    target = torch.zeros(3, 4, 8)
+    pred = torch.stack([torch.full((4, 8), v) for v in (0.5, 1.0, 2.0)])  # per-sample mse 0.25, 1, 4
+    mse_by_hand = torch.tensor([0.25, 1.0, 4.0], dtype=torch.float64)
+    official = -((mse_by_hand + 1e-10) ** 0.25 - 1e-10 ** 0.25) * t.double() / 0.25
+    floor = 10 ** -2.5  # (1e-10) ** 0.25
+    assert official.tolist() == pytest.approx([-0.1 * (0.25 ** 0.25 - floor) / 0.25, -0.5 * (1 - floor) / 0.25,
+                                               -0.9 * (4 ** 0.25 - floor) / 0.25], rel=1e-6)
+    assert torch.allclose(awm_log_likelihood(pred, target, t, "ghuber").double(), official, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- invariances through the helper
 
 @pytest.mark.parametrize("loss_name", ["dgpo", "nft", "awm"])

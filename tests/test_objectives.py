@@ -41,9 +41,11 @@ def one_process(tiny_dir, tmp_path_factory):
 def test_update_logs_its_diagnostics_and_exports_only_the_trained_adapter(one_process, name):
     out, logged = one_process[0], one_process[1][name]
     for metrics in logged:
-        # group 1 of 4 ties: trained with A = 0 (as the official scripts) and counted; 4 x K = 16 samples train
-        assert metrics["adv/groups"] == 4 and metrics["adv/tied_groups"] == 1 and metrics["adv/tied_groups_trained"] == 1
-        assert metrics["adv/zero_variance_groups_dropped"] == 0 and metrics["adv/samples_kept"] == 16
+        # group 1 of 4 ties: trained with A = 0 (as the official scripts) and counted; 4 x K = 16 samples train.
+        # grpo: its samples of advantage 0 are dropped (official train_sd3.py): 12 samples
+        tied_trained, kept = (0, 12) if name == "grpo" else (1, 16)
+        assert metrics["adv/groups"] == 4 and metrics["adv/tied_groups"] == 1
+        assert metrics["adv/tied_groups_trained"] == tied_trained and metrics["adv/samples_kept"] == kept
         assert 0 < metrics["adv/abs_mean"] < 2
         assert metrics["update/grad_norm"] > 0 and torch.isfinite(torch.tensor(metrics[f"{name}/loss"]))
     expected = {"dgpo": ["implicit_acc", "z_mean", "reward_pos", "reward_neg", "clip_frac", "kl"],
@@ -107,7 +109,10 @@ def test_nonfinite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch, name, 
     module = flow_grpo if name == "grpo" else group_losses
     real = getattr(module, loss)
     calls = {"n": 0}
-    per_update = 4 * (2 if name == "grpo" else 1)  # 4 groups (the tied one too), 1 per micro-batch (grpo: x 2 trained steps)
+    # the first optimizer step's loss calls: its part (update_split disjoint) of 2 groups, 1 per micro-batch,
+    # x the trained timesteps (dgpo, nft 3, awm 6 at 4 sampling steps); grpo: 6 of the 12 kept rows,
+    # 4 per micro-batch, x 2 trained steps
+    per_update = {"dgpo": 2 * 3, "nft": 2 * 3, "awm": 2 * 6, "grpo": 2 * 2}[name]
 
     def nan_in_the_first_update(*args, **kwargs):  # every group (the tied one too), 1 per micro-batch
         calls["n"] += 1
@@ -165,13 +170,14 @@ def test_objective_rules_before_any_model_loads_and_on_resume():
     for objective in ("nft", "awm"):  # the old policy is a LoRA adapter
         with pytest.raises(ValueError, match=r"config field `train_mode`: must be 'lora' with objective"):
             train_online_dpo.main(["--preset", "cpu_tiny", "--objective", objective, "--train_mode", "full"])
+    # DGPO always keeps its EMA reference (official: rollouts from it after switch_ema_ref, clip or not)
     with pytest.raises(ValueError, match="train_mode"):
-        train_online_dpo.main(["--preset", "cpu_tiny", "--objective", "dgpo", "--dgpo_clip_range", "0.01",
-                               "--train_mode", "full"])
+        train_online_dpo.main(["--preset", "cpu_tiny", "--objective", "dgpo", "--train_mode", "full"])
+    for field, value in (("train_timesteps", "-1"), ("dgpo_first_steps_fraction", "0"), ("grpo_sde_window", "random:3")):
+        with pytest.raises(ValueError, match=f"config field `{field}`"):  # random:3 needs 3 <= 4 steps // 2
+            train_online_dpo.main(["--preset", "cpu_tiny", "--objective", "grpo", "--train_mode", "full",
+                                   f"--{field}", value])
     assert time.perf_counter() - start < 5
-    # DGPO without its clip needs no old adapter, so full mode is fine
-    train_online_dpo.validate(parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, [
-        "--preset", "cpu_tiny", "--objective", "dgpo", "--train_mode", "full"]))
 
     # on resume: the objective and its own knobs must match the checkpoint's; other objectives' knobs may change
     def changes(saved, config):  # what the online trainer compares: the shared fields and its objective's knobs
@@ -188,17 +194,73 @@ def test_objective_rules_before_any_model_loads_and_on_resume():
 
 
 
-def test_grpo_ratio_is_exactly_one_at_the_first_update_and_moves_after_it(tiny_dir, tmp_path):
-    """The old log-probs are the sampler's (here the initial policy's SDE steps, computed in the same
-    micro-batches): in fp32 the first update's recomputed log-probs equal them bit for bit, so every
-    ratio is 1 and nothing is clipped even at the official clip range 1e-4. The second step's
-    transitions are again the initial policy's, which the trained policy no longer is."""
-    logged = objective_worker.run("grpo", tiny_dir, str(tmp_path), extra=["--updates_per_rollout", "1",
-                                                                         "--grpo_clip_range", "1e-4"])
-    first, second = logged
-    assert first["grpo/ratio_mean"] == 1.0 and first["grpo/approx_kl"] == 0.0 and first["grpo/clip_frac"] == 0.0
-    assert first["grpo/kl"] == 0.0  # the policy is the reference before its first step
-    assert second["grpo/approx_kl"] > 0 and second["grpo/kl"] > 0
+def grpo_real_rollout_update(tiny_dir, extra):
+    """A real rollout: qwen_image_rollout.rollout with the objective's SDERecorder on the tiny model in
+    fp32 (4 prompts x K = 4, 4 steps: 3 trained, random rewards), then the update. -> (every
+    grpo_loss call's metrics in order, the policy)."""
+    import distributed
+    import evaluation
+    import flow_grpo
+    import objectives
+    import prompt_data
+    import qwen_image as qi
+    import qwen_image_rollout as qir
+    from policy import Policy
+
+    config = objective_worker.config_for("grpo", tiny_dir, "none", ["--grpo_clip_range", "1e-4", *extra])
+    accelerator = distributed.make_accelerator(config)
+    torch.manual_seed(config.seed)
+    pipe = qi.load_pipeline(tiny_dir, dtype=torch.float32)
+    cache = qi.PromptCache(pipe, config.max_sequence_length)
+    cache.warm(objective_worker.PROMPTS)
+    objective = objectives.build(config)
+    policy = Policy(config, pipe, accelerator)
+    prompts = [p for p in objective_worker.PROMPTS for _ in range(4)]
+    recorder = objective.recorder(step=0)
+    pipe.transformer.eval()
+    latents, _ = qir.rollout(pipe, cache, prompts, prompt_data.rollout_seeds(config.seed, 0, 0, len(prompts)),
+                             evaluation.rollout_settings(config, config.num_inference_steps), decode=False,
+                             scheduler_step=recorder.chunk_step)
+    pipe.transformer.train()
+    rewards = torch.rand(16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rollouts = objectives.Rollouts(latents=latents, rewards=rewards, group_ids=[f"{i // 4}:p" for i in range(16)],
+                                   prompts=prompts, trajectory=recorder.result())
+    assert rollouts.trajectory["log_probs"].shape == (16, 3)
+    seen, real = [], flow_grpo.grpo_loss
+
+    def spy(*args, **kwargs):
+        value, metrics = real(*args, **kwargs)
+        seen.append(metrics)
+        return value, metrics
+
+    flow_grpo.grpo_loss = spy
+    try:
+        objective.update(policy, rollouts, cache, 0)
+    finally:
+        flow_grpo.grpo_loss = real
+    return seen, policy
+
+
+def test_grpo_ratio_is_exactly_one_at_the_first_update_of_a_real_sde_rollout(tiny_dir):
+    """Rollout chunks of 4 = the update's micro-batches (one group each, update_split all, 1 update):
+    the recomputed log-probs equal the recorded ones bit for bit, so every ratio is exactly 1, nothing
+    is clipped at the official clip range 1e-4 and the KL is 0 (the policy is the reference)."""
+    seen, _ = grpo_real_rollout_update(tiny_dir, ["--rollout_chunk_size", "4", "--update_split", "all",
+                                                  "--updates_per_rollout", "1"])
+    assert len(seen) == 4 * 3  # 4 micro-batches x 3 trained steps
+    assert all(m["ratio_mean"] == 1.0 and m["approx_kl"] == 0.0 and m["clip_frac"] == 0.0 and m["kl"] == 0.0
+               for m in seen)
+
+
+def test_grpo_second_optimizer_step_of_a_real_rollout_has_moved(tiny_dir):
+    """The official split (disjoint, 2 optimizer steps of 8 rows over 2 micro-batches each): the first
+    step's rows mix prompts of other lengths than the rollout's chunks (text padding: ~1e-8 apart, no
+    clip at 1e-4); the second step's rows were sampled by the initial policy, which has moved."""
+    seen, policy = grpo_real_rollout_update(tiny_dir, ["--updates_per_rollout", "2"])
+    first, second = seen[:6], seen[6:]
+    assert len(seen) == 12 and policy.optimizer_steps == 2
+    assert all(m["approx_kl"] < 1e-13 and m["clip_frac"] == 0.0 and m["kl"] == 0.0 for m in first)
+    assert all(m["approx_kl"] > 1e-11 and m["kl"] > 0 for m in second), second
 
 
 # ---------------------------------------------------------------- faithful to the official scripts
@@ -262,7 +324,7 @@ def test_awm_ratio_is_to_the_rollout_weights_not_the_ema(tiny_dir):
     were made (recomputed here from a copy), not under the old adapter."""
     import group_losses
 
-    objective, policy, cache = objective_worker.setup("awm", tiny_dir)
+    objective, policy, cache = objective_worker.setup("awm", tiny_dir, extra=["--train_timesteps", "1"])
     objective.update(policy, objective_worker.rollouts_for(0, 0, 1), cache, 0)
     at_rollout = trained_lora(policy)
     seen, velocities = [], []
@@ -284,14 +346,14 @@ def test_awm_ratio_is_to_the_rollout_weights_not_the_ema(tiny_dir):
     finally:
         group_losses.awm_loss = real_loss
         del policy.velocity
-    assert len(seen) == 8 and len(velocities) == 8  # 4 groups x 2 updates
-    assert all(ratio == 1.0 for *_, ratio, _ in seen[:4])  # first update: exactly 1
-    assert any(ratio != 1.0 for *_, ratio, _ in seen[4:])
+    assert len(seen) == 4 and len(velocities) == 4  # 4 groups, 2 per optimizer step (update_split disjoint)
+    assert all(ratio == 1.0 for *_, ratio, _ in seen[:2])  # first optimizer step: exactly 1
+    assert any(ratio != 1.0 for *_, ratio, _ in seen[2:])
     named = dict(policy.transformer.named_parameters())
     with torch.no_grad():
         for key, value in at_rollout.items():
             named[key].copy_(value)
-        for (target, sigmas, rollout_logp, _, old_pred), args in zip(seen[4:], velocities[4:]):
+        for (target, sigmas, rollout_logp, _, old_pred), args in zip(seen[2:], velocities[2:]):
             expected = objective.likelihood(policy.velocity(*args), target, sigmas)
             assert torch.allclose(rollout_logp, expected, rtol=0, atol=1e-6)
             assert not torch.allclose(rollout_logp, objective.likelihood(old_pred, target, sigmas), atol=1e-6)
@@ -305,10 +367,11 @@ def test_dgpo_samples_with_the_ema_after_switch_ema_ref_optimizer_steps():
         return objectives.build(parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, list(argv)))
 
     assert train_online_dpo.Config.dgpo_switch_ema_ref == 200  # official config/dgpo.py switch_ema_ref
-    dgpo = build("--objective", "dgpo", "--dgpo_clip_range", "0.01")
-    assert not dgpo.samples_with_old(200) and dgpo.samples_with_old(201)  # official: global_step > switch_ema_ref
-    assert build("--objective", "dgpo", "--dgpo_clip_range", "0.01", "--dgpo_switch_ema_ref", "3").samples_with_old(4)
-    assert not build("--objective", "dgpo").samples_with_old(10 ** 6)  # no clip: no EMA to sample with
+    for clip in ("0", "0.01"):  # official: unconditional; the clip only adds the old forward to the loss
+        dgpo = build("--objective", "dgpo", "--dgpo_clip_range", clip)
+        assert dgpo.uses_old_adapter and dgpo.needs_old_prediction == (clip != "0")
+        assert not dgpo.samples_with_old(200) and dgpo.samples_with_old(201)  # official: global_step > switch_ema_ref
+    assert build("--objective", "dgpo", "--dgpo_switch_ema_ref", "3").samples_with_old(4)
     assert build("--objective", "nft").samples_with_old(0) and not build("--objective", "awm").samples_with_old(10 ** 6)
 
 
@@ -320,8 +383,9 @@ def test_tied_groups_can_be_dropped(tiny_dir, tmp_path):
 
 def test_sampler_sigmas_are_the_pipelines_and_each_objective_draws_its_official_timesteps(tiny_dir):
     """qwen_image_rollout.sampler_sigmas equals the schedule the pipeline itself ran; NFT trains each sample
-    on the sampler's sigmas (a random order per sample, distinct over updates); AWM on one index per
-    stratum of 1 .. int(0.9 n) per group (official `discrete_wo_init`)."""
+    on int(0.99 n) of the sampler's sigmas in one optimizer step (a random order per sample, official
+    train_nft_sd3.py); AWM on one index per stratum of 1 .. int(0.9 n) per group, all strata in one
+    optimizer step (official `discrete_wo_init`, train_timesteps strata)."""
     import objectives
     import qwen_image as qi
     import qwen_image_rollout as qir
@@ -337,25 +401,62 @@ def test_sampler_sigmas_are_the_pipelines_and_each_objective_draws_its_official_
 
     rollouts = objective_worker.rollouts_for(0, 0, 1)
     groups = [list(range(g * 4, g * 4 + 4)) for g in range(4)]
-    draws = objective._draws(policy, rollouts, groups, 0, (16, 64), 3)
-    sigmas = torch.stack([s for _, s in draws])  # [updates, rows]
-    assert all(any(torch.isclose(v, schedule).tolist()) for v in sigmas.flatten())
-    assert all(len(set(sigmas[:, row].tolist())) == 3 for row in range(16))  # no sigma twice for a row
+    assert objective.timesteps == int(6 * 0.99) == 5  # official num_train_timesteps
+    draws = objective._draws(policy, rollouts, groups, 0, (16, 64), [0])[0]
+    sigmas = torch.stack([s for _, s in draws])  # [timesteps, rows]
+    assert sigmas.shape == (5, 16) and all(any(torch.isclose(v, schedule).tolist()) for v in sigmas.flatten())
+    assert all(len(set(sigmas[:, row].tolist())) == 5 for row in range(16))  # no sigma twice for a row
     assert len(set(sigmas[0, :4].tolist())) > 1  # drawn per sample
     noise = draws[0][0]
-    assert not torch.equal(noise[0], noise[1])  # per-sample noise (official randn_like)
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise, draws[1][0])  # per sample and timestep
 
     awm = objectives.AWM(objective.config)
-    awm.sigma_scheme = "sampler_stratified"
-    sigmas = torch.stack([s for _, s in awm._draws(policy, rollouts, groups, 0, (16, 64), 2)])
+    awm.sigma_scheme, awm.timesteps = "sampler_stratified", 2
+    sigmas = torch.stack([s for _, s in awm._draws(policy, rollouts, groups, 0, (16, 64), [0])[0]])
     index = [[int(torch.isclose(schedule, v).nonzero()[0]) for v in row] for row in sigmas]
     for g in range(4):
         rows = range(g * 4, g * 4 + 4)
-        assert len({index[u][r] for u in range(2) for r in rows}) == 2  # shared in the group, one per stratum
-        assert sorted(index[u][g * 4] for u in range(2)) in ([1, 3], [1, 4], [2, 3], [2, 4])  # strata [1,3) and [3,5)
+        assert len({index[k][r] for k in range(2) for r in rows}) == 2  # shared in the group, one per stratum
+        assert [index[k][g * 4] for k in range(2)] in ([1, 3], [1, 4], [2, 3], [2, 4])  # strata [1,3) and [3,5)
     # the official strata for its OCR recipe: 14 steps, fraction 0.9, 6 timesteps -> boundaries 1,2,4,6,8,10,12
     assert objectives.stratified_sampler_indices(14, 6, 0.9, torch.zeros(6)).tolist() == [1, 2, 4, 6, 8, 10]
     assert objectives.stratified_sampler_indices(14, 6, 0.9, torch.full((6,), 0.999)).tolist() == [1, 3, 5, 7, 9, 11]
+    assert objectives.AWM(objective.config).timesteps == 6  # official train.train_timesteps
+
+
+@pytest.mark.parametrize("split", ["disjoint", "all"])
+def test_dgpo_trains_its_official_timesteps_shared_by_the_batch(tiny_dir, split):
+    """Official DGPO (scripts/train_sd3_dgpo.py, config/dgpo.py OCR: 10 steps, trunc_steps 6,
+    num_train_timesteps 4): `random.sample(range(trunc_steps + 1), 4)` once per rollout batch,
+    broadcast, the same for every sample and every optimizer step of the batch. Written out here:
+    4 distinct indices of 0..6 of the sampler's own sigmas, shared by all groups; with update_split
+    disjoint the same for both optimizer steps (each a part of the batch), with all drawn per update;
+    deterministic per (seed, step), different across steps; over many steps every index 0..6 comes up."""
+    objective, policy, _ = objective_worker.setup("dgpo", tiny_dir, extra=["--num_inference_steps", "10",
+                                                                          "--update_split", split])
+    trunc_steps, num_train_timesteps = 6, 4
+    assert objective.sigma_scheme == "sampler_first" and objective.timesteps == num_train_timesteps
+    schedule = policy.sampler_sigmas()
+    rollouts = objective_worker.rollouts_for(0, 0, 1)
+    groups = [list(range(g * 4, g * 4 + 4)) for g in range(4)]
+
+    def drawn(step, update):
+        draws = objective._draws(policy, rollouts, groups, step, (16, 64), [update])[update]
+        out = []
+        for noise, sigmas in draws:
+            assert torch.equal(sigmas, sigmas[:1].expand(16))  # shared by every sample of the batch
+            assert all(torch.equal(noise[r], noise[g[0]]) for g in groups for r in g)  # official use_shared_noise
+            out.append(int(torch.isclose(schedule, sigmas[0]).nonzero()[0]))
+        return out
+
+    seen = set()
+    for step in range(30):
+        first = drawn(step, 0)
+        assert len(set(first)) == num_train_timesteps and set(first) <= set(range(trunc_steps + 1))
+        assert first == drawn(step, 0)  # reproducible
+        assert (first == drawn(step, 1)) == (split == "disjoint") or split == "all" and set(first) == set(drawn(step, 1))
+        seen |= set(first)
+    assert seen == set(range(trunc_steps + 1))
 
 
 def test_eval_with_ema_keeps_the_official_ema_and_exports_it(tiny_dir, tmp_path):
@@ -391,3 +492,118 @@ def test_eval_with_ema_keeps_the_official_ema_and_exports_it(tiny_dir, tmp_path)
     import model_card
     assert "EMA of the trained LoRA" in model_card.exported_weights_line({"eval_with_ema": True, "eval_ema_decay": 0.9})
     assert "no EMA" in model_card.exported_weights_line({})
+
+
+def official_advantages(rewards, k: int = 4):
+    """The official advantages written out (flow_grpo/stat_tracking.py with global_std): (r - the
+    group's mean) / (std of every reward + 1e-4); a group whose rewards are all equal gets exactly 0."""
+    scale = rewards.std(unbiased=False) + 1e-4
+    means = rewards.reshape(-1, k).mean(dim=1).repeat_interleave(k)
+    return torch.where(rewards.reshape(-1, k).std(dim=1).repeat_interleave(k) == 0, torch.zeros_like(rewards),
+                       (rewards - means) / scale)
+
+
+def count_grpo_uses(tiny_dir, extra):
+    """-> ({row: how often its first trained step entered the loss}, {row: the optimizer steps it was in},
+    the step's metrics) of grpo's first update on objective_worker's fixed rollouts."""
+    import flow_grpo
+
+    objective, policy, cache = objective_worker.setup("grpo", tiny_dir, extra=extra)
+    trajectory = objective_worker.grpo_trajectory(policy, cache, 0)
+    rollouts = objective_worker.rollouts_for(0, 0, 1, trajectory)
+    row_of = {float(v): row for row, v in enumerate(trajectory["log_probs"][:, 0])}
+    uses, steps, real = {}, {}, flow_grpo.grpo_loss
+
+    def spy(log_prob, old_log_prob, *args, **kwargs):
+        for value in old_log_prob.tolist():
+            if value in row_of:  # trained step 0 (step 1's log-probs are other numbers)
+                uses[row_of[value]] = uses.get(row_of[value], 0) + 1
+                steps.setdefault(row_of[value], set()).add(policy.optimizer_steps)
+        return real(log_prob, old_log_prob, *args, **kwargs)
+
+    flow_grpo.grpo_loss = spy
+    try:
+        metrics, _ = objective.update(policy, rollouts, cache, 0)
+    finally:
+        flow_grpo.grpo_loss = real
+    return uses, steps, metrics, rollouts
+
+
+@pytest.mark.parametrize("updates", [2, 5])
+def test_grpo_trains_the_official_samples_once_each(tiny_dir, updates):
+    """Official train_sd3.py, written out: the samples with advantage exactly 0 are dropped; when the
+    kept count is not a multiple of the optimizer steps' parts, just enough zero-advantage samples are
+    put back; the rest is cut into equal parts, one per optimizer step: each trained sample is used
+    exactly once. 12 kept of 16 (group 1 ties): 2 steps of 6, or 5 steps of 3 with 3 tied samples back."""
+    uses, steps, metrics, rollouts = count_grpo_uses(tiny_dir, ["--updates_per_rollout", str(updates)])
+    advantages = official_advantages(rollouts.rewards)
+    nonzero = [row for row in range(16) if advantages[row] != 0]
+    padding = (updates - len(nonzero) % updates) % updates
+    assert len(nonzero) == 12 and padding == {2: 0, 5: 3}[updates]
+    assert all(uses.get(row) == 1 for row in nonzero)
+    assert sorted(uses.get(row, 0) for row in range(16) if row not in nonzero) == [0] * (4 - padding) + [1] * padding
+    per_step = {}
+    for row in uses:
+        assert len(steps[row]) == 1
+        per_step[min(steps[row])] = per_step.get(min(steps[row]), 0) + 1
+    assert sorted(per_step.values()) == [(12 + padding) // updates] * updates
+    assert metrics["adv/zero_advantage_samples_padded"] == padding and metrics["grpo/max_uses_per_sample"] == 1
+
+
+def test_grpo_keeps_the_old_update_as_options(tiny_dir):
+    """update_split all + grpo_keep_zero_advantage: every sample, the tied ones too, in each update."""
+    uses, steps, metrics, _ = count_grpo_uses(tiny_dir, ["--update_split", "all", "--grpo_keep_zero_advantage"])
+    assert uses == {row: 2 for row in range(16)} and all(len(s) == 2 for s in steps.values())
+    assert metrics["adv/samples_kept"] == 16 and metrics["grpo/max_uses_per_sample"] == 2
+
+
+@pytest.mark.parametrize("split", ["disjoint", "all"])
+def test_group_objectives_use_each_sample_as_the_official_scripts(tiny_dir, split):
+    """Official NFT / AWM / DGPO scripts, written out: one inner epoch, the rollout batch shuffled and
+    cut into equal parts, `gradient_accumulation_steps` parts per optimizer step, and every trained
+    timestep of a sample accumulated in its optimizer step: each sample (the tied group too) enters
+    the loss `timesteps` times, all in one optimizer step. update_split all (the old behaviour):
+    every sample in every update."""
+    objective, policy, cache = objective_worker.setup("nft", tiny_dir, extra=["--update_split", split])
+    rollouts = objective_worker.rollouts_for(0, 0, 1)
+    row_of = {float(rollouts.latents[row, 0, 0]): row for row in range(16)}
+    uses, steps, real = {}, {}, policy.velocity
+
+    def spy(x0, *args):
+        for value in x0[:, 0, 0].tolist():
+            uses[row_of[value]] = uses.get(row_of[value], 0) + 1
+            steps.setdefault(row_of[value], set()).add(policy.optimizer_steps)
+        return real(x0, *args)
+
+    policy.velocity = spy
+    try:
+        objective.update(policy, rollouts, cache, 0)
+    finally:
+        del policy.velocity
+    T, updates = objective.timesteps, 2
+    assert T == int(4 * 0.99) == 3  # official num_train_timesteps at 4 sampling steps
+    if split == "disjoint":
+        assert uses == {row: T for row in range(16)} and all(len(s) == 1 for s in steps.values())
+        per_step = [sum(1 for s in steps.values() if step in s) for step in range(updates)]
+        assert per_step == [8, 8]  # 2 whole groups per optimizer step
+        groups_of = [{row // 4 for row, s in steps.items() if step in s} for step in range(updates)]
+        assert all(len(g) == 2 for g in groups_of)  # whole groups in a part
+    else:
+        assert uses == {row: T * updates for row in range(16)} and all(len(s) == 2 for s in steps.values())
+
+
+def test_diffusers_dpm_solver_cannot_run_inside_qwen_image_pipeline():
+    """Why rollouts stay Euler (docs/objectives.md): QwenImagePipeline passes `sigmas=` (and `mu=`) to
+    set_timesteps (retrieve_timesteps), which diffusers' flow-capable DPMSolverMultistepScheduler does
+    not take, nor does SASolverScheduler; if a release adds it, offer it as a rollout sampler."""
+    import inspect
+
+    from diffusers import DPMSolverMultistepScheduler, SASolverScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
+
+    assert "sigmas=sigmas" in inspect.getsource(inspect.getmodule(retrieve_timesteps).QwenImagePipeline.__call__)
+    for scheduler in (DPMSolverMultistepScheduler, SASolverScheduler):
+        assert "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters
+    solver = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="sigmas"):
+        retrieve_timesteps(solver, 4, "cpu", sigmas=[1.0, 0.75, 0.5, 0.25])

@@ -14,7 +14,7 @@ from PIL import Image
 
 import train_offline_dpo
 from data_process import make_offline_pairs, pickapic_to_pairs, qwenimage_ocr
-from data_process.pairs_format import PairsDataError, image_to_png_bytes, read_pairs, write_pairs
+from pairs_format import PairsDataError, image_to_png_bytes, read_pairs, write_pairs
 
 
 # ---------------------------------------------------------------------------------- OCR prompts
@@ -131,7 +131,7 @@ def test_prompts_load_through_datasets_from_parquet_jsonl_txt_and_directories(tm
     import datasets
 
     import prompt_data
-    from data_process.records import is_hub_id
+    from records import is_hub_id
 
     assert datasets.config.HF_DATASETS_OFFLINE  # tests never reach the Hub
     folder = tmp_path / "prompts"

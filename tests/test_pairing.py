@@ -110,3 +110,34 @@ def test_logit_normal_sigmas_have_the_right_distribution():
     assert abs(logits.mean().item()) < 0.03 and abs(logits.std().item() - 1) < 0.03
     with pytest.raises(ValueError, match="sigma scheme"):
         sample_sigmas(3, "cosine")
+
+
+def test_zero_margin_pairs_are_never_trained_and_counted_as_tied():
+    """top_bottom's inner pairs can tie (margin 0): select_pairs drops them even with min_reward_margin
+    0 (a pair needs margin > min); tied_candidates counts them; a margin > 0 drops small gaps too."""
+    from pairing import tied_candidates
+
+    groups = ["a"] * 6
+    rewards = torch.tensor([1.0, 0.5, 0.5, 0.5, 0.5, 0.2])  # pairs (0,5) gap 0.8, (1,4) and (2,3) tied
+    assert select_pairs(groups, rewards, "top_bottom").tolist() == [[0, 5]]
+    assert tied_candidates(groups, rewards, "top_bottom") == (2, 3)
+    assert tied_candidates(groups, rewards, "best_worst") == (0, 1)
+    near = torch.tensor([1.0, 0.6, 0.5, 0.5, 0.4, 0.2])  # gaps 0.8, 0.2, 0.0
+    assert select_pairs(groups, near, "top_bottom").tolist() == [[0, 5], [1, 4]]
+    assert select_pairs(groups, near, "top_bottom", min_margin=0.25).tolist() == [[0, 5]]
+
+
+@pytest.mark.parametrize("n_pairs,updates", [(8, 4), (7, 3), (2, 4), (0, 2), (5, 1)])
+def test_update_parts_use_every_pair_once_when_disjoint(n_pairs, updates):
+    from pairing import update_parts
+
+    uses = [0] * n_pairs
+    for lo, hi in update_parts(n_pairs, updates, "disjoint"):
+        for p in range(lo, hi):
+            uses[p] += 1
+    assert uses == [1] * n_pairs and len(update_parts(n_pairs, updates, "disjoint")) == updates
+    sizes = [hi - lo for lo, hi in update_parts(n_pairs, updates, "disjoint")]
+    assert max(sizes) - min(sizes) <= 1
+    assert update_parts(n_pairs, updates, "all") == [(0, n_pairs)] * updates
+    with pytest.raises(ValueError, match="split"):
+        update_parts(n_pairs, updates, "half")

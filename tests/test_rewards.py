@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 import rewards
+import rewards_models
 from rewards import build_reward, ocr_score, ocr_score_strict, ocr_target
 
 WORDS = ["Hello World", "Open 24 Hours", "Coffee Shop", "SALE 50%", "Morning", "Quantum Leap"]
@@ -103,11 +104,11 @@ def test_paddle_ocr_keeps_its_cache_out_of_the_working_directory(paddle_ocr, tmp
     assert not (tmp_path / "cache").exists() and (tmp_path / "elsewhere").exists()
 
 
-def test_paddle_ocr_batched_recognition_equals_the_engines_own_per_image_pipeline(paddle_ocr):
-    """transcribe() sends the crops of all images through the recogniser together; the engine's own
-    ocr() runs one image at a time. Same detections, same crops, the same recogniser input per crop:
-    the same texts, for one-line, two-line (reading order), blank, noisy, small and wide (a line
-    longer than the recogniser's 320/48, which goes alone) images."""
+def test_paddle_ocr_batched_detection_equals_the_engines_own_per_image_pipeline(paddle_ocr):
+    """transcribe() detects the images of one size in one call; the engine's own ocr() runs one image
+    at a time. Same detections, same crops, the same recogniser input per image: the same texts, for
+    one-line, two-line (reading order), blank, noisy, small and wide (a line longer than the
+    recogniser's 320/48) images."""
     two_lines = render("Coffee Shop")
     ImageDraw.Draw(two_lines).text((60, 60), "OPEN 9 TO 5", fill=(10, 10, 10), font=ImageFont.load_default(size=40))
     wide = [render(text, font_size=40) for text in ("Grand Opening Sale Today", "Fresh Bread Every Morning")]
@@ -128,9 +129,48 @@ def test_paddle_ocr_batched_recognition_equals_the_engines_own_per_image_pipelin
     assert all(max(c[:, 0]) - min(c[:, 0]) > 320 / 48 * (max(c[:, 1]) - min(c[:, 1])) for c in crops)  # wide
 
 
+def test_paddle_ocr_batched_detection_and_its_threads_change_no_text_world_score(paddle_ocr, tmp_path):
+    """The text world's images (32x64, build_text_world.render) detected in one call per size, with
+    blank and two-word (two boxes, 64x64) images among them, on 1 or 2 onnxruntime threads: the same
+    texts and scores as the engine's own ocr() one image at a time."""
+    import random
+
+    import build_text_world as world
+
+    rng, fonts = random.Random(0), world.load_fonts(32)
+    words = world.WORDS[:20]
+    images = [world.render(word, rng, fonts, 32, 64) for word in words]
+    two_words = Image.new("RGB", (64, 64), (255, 255, 255))
+    for top, word in ((0, "SUN"), (32, "BOX")):
+        two_words.paste(world.render(word, rng, fonts, 32, 64, plain=True), (0, top))
+    images[3:3] = [Image.new("RGB", (64, 32), (255, 255, 255)), two_words]
+    images.append(Image.new("RGB", (64, 32), (250, 240, 205)))
+    words[3:3] = ["CAT", "SUN BOX"]
+    words.append("DOG")
+    prompts = [f'A sign that says "{word}"' for word in words]
+    engine = paddle_ocr._load()
+    one_at_a_time, boxes = [], []
+    for image in images:
+        lines = engine.ocr(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))[0] or []
+        one_at_a_time.append(" ".join(line[1][0] for line in lines))
+        boxes.append(len(lines))
+    two_threads = build_reward("ocr", cache_dir=str(tmp_path), threads=2)
+    assert paddle_ocr.transcribe(images) == one_at_a_time == two_threads.transcribe(images)
+    assert boxes[3:5] == [0, 2] and one_at_a_time[3] == one_at_a_time[-1] == "" and one_at_a_time[4] == "SUN BOX"
+    assert sum(text == word for text, word in zip(one_at_a_time, words)) >= 15  # the world's words are read
+    scores = [ocr_score(text, ocr_target(prompt)) for text, prompt in zip(one_at_a_time, prompts)]
+    assert paddle_ocr(images, prompts) == scores == two_threads(images, prompts)
+    import torch
+
+    def session_threads(reward):
+        models = (reward._load().text_detector, reward._load().text_recognizer)
+        return [model.session.get_session_options().intra_op_num_threads for model in models]
+    assert session_threads(paddle_ocr) == [torch.get_num_threads()] * 2 and session_threads(two_threads) == [2, 2]
+
+
 def test_paddle_ocr_with_the_angle_classifier_batches_alike_and_reads_upside_down_text(tmp_path):
-    """use_angle_cls=True: the classifier turns all images' crops in one call, the engine per image;
-    the same texts, and the upside-down sign reads right."""
+    """use_angle_cls=True: the classifier turns each image's crops, as the engine does; the same texts,
+    and the upside-down sign reads right."""
     reward = build_reward("ocr", cache_dir=str(tmp_path), use_angle_cls=True)
     images = [render(w) for w in WORDS[:3]] + [render("Quantum Leap").rotate(180), render("", noise=20)]
     engine = reward._load()
@@ -223,7 +263,7 @@ class OcrServer:
                     return
                 content = body["messages"][0]["content"]
                 url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
-                assert any(c.get("text") == rewards.OCR_QUESTION for c in content)
+                assert any(c.get("text") == rewards_models.OCR_QUESTION for c in content)
                 image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
                 text = ocr.transcribe([image])[0]
                 payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()

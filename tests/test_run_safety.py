@@ -68,11 +68,18 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_holders_lock_is
         run_lifecycle.release_run_dir()
 
 
+def write_run_marker(out, config):
+    """What makes a folder a run (run_lifecycle.is_run_dir): the run's config.json next to metrics.jsonl."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(run_config.config_dict(config), f)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write("{}\n")
+
+
 def test_overwrite_deletes_only_the_entries_it_names(tmp_path, capsys):
     out = tmp_path / "run"
-    for name in ("config.json", "metrics.jsonl"):
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text("{}\n")
+    write_run_marker(out, config_for(SMALL + ["--output_dir", str(out)]))
     (out / "checkpoint-1").mkdir()
     (out / "wandb").mkdir()
     (out / "wandb" / "my-notes.txt").write_text("mine")
@@ -82,7 +89,7 @@ def test_overwrite_deletes_only_the_entries_it_names(tmp_path, capsys):
     assert "deleting config.json, metrics.jsonl, checkpoint-1 in" in printed
     assert "keeping qwen-image-online-dpo, wandb" in printed
     assert (out / "wandb" / "my-notes.txt").read_text() == "mine"
-    assert sorted(os.listdir(out)) == [".lock", "qwen-image-online-dpo", "wandb"]
+    assert sorted(os.listdir(out)) == ["qwen-image-online-dpo", "wandb"]  # the lock file left with the run
 
 
 def test_a_refused_run_leaves_no_folder_behind(tmp_path):
@@ -112,6 +119,7 @@ def test_a_resume_that_changes_an_eval_setting_is_refused_naming_both_values(tmp
     out = str(tmp_path / "run")
     first = config_for(SMALL + ["--output_dir", out])
     write_checkpoint(out, 2, first)
+    write_run_marker(out, first)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 0, "eval/reward_mean": 0.5, "eval/rewards": [0.5]}) + "\n")
     other = os.path.join(ROOT, "data", "text_world", "eval.txt")
@@ -128,8 +136,7 @@ def test_latest_without_a_checkpoint_says_one_thing(tmp_path, capsys):
     out = tmp_path / "run"
     prepare(SMALL + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])  # empty: a fresh run
     assert "starting a fresh run" in capsys.readouterr().out
-    out.mkdir(exist_ok=True)
-    (out / "metrics.jsonl").write_text("{}\n")
+    write_run_marker(out, config_for(SMALL + ["--output_dir", str(out)]))
     with pytest.raises(FileExistsError, match="holds a run .* but no complete checkpoint"):
         prepare(SMALL + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
     assert "starting a fresh run" not in capsys.readouterr().out  # not announced, then refused

@@ -34,7 +34,10 @@ EVALS = [{"step": 0, "eval/reward_mean": 0.25, "eval/reward_se": 0.01, "eval/ima
 def test_the_card_describes_the_objective_its_knobs_the_data_and_the_hub_base_model(tmp_path):
     metadata, card = card_of(tmp_path, online_config(eval_data=TINY_PROMPTS), EVALS)
     assert "base_model: Qwen/Qwen-Image" in metadata and "- diffusion-dpo" in metadata
-    assert "Diffusion-DPO" in card and "beta 100.0, pair_strategy best_worst, min_reward_margin 0.0" in card
+    assert "Diffusion-DPO" in card and "Objective knobs: beta 100.0, pair_strategy best_worst, min_reward_margin 0.0." in card
+    # a stabilising lever is named, with its setting, only when the run used it
+    _, with_lever = card_of(tmp_path, online_config(eval_data=TINY_PROMPTS, ref_update_every=40, ref_update_alpha=0.6), EVALS)
+    assert "min_reward_margin 0.0, ref_update_every 40, ref_update_alpha 0.6." in with_lever
     assert "| before | 0 | 0.2500" in card and "| after | 20 | 0.5000" in card and "reward +0.2500 ± 0.015" in card
     assert "prompts `data/ocr/train.parquet`, 32 prompts x 16 samples per step" in card
     assert "TODO" not in card and "proofread" not in card  # nothing of diffusers' template left in
@@ -47,8 +50,8 @@ def test_the_card_describes_the_objective_its_knobs_the_data_and_the_hub_base_mo
     metadata, card = card_of(tmp_path, nft, EVALS)
     assert "- diffusion-nft" in metadata and "diffusion-dpo" not in metadata and "base_model" not in metadata
     assert "DiffusionNFT" in card and "Diffusion-DPO" not in card and "beta 100" not in card
-    assert ('advantage_std global, drop_tied_groups False, sigma_scheme "", nft_beta 0.1, nft_adv_clip 5.0, '
-            "nft_kl_weight 0.0001, nft_old_ema 75,0.0075,0.999" in card)
+    assert ('advantage_std global, drop_tied_groups False, sigma_scheme "", update_split "", train_timesteps 0, '
+            "nft_beta 0.1, nft_adv_clip 5.0, nft_kl_weight 0.0001, nft_old_ema 75,0.0075,0.999" in card)
     assert "a local model at `worlds/text_world`" in card and "TODO" not in card
 
     import train_offline_dpo

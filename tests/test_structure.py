@@ -8,7 +8,7 @@ import os
 from conftest import ROOT
 
 SHARED_RUN_CODE = ("run_config", "prompt_data", "distributed", "checkpoints", "run_logs", "evaluation",
-                   "run_lifecycle", "trainer_utils")
+                   "run_lifecycle")
 
 
 def project_imports() -> dict[str, set[str]]:
@@ -63,3 +63,14 @@ def test_no_import_circle_and_the_shared_run_code_does_not_know_the_algorithm():
     assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
     for module in SHARED_RUN_CODE:
         assert not graph[module] & {"objectives", "policy", "group_losses"}, module
+
+
+def test_library_code_never_climbs_into_the_scripts_folder():
+    # data_process/ holds scripts; the modules they and the trainers share (records, pairs_format) sit
+    # at the top level, so that no top-level module imports a script's folder
+    graph = project_imports()
+    assert {"records", "pairs_format"} <= set(graph)
+    climbing = {module: sorted(name for name in imports if name.startswith("data_process."))
+                for module, imports in graph.items() if "." not in module}
+    assert not any(climbing.values()), {k: v for k, v in climbing.items() if v}
+    assert not os.path.exists(os.path.join(ROOT, "trainer_utils.py"))  # the re-export shim is gone

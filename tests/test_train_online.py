@@ -137,7 +137,7 @@ def test_recipe_defaults():
     assert (c.weight_decay, c.max_grad_norm, c.beta, c.sigma_scheme, c.max_steps) == (1e-4, 1.0, 100.0, "", 300)
     import objectives  # "" = each objective's official scheme; DPO's is logit_normal
     assert [objectives.OBJECTIVES[n](c).sigma_scheme for n in ("dgpo", "nft", "awm")] == \
-        ["logit_normal", "sampler", "sampler_stratified"]
+        ["sampler_first", "sampler", "sampler_stratified"]  # dgpo: official generate_shared_sampled_timesteps
     assert (c.advantage_std, c.drop_tied_groups, c.dgpo_switch_ema_ref, c.eval_with_ema) == ("global", False, 200, False)
     assert (c.eval_every, c.checkpoint_every, c.pair_strategy, c.lr_warmup_steps) == (20, 20, "best_worst", 0)
     import qwen_image
@@ -165,9 +165,9 @@ def test_nonfinite_loss_skips_the_update_and_stops_when_repeated(tmp_path, monke
     real = dpo_loss.diffusion_dpo_loss
     calls = {"n": 0}
 
-    def nan_first_update(model_pred, ref_pred, target, beta):
+    def nan_first_update(model_pred, ref_pred, target, beta, **levers):
         calls["n"] += 1
-        loss, metrics = real(model_pred, ref_pred, target, beta)
+        loss, metrics = real(model_pred, ref_pred, target, beta, **levers)
         return (loss * float("nan") if calls["n"] == 1 else loss), metrics
 
     monkeypatch.setattr(dpo_loss, "diffusion_dpo_loss", nan_first_update)
@@ -178,7 +178,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_when_repeated(tmp_path, monke
     assert all(torch.isfinite(v).all() for v in lora(out).values())
 
     monkeypatch.setattr(dpo_loss, "diffusion_dpo_loss",
-                        lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+                        lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     with pytest.raises(FloatingPointError, match="2 non-finite updates in a row"):
         train_online_dpo.main(["--preset", "cpu_tiny", "--output_dir", str(tmp_path / "nan2"), "--max_steps", "3",
                                "--eval_every", "0", "--max_nonfinite_in_a_row", "2"])

@@ -68,8 +68,13 @@ def write_pairs(rows: list[dict], path: str):
         columns["width"] = pa.array([int(r["width"]) for r in rows], pa.int64())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(pa.table(columns), tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder at `path`, Ctrl-C: no half-written tmp file left behind
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
 
 
 def image_problem(data: bytes | None) -> str | None:
@@ -100,9 +105,9 @@ def pair_files(path: str) -> list[str]:
 
 
 def open_pair_parts(path: str, split: str = "train", columns=None):
-    """[(name, IterableDataset)] through `datasets` (data_process/records.py): a pairs parquet, a
+    """[(name, IterableDataset)] through `datasets` (records.py): a pairs parquet, a
     directory of them, or a Hub dataset id (streamed)."""
-    from data_process.records import is_hub_id, open_parts
+    from records import is_hub_id, open_parts
 
     if not is_hub_id(path):
         import pyarrow.parquet as pq
@@ -118,7 +123,7 @@ def open_pair_parts(path: str, split: str = "train", columns=None):
 def pickapic_pair(row: dict) -> dict | str:
     """A Pick-a-Pic v2 row (caption, jpg_0, jpg_1, label_0) -> a pair row, or "tie" (label 0.5) /
     "bad_label". label_0 = 1: jpg_0 preferred, 0: jpg_1 preferred; chosen scores 1.0, rejected 0.0."""
-    from data_process.records import as_bytes
+    from records import as_bytes
 
     label = row["label_0"]
     if label == 0.5:
@@ -137,7 +142,7 @@ def read_pairs(path: str, strict: bool = False, split: str = "train", max_pairs:
     stops after that many pairs). A missing column or chosen_score < rejected_score is an error naming
     the file (and row); undecodable images skip the row (counted), or raise with strict."""
 
-    from data_process.records import as_bytes, column_names
+    from records import as_bytes, column_names
 
     rows = []
     counts = {"rows": 0, "corrupt_images_skipped": 0}  # + ties_dropped, bad_label_dropped for Pick-a-Pic rows
