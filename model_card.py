@@ -60,7 +60,7 @@ def objective_card(config: dict) -> dict:
     return dict(entry, name=name, knobs=shown)
 
 
-# DPO's stabilising levers (policy.validate_dpo_levers) and the values that leave them off: a card names a
+# DPO's stabilising levers (dpo_update.validate_dpo_levers) and the values that leave them off: a card names a
 # lever (and its setting) only when the run used it
 LEVERS_OFF = {"update_split": ("", "all"), "pair_weighting": ("none",), "chosen_sft_weight": (0,),
               "winner_preserving": (False,), "ref_update_every": (0,), "norm_guard_weight": (0,)}

@@ -31,9 +31,9 @@ import torch
 import objective_grpo
 import perf
 from distributed import all_max, all_sum
+from dpo_update import dpo_update
 from group_losses import first_steps_available, stratified_sampler_indices
 from objective_grpo import TrainedGroups, mean_metrics
-from policy import dpo_update
 from prompt_data import derived_seed
 
 

@@ -24,6 +24,7 @@ import torch
 
 import distributed
 import evaluation
+import flop_formula
 import perf
 import prompt_data
 import qwen_image as qi
@@ -128,7 +129,7 @@ def validate(config: Config, world_size: int = 1):
     from run_config import require
     from run_lifecycle import validate_policy_config
     from getting_started import OFFLINE_TRY, missing_data_rule
-    from policy import validate_dpo_levers
+    from dpo_update import validate_dpo_levers
 
     for field in ("pairs_path", "eval_data"):  # first: a run without data says what to run instead
         path = getattr(config, field)
@@ -139,7 +140,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.max_pairs >= 0, "max_pairs", "must be >= 0 (0 = all)")
     require(config.pairs_per_step >= 1 and config.pairs_per_step % world_size == 0, "pairs_per_step",
             f"must be >= 1 and divisible by the number of processes ({world_size})")
-    validate_dpo_levers(config)  # policy.py: DPO's stabilising levers
+    validate_dpo_levers(config)  # dpo_update.py: DPO's stabilising levers
 
 
 def main(argv=None):
@@ -174,8 +175,9 @@ def load_pair_latents(pipe, pairs: list[dict], height: int, width: int, batch_si
 def train(config: Config):
     from tqdm.auto import tqdm
 
+    from dpo_update import dpo_update
     from pairs_format import read_pairs
-    from policy import Policy, dpo_update
+    from policy import Policy
     from rewards import build_reward, uses_ocr_target
 
     accelerator, stop = run_lifecycle.launch(config, validate)
@@ -229,11 +231,11 @@ def train(config: Config):
         score_gap = sum(p["chosen_score"] - p["rejected_score"] for p in batch)
         update_s = time.perf_counter() - t0
         update_flops = perf.update_step_flops(
-            pipe.transformer.config, perf.image_tokens_for(config.height, config.width),
+            pipe.transformer.config, flop_formula.image_tokens_for(config.height, config.width),
             perf.text_lengths(prompt_cache, pair_prompts), config.micro_batch_pairs, 1, config.train_mode,
             config.lora_rank, tuple(config.lora_targets.split(",")), config.gradient_checkpointing,
             perf.text_lengths(prompt_cache, [config.negative_prompt])[0] if config.true_cfg_scale > 1 else None)
-        achieved = perf.throughput(update_flops, update_s, config.peak_tflops)
+        achieved = flop_formula.throughput(update_flops, update_s, config.peak_tflops)
         metrics.update({"perf/update_tflop": update_flops / 1e12, "perf/update_tflops_per_s": achieved["tflops_per_device"]})
         if "mfu" in achieved:
             metrics["perf/mfu"] = achieved["mfu"]

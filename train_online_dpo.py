@@ -184,7 +184,7 @@ def validate(config: Config, world_size: int = 1):
     from run_config import require
     from run_lifecycle import validate_policy_config
     from getting_started import ONLINE_TRY, missing_data_rule
-    from policy import validate_dpo_levers
+    from dpo_update import validate_dpo_levers
 
     for field in ("train_data", "eval_data"):  # first: a run without data says what to run instead
         path = getattr(config, field)
@@ -211,7 +211,7 @@ def validate(config: Config, world_size: int = 1):
     require(config.sample_grid_every >= 0, "sample_grid_every", "must be >= 0 (0 disables)")
     require(config.max_degenerate_steps_in_a_row >= 0, "max_degenerate_steps_in_a_row", "must be >= 0 (0: never stop)")
     validate_objective(config)
-    validate_dpo_levers(config)  # policy.py: DPO's stabilising levers
+    validate_dpo_levers(config)  # dpo_update.py: DPO's stabilising levers
     run_config.require_data_source(config.train_data, "train_data")
 
 

@@ -4,7 +4,7 @@ prompt sample (data/ocr_sample/train.txt, 150 prompts of the recipe's kind).
 qwen_image_rollout.rollout takes the step's flat prompt list (each prompt repeated K times, consecutively:
 train_online_dpo builds it so) in chunks of rollout_chunk_size rows and pads every row of a chunk
 to the chunk's longest prompt. Padded text tokens still take part in the joint attention and in the
-text stream's projections and MLPs, so they cost FLOPs (perf.forward_flops has the text length).
+text stream's projections and MLPs, so they cost FLOPs (flop_formula.forward_flops has the text length).
 With K = 16 and chunks of 16 a chunk is ONE prompt's K samples: nothing is padded. Padding appears
 when a chunk holds several prompts (chunk > K, e.g. the text world's K = 8 in chunks of 32) and in
 the evaluation (1 sample per prompt: 16 prompts a chunk). For those cases it also shows what
@@ -32,7 +32,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import perf  # noqa: E402
+import flop_formula  # noqa: E402
 import qwen_image as qi  # noqa: E402
 
 # QwenImagePipeline's prompt_template_encode (diffusers 0.42.1 pipeline_qwenimage.py); its first 34
@@ -68,8 +68,8 @@ def chunk_padding(lengths: list[int], chunk: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def forward_flops(text_tokens: int) -> int:
-    """One rollout forward at the real config, 512x512, recipe LoRA rank 64 (perf.forward_flops)."""
-    return perf.forward_flops(qi.QWEN_IMAGE_TRANSFORMER_CONFIG, perf.image_tokens_for(512, 512), text_tokens, 64,
+    """One rollout forward at the real config, 512x512, recipe LoRA rank 64 (flop_formula.forward_flops)."""
+    return flop_formula.forward_flops(qi.QWEN_IMAGE_TRANSFORMER_CONFIG, flop_formula.image_tokens_for(512, 512), text_tokens, 64,
                               qi.RECIPE_LORA_TARGETS)
 
 

@@ -13,7 +13,7 @@ the pipeline (`prompt_embeds`), so no text encoder is needed at all. Measures, a
   and the FLOPs count only those) and with --short_steps steps instead of --steps. The weights are
   random, so a threshold cache skips as it would on noise: its timing per block forward run is what
   carries over, not its skip fraction;
-- peak memory, achieved TFLOP/s (perf.py's formula) and MFU against --peak_tflops.
+- peak memory, achieved TFLOP/s (flop_formula.py's formula) and MFU against --peak_tflops.
 
     python benchmarks/gpu_check.py --peak_tflops 989 --out gpu_check.json        # H100 SXM, < 8 min
     python benchmarks/gpu_check.py --tiny                                         # CPU, the same code end to end
@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import flop_formula  # noqa: E402
 import perf  # noqa: E402
 import qwen_image as qi  # noqa: E402
 import qwen_image_rollout as qir  # noqa: E402
@@ -122,8 +123,8 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(args.images, args.text_tokens, text_width, generator=generator).to(device, dtype)
     mask = torch.ones(args.images, args.text_tokens, dtype=torch.long, device=device)  # equal lengths: no padding
-    image_tokens = perf.image_tokens_for(size, size)
-    rollout_flops = perf.rollout_flops(model_config, image_tokens, args.text_tokens, steps, args.images,
+    image_tokens = flop_formula.image_tokens_for(size, size)
+    rollout_flops = flop_formula.rollout_flops(model_config, image_tokens, args.text_tokens, steps, args.images,
                                        lora_rank=lora_rank, lora_targets=targets)
 
     def rollout(num_steps=steps):
@@ -143,7 +144,7 @@ def main(argv=None):
 
     def record(name, seconds, flops=None):
         flops = rollout_flops if flops is None else flops
-        achieved = perf.throughput(flops, seconds, args.peak_tflops)
+        achieved = flop_formula.throughput(flops, seconds, args.peak_tflops)
         result["rollout"][name] = {"seconds": round(seconds, 3), "images_per_s": round(args.images / seconds, 3),
                                    "tflops_per_s": float(f"{achieved['tflops_per_device']:.4g}"),  # 4 significant digits: the tiny CPU model runs at ~1e-4
                                    **({"mfu": round(achieved["mfu"], 4)} if "mfu" in achieved else {})}
@@ -219,7 +220,7 @@ def main(argv=None):
         timed(one_pair)  # warm-up (and AdamW state)
         seconds, _ = timed(one_pair, repeats=args.pairs)
         flops = perf.dpo_update_flops(model_config, image_tokens, args.text_tokens, 1, "lora", lora_rank, targets, True)
-        achieved = perf.throughput(flops, seconds, args.peak_tflops)
+        achieved = flop_formula.throughput(flops, seconds, args.peak_tflops)
         result[f"dpo_update_{label}"] = {"seconds_per_pair": round(seconds, 3),
                                          "tflops_per_s": float(f"{achieved['tflops_per_device']:.4g}"),  # 4 significant digits: the tiny CPU model runs at ~1e-4
                                          **({"mfu": round(achieved["mfu"], 4)} if "mfu" in achieved else {})}

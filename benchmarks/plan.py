@@ -35,7 +35,7 @@ What it does:
   objective with an old policy adds its second LoRA adapter (fp32, the trainable LoRA's size);
   full mode adds the frozen reference copy in fp32 (policy.Policy casts the transformer to fp32
   before copying it, whatever --dtype; made before sharding, so replicated);
-- FLOPs from perf.py's formula (per row: the policy forward and backward, the reference's and the
+- FLOPs from flop_formula.py's formula (per row: the policy forward and backward, the reference's and the
   old adapter's forwards where the objective runs them, all twice under true CFG) and the step
   time at a given MFU.
 Last line: a JSON object with every figure.
@@ -55,6 +55,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+import flop_formula  # noqa: E402
 import perf  # noqa: E402
 import qwen_image as qi  # noqa: E402
 
@@ -277,7 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="", help="a transformer config.json (default: the real Qwen-Image config)")
     p.add_argument("--world_size", type=int, default=4)
     p.add_argument("--gpu_memory_gb", type=float, default=80.0)
-    p.add_argument("--peak_tflops", type=float, default=perf.GPU_PEAK_BF16_TFLOPS["H100 SXM"])
+    p.add_argument("--peak_tflops", type=float, default=flop_formula.GPU_PEAK_BF16_TFLOPS["H100 SXM"])
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation for the step time")
     p.add_argument("--text_tokens", type=int, default=64, help="prompt tokens after the template (OCR prompts: ~30-60)")
     p.add_argument("--num_prompts", type=int, default=20000, help="distinct prompts in the prompt cache (train + eval)")
@@ -317,7 +318,7 @@ def plan(args) -> dict:
     targets = tuple(t for t in args.lora_targets.split(",") if t)
     transformer = build_meta_transformer(config, args.train_mode, args.lora_rank, args.lora_alpha, targets, dtype)
     params = count_params(transformer)
-    image_tokens = perf.image_tokens_for(args.height, args.width)
+    image_tokens = flop_formula.image_tokens_for(args.height, args.width)
     group, old, reference, old_forward, passes = objective_shape(args.objective, args.dgpo_clip_range,
                                                                  args.num_inference_steps, args.updates_per_rollout)
     # the smallest training micro-batch: a whole group (K rows) per group of micro_batch_groups, or pairs
@@ -346,8 +347,8 @@ def plan(args) -> dict:
     # rows one update trains on: DPO its pairs' chosen and rejected, a group objective every sample
     rows = images_per_gpu if group else 2 * prompts_per_gpu * args.pairs_per_prompt
     negative = args.negative_text_tokens if cfg else None
-    fwd = perf.forward_flops(config, image_tokens, args.text_tokens, rank, targets)
-    rollout = perf.rollout_flops(config, image_tokens, args.text_tokens, args.num_inference_steps, images_per_gpu,
+    fwd = flop_formula.forward_flops(config, image_tokens, args.text_tokens, rank, targets)
+    rollout = flop_formula.rollout_flops(config, image_tokens, args.text_tokens, args.num_inference_steps, images_per_gpu,
                                  cfg, rank, targets, negative_text_tokens=args.negative_text_tokens,
                                  blocks_run_frac=args.rollout_blocks_run_frac)
     update = {ck: perf.update_flops(config, image_tokens, [args.text_tokens] * rows, micro, passes,
@@ -370,7 +371,7 @@ def plan(args) -> dict:
         # while the prompt cache is warmed
         load_time_gb_per_gpu=(params["base"] + TEXT_ENCODER_PARAMS + VAE_PARAMS) * dtype_bytes / GB,
         forward_tflop=fwd / 1e12,
-        forward_tflop_without_lora=perf.forward_flops(config, image_tokens, args.text_tokens) / 1e12, rollout_pflop_per_gpu=rollout / 1e15,
+        forward_tflop_without_lora=flop_formula.forward_flops(config, image_tokens, args.text_tokens) / 1e12, rollout_pflop_per_gpu=rollout / 1e15,
         update_pflop_per_gpu_checkpointed=update[True] / 1e15, update_pflop_per_gpu_no_checkpointing=update[False] / 1e15,
         images_per_gpu=images_per_gpu, pairs_per_gpu=pairs_per_gpu if not group else 0,
         update_rows_per_gpu=rows * passes, peak_tflops=args.peak_tflops, mfu=args.mfu,

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import perf  # noqa: E402
+import flop_formula  # noqa: E402
 import qwen_image as qi  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def micro_batch_cases(plan, settings=((512, 20, 4, False, False), (512, 40, 4, T
     config = CONFIG
     cases = []
     for size, text_tokens, rows, checkpointing, old in settings:
-        image_tokens = perf.image_tokens_for(size, size)
+        image_tokens = flop_formula.image_tokens_for(size, size)
         meta = plan.build_meta_transformer(config, "lora", 8, 8, qi.RECIPE_LORA_TARGETS, torch.float32)
         saved = plan.saved_activation_bytes(meta, rows, image_tokens, text_tokens, size, size)
         lora_grads = plan.count_params(meta)["trainable"] * 4

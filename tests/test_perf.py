@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import flop_formula
 import perf
 import qwen_image as qi
 import qwen_image_rollout as qir
@@ -56,19 +57,19 @@ def test_flop_formula_matches_torch_flop_counter(tiny_pipe):
         assert measured > 0 and abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
     with torch.no_grad():
-        close(counted_flops(forward), batch * perf.forward_flops(config, image_tokens, text_tokens))
+        close(counted_flops(forward), batch * flop_formula.forward_flops(config, image_tokens, text_tokens))
     targets = qi.RECIPE_LORA_TARGETS
     qi.add_lora(transformer, rank=8, alpha=8, target_modules=targets)
     with torch.no_grad():
-        close(counted_flops(forward), batch * perf.forward_flops(config, image_tokens, text_tokens, 8, targets))
+        close(counted_flops(forward), batch * flop_formula.forward_flops(config, image_tokens, text_tokens, 8, targets))
     for checkpointing in (False, True):
         qi.set_gradient_checkpointing(transformer, checkpointing)
-        predicted = batch * (perf.forward_flops(config, image_tokens, text_tokens, 8, targets)
-                             + perf.backward_flops(config, image_tokens, text_tokens, "lora", 8, targets, checkpointing))
+        predicted = batch * (flop_formula.forward_flops(config, image_tokens, text_tokens, 8, targets)
+                             + flop_formula.backward_flops(config, image_tokens, text_tokens, "lora", 8, targets, checkpointing))
         close(counted_flops(lambda: forward(backward=True)), predicted)
     # the DPO update of one pair = reference forward + policy forward and backward, per sample
     assert perf.dpo_update_flops(config, image_tokens, text_tokens, 1, "lora", 8, targets, True) == predicted + \
-        batch * perf.forward_flops(config, image_tokens, text_tokens)
+        batch * flop_formula.forward_flops(config, image_tokens, text_tokens)
 
 
 @pytest.mark.parametrize("name,micro_batch_groups,true_cfg_scale", [("dgpo", 1, 1.0), ("nft", 2, 1.0), ("awm", 1, 1.0),
@@ -150,20 +151,20 @@ def test_flop_formula_full_training_matches_counter(tiny_pipe):
     def step():
         qi.predict_velocity(transformer, x, torch.tensor([0.5]), embeds, None, 64, 64).square().mean().backward()
 
-    predicted = perf.forward_flops(config, 16, 9) + perf.backward_flops(config, 16, 9, "full")
+    predicted = flop_formula.forward_flops(config, 16, 9) + flop_formula.backward_flops(config, 16, 9, "full")
     measured = counted_flops(step)
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 
 def test_real_size_forward_flops_and_throughput():
     config = qi.QWEN_IMAGE_TRANSFORMER_CONFIG
-    tokens = perf.image_tokens_for(512, 512)
+    tokens = flop_formula.image_tokens_for(512, 512)
     assert tokens == 1024
     # ~15.7 TFLOP per forward at 512x512 with 64 text tokens; the recipe's rollout ~2.8e17 per step
-    assert perf.forward_flops(config, tokens, 64) / 1e12 == pytest.approx(15.67, abs=0.01)
-    assert perf.rollout_flops(config, tokens, 64, steps=35, images=512) == pytest.approx(2.81e17, rel=0.01)
-    assert perf.rollout_flops(config, tokens, 64, 35, 1, cfg=True) == 2 * perf.rollout_flops(config, tokens, 64, 35, 1)
-    assert perf.throughput(2e15, 2.0, peak_tflops=1000, devices=1) == {"tflops_per_device": 1000.0, "mfu": 1.0}
+    assert flop_formula.forward_flops(config, tokens, 64) / 1e12 == pytest.approx(15.67, abs=0.01)
+    assert flop_formula.rollout_flops(config, tokens, 64, steps=35, images=512) == pytest.approx(2.81e17, rel=0.01)
+    assert flop_formula.rollout_flops(config, tokens, 64, 35, 1, cfg=True) == 2 * flop_formula.rollout_flops(config, tokens, 64, 35, 1)
+    assert flop_formula.throughput(2e15, 2.0, peak_tflops=1000, devices=1) == {"tflops_per_device": 1000.0, "mfu": 1.0}
 
 
 def test_planner_counts_recipe_lora_exactly_on_the_real_architecture():

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import flop_formula
 import perf
 import qwen_image as qi
 import qwen_image_rollout as qir
@@ -154,7 +155,7 @@ def test_counted_rollout_flops_match_torch_flop_counter(tiny_pipe, spec):
     counts = []
     measured = counted_flops(lambda: qir.rollout(pipe, cache, PROMPTS, seeds, settings(spec), decode=False,
                                                 block_forwards=counts))
-    image_tokens = perf.image_tokens_for(64, 64)
+    image_tokens = flop_formula.image_tokens_for(64, 64)
     predicted = perf.rollout_step_flops(config, image_tokens, lengths, CHUNK, STEPS, lora_rank=8,
                                         lora_targets=qi.TINY_LORA_TARGETS, block_forwards=counts)
     full = perf.rollout_step_flops(config, image_tokens, lengths, CHUNK, STEPS, lora_rank=8,
@@ -190,15 +191,15 @@ def test_eval_uses_eval_steps_and_never_the_rollout_levers(tmp_path):
 
 
 def test_planner_rollout_flops_with_a_blocks_run_fraction_equal_the_counted_ones():
-    """perf.rollout_flops(blocks_run_frac) (what benchmarks/plan.py predicts with) equals
+    """flop_formula.rollout_flops(blocks_run_frac) (what benchmarks/plan.py predicts with) equals
     rollout_step_flops with block counts of that fraction, at the real config."""
     config = qi.QWEN_IMAGE_TRANSFORMER_CONFIG
-    image_tokens, text, steps, images = perf.image_tokens_for(512, 512), 64, 35, 16
+    image_tokens, text, steps, images = flop_formula.image_tokens_for(512, 512), 64, 35, 16
     layers = config["num_layers"]
     run = (layers + steps - 1) * images  # first-block cache skipping every step after the first
     kw = dict(lora_rank=64, lora_targets=qi.RECIPE_LORA_TARGETS)
     counted = perf.rollout_step_flops(config, image_tokens, [text] * images, images, steps, block_forwards=[{text: run}], **kw)
     frac = run / (steps * images * layers)
-    planned = perf.rollout_flops(config, image_tokens, text, steps, images, blocks_run_frac=frac, **kw)
+    planned = flop_formula.rollout_flops(config, image_tokens, text, steps, images, blocks_run_frac=frac, **kw)
     assert abs(planned - counted) <= 1e-9 * counted
-    assert planned < 0.1 * perf.rollout_flops(config, image_tokens, text, steps, images, **kw)
+    assert planned < 0.1 * flop_formula.rollout_flops(config, image_tokens, text, steps, images, **kw)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rewards
+import run_folder
 import run_lifecycle
 import train_online_dpo
 from conftest import ROOT
@@ -110,9 +111,9 @@ def leftovers(handlers_before: dict) -> dict:
     left = {"signal handlers": handlers()} if handlers() != handlers_before else {}
     if rewards.CALLS_CANCELLED.is_set():
         left["rewards.CALLS_CANCELLED"] = True
-    for name in ("_STOP", "_ON_ABANDON", "_RUN_LOCK"):
-        if getattr(run_lifecycle, name) is not None:
-            left[f"run_lifecycle.{name}"] = getattr(run_lifecycle, name)
+    for module, name in ((run_lifecycle, "_STOP"), (run_lifecycle, "_ON_ABANDON"), (run_folder, "_RUN_LOCK")):
+        if getattr(module, name) is not None:
+            left[f"{module.__name__}.{name}"] = getattr(module, name)
     torch_state = {"threads": torch.get_num_threads(), "default dtype": torch.get_default_dtype(),
                    "grad enabled": torch.is_grad_enabled(),
                    "deterministic": torch.are_deterministic_algorithms_enabled()}

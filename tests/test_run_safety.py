@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import run_config
+import run_folder
 import run_lifecycle
 import train_online_dpo
 from conftest import ROOT
@@ -36,16 +37,16 @@ def prepare(argv):
     config = config_for(argv)
     accelerator = make_accelerator(config)
     try:
-        run_lifecycle.prepare_output_dir(config, accelerator, train_online_dpo.objective_knobs(config))
+        run_folder.prepare_output_dir(config, accelerator, train_online_dpo.objective_knobs(config))
     finally:
-        getattr(run_lifecycle, "release_run_dir", lambda: None)()  # (absent before the lock existed)
+        getattr(run_folder, "release_run_dir", lambda: None)()  # (absent before the lock existed)
     return config
 
 
 def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_holders_lock_is_not(tmp_path):
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_lifecycle; "
-                               f"run_lifecycle.lock_run_dir({out!r}); print('locked', flush=True); time.sleep(120)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_folder; "
+                               f"run_folder.lock_run_dir({out!r}); print('locked', flush=True); time.sleep(120)"],
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -60,16 +61,16 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_holders_lock_is
         holder.kill()
         holder.wait()
     # the holder died without releasing anything: the kernel dropped its flock, a new run takes the folder
-    run_lifecycle.lock_run_dir(out)
+    run_folder.lock_run_dir(out)
     try:
         with open(os.path.join(out, ".lock")) as f:
             assert f"pid {os.getpid()} " in f.read()
     finally:
-        run_lifecycle.release_run_dir()
+        run_folder.release_run_dir()
 
 
 def write_run_marker(out, config):
-    """What makes a folder a run (run_lifecycle.is_run_dir): the run's config.json next to metrics.jsonl."""
+    """What makes a folder a run (run_folder.is_run_dir): the run's config.json next to metrics.jsonl."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(run_config.config_dict(config), f)

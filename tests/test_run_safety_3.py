@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import run_config
-import run_lifecycle
+import run_folder
 import train_offline_dpo
 import train_online_dpo
 from conftest import ROOT
@@ -53,9 +53,9 @@ def prepare(argv):
     config = run_config.parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, argv)
     accelerator = make_accelerator(config)
     try:
-        run_lifecycle.prepare_output_dir(config, accelerator, train_online_dpo.objective_knobs(config))
+        run_folder.prepare_output_dir(config, accelerator, train_online_dpo.objective_knobs(config))
     finally:
-        run_lifecycle.release_run_dir()
+        run_folder.release_run_dir()
     return config
 
 
@@ -119,7 +119,7 @@ def test_a_folder_without_a_run_is_never_deleted_from_and_a_runs_overwrite_delet
     prepare(SMALL + ["--output_dir", str(run), "--overwrite_output_dir", "true"])
     assert "deleting config.json, metrics.jsonl, lora, samples, checkpoint-1 in" in capsys.readouterr().out
     assert sorted(os.listdir(run)) == ["transformer"]  # the lock file went with the (test's) end of the run
-    assert run_lifecycle.is_run_dir(str(run)) is False
+    assert run_folder.is_run_dir(str(run)) is False
 
 
 def write_checkpoint(out, step, config):

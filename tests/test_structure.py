@@ -8,7 +8,7 @@ import os
 from conftest import ROOT
 
 SHARED_RUN_CODE = ("run_config", "prompt_data", "distributed", "checkpoints", "run_logs", "evaluation",
-                   "run_lifecycle")
+                   "run_lifecycle", "run_folder")
 
 
 def project_imports() -> dict[str, set[str]]:
