@@ -58,6 +58,23 @@ def test_chosen_error_rise_needs_three_steps_in_a_row():
     assert dpo_watch.collapse_warning(rows + [{"step": 7, "update/skipped_no_pairs": 1.0}], "x") is None
 
 
+def test_a_grad_norm_blow_up_warns_after_two_steps_in_a_row_above_3x_the_early_median(tmp_path):
+    """The text world's collapsed seed 4 (the preset) logged these grad norms (steps 1-10, then 26-30):
+    the rule fires at step 29, the eval showed the fall at step 30; the 8 runs that did not collapse
+    never had a step above 3x their early median."""
+    early = [1.13, 1.05, 1.04, 1.1, 1.32, 1.2, 1.27, 1.3, 1.19, 1.19]  # median 1.19
+    rows = evals(0.339) + [{"step": i + 1, "dpo/loss": 0.65, "update/grad_norm": g} for i, g in enumerate(early)]
+    rows += [{"step": 20, "eval/exact_match": 0.427, "eval/exact_match_se": 0.036}]
+    (tmp_path / "checkpoint-20").mkdir()
+    late = [(26, 2.18), (27, 3.1), (28, 3.9), (29, 9.5)]
+    for k, (s, g) in enumerate(late):
+        rows.append({"step": s, "dpo/loss": 1.0, "update/grad_norm": g})
+        line = dpo_watch.collapse_warning(rows, str(tmp_path))
+        assert (line is None) == (s < 29), (s, line)  # 3 x 1.19 = 3.57: steps 28 and 29 are the first two above
+    assert "grad norm was above 3x its early median (1.19) for 2 steps in a row (to step 29: 9.5)" in line
+    assert f"the best eval so far (step 20) is in {tmp_path / 'checkpoint-20'}" in line
+
+
 def test_the_watch_warns_once():
     watch = dpo_watch.CollapseWatch("x")
     lines = []
