@@ -332,8 +332,8 @@ def awm_loss(model_pred: torch.Tensor, old_pred: torch.Tensor, target: torch.Ten
     (`train.adv_clip_max`), advantage_max 1 (`train.advantage_max`), loss_type "exp_first" (one
     ratio per sample and timestep, as here), kl_weight 0.003 (`train.beta`, "Uniform" KL to the
     LoRA-disabled reference), old_kl_weight 1 (`train.ema_beta`, KL to the EMA adapter). The
-    official OCR recipe weights with "ghuber", p = 0.25; "uniform" is the default here because it
-    is the plain flow-matching loss (the paper's main form).
+    official OCR recipe weights with "ghuber", p = 0.25 (the trainer's default); this function's
+    default is "uniform", the plain flow-matching loss (the paper's main form).
     Metrics: loss (policy part), kl, old_kl, ratio_mean, clip_frac (|ratio - 1| > eps), logp_mean.
     """
     _check(model_pred, (old_pred, ref_pred), target, advantages, "awm_loss")

@@ -1,9 +1,9 @@
 """Every online objective at an equal rollout budget on the text world: the project's headline table.
 
     python benchmarks/compare_objectives.py --workdir outputs/compare --seeds 0 1 2 3 4 --jobs 2 \
-        --archive docs/results/compare_objectives.jsonl
-    python benchmarks/compare_objectives.py --workdir outputs/compare --seeds 0 1 2 3 4 --summary_only \
-        --archive docs/results/compare_objectives.jsonl --plot docs/img/compare_objectives.png
+        --archive docs/results/compare_objectives_v2.jsonl
+    python benchmarks/compare_objectives.py --workdir outputs/compare --seeds 0 1 2 3 4 --summary_only --defaults 1 \
+        --archive docs/results/compare_objectives.jsonl --plot docs/img/compare_objectives.png   # the runs of 5d1b2a8
 
 Each run is a full `train_online_dpo.py --preset text_world` run (the same base model, prompts, rollout
 budget and eval for every objective; the seed changes the data order, the rollout seeds and the
@@ -23,9 +23,9 @@ TUNING_SEEDS, then runs an `official` and a `tuned` arm on REPORT_SEEDS; one com
 resumes (each round starts what the archive lacks; `--dry_run` lists the next round):
 
     python benchmarks/compare_objectives.py --workdir outputs/protocol --jobs 2 --run_protocol \
-        --archive docs/results/compare_objectives.jsonl
+        --archive docs/results/compare_objectives_v2.jsonl
     python benchmarks/compare_objectives.py --workdir outputs/protocol --protocol \
-        --archive docs/results/compare_objectives.jsonl --plot_sensitivity docs/img/lr_sensitivity.png
+        --archive docs/results/compare_objectives_v2.jsonl --plot_sensitivity docs/img/lr_sensitivity.png
 
 `--protocol` prints each configuration's score and the winners; `--summary_only --archive FILE` prints,
 after the table of KNOBS' runs, the official and tuned arms' tables.

@@ -32,7 +32,7 @@ STATED_REWARD_MEAN = 0.6354
 # errors of the paired gains: the two runs apart by MARGIN_SE_APART in exact match and in reward (the
 # two-sided claim), the reversed run down by MARGIN_SE_REVERSED in reward and below its start in exact
 # match, the forward run not down by more than 1 SE (in 12 steps on the eval prompts the forward gain
-# alone is 0.6-2.4 SE: measured figures in docs/performance.md, "The test suite").
+# alone is 0.6-2.4 SE: measured figures in docs/objectives.md, "Two-sided tests on the world").
 EVAL_PROMPTS = os.path.join(run_config.TEXT_WORLD_DATA, "eval.txt")
 # The group objectives as their tests were measured before the official defaults (update_split all,
 # train_timesteps 1: every sample in each update, one timestep each); the official defaults train
