@@ -174,12 +174,6 @@ def require_lora_fits(path: str, pretrained: str, field: str, linear_shapes: dic
                        "(a LoRA trained on another model?)")
 
 
-def model_linear_shapes(transformer) -> dict[str, tuple[int, int]]:
-    """{name: (in_features, out_features)} of a loaded transformer's Linears."""
-    return {name: (module.in_features, module.out_features) for name, module in transformer.named_modules()
-            if isinstance(module, torch.nn.Linear)}
-
-
 def load_lora_source(pipe, path: str):
     """qwen_image.load_lora of an exported LoRA folder, or of a checkpoint's trained adapter (written
     to a temporary folder by export_checkpoint, then loaded through diffusers like any LoRA)."""
@@ -264,7 +258,7 @@ def run(config: EvalConfig) -> dict:
     reward_fn = build_reward(config.reward, **json.loads(config.reward_kwargs))
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, config.dtype), device=accelerator.device)
     if run_config.known_linear_shapes(config.pretrained) is None:  # main could not check it before loading
-        require_lora_fits(config.lora_dir, config.pretrained, "lora_dir", model_linear_shapes(pipe.transformer))
+        require_lora_fits(config.lora_dir, config.pretrained, "lora_dir", qi.linear_shapes(pipe.transformer))
     per_rank = math.ceil(len(rows) * config.samples_per_prompt / accelerator.num_processes)
     bar = tqdm(total=per_rank, unit="image", disable=not accelerator.is_local_main_process)
     cache = progress_prompt_cache(pipe, config.max_sequence_length, bar,

@@ -103,7 +103,7 @@ def generate(config: GenerateConfig, prompts: list[str]) -> list[dict]:
 
     import qwen_image as qi
     import qwen_image_rollout as qir
-    from evaluate import load_lora_source, model_linear_shapes, require_lora_fits
+    from evaluate import load_lora_source, require_lora_fits
 
     if config.prompts:
         prompts = prompts + [row["prompt"] for row in prompt_data.load_prompts(config.prompts, split="test")]
@@ -114,7 +114,7 @@ def generate(config: GenerateConfig, prompts: list[str]) -> list[dict]:
     pipe = qi.load_pipeline(config.pretrained, dtype=getattr(torch, dtype), device=device)
     if config.lora:
         if run_config.known_linear_shapes(config.pretrained) is None:  # validate could not check it before loading
-            require_lora_fits(config.lora, config.pretrained, "lora", model_linear_shapes(pipe.transformer))
+            require_lora_fits(config.lora, config.pretrained, "lora", qi.linear_shapes(pipe.transformer))
         load_lora_source(pipe, config.lora)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(config.samples_per_prompt)]
     seeds = [config.seed + i * 1000 + j for i, j in jobs]

@@ -87,6 +87,24 @@ _TOKENIZER_CORPUS = [
 # Loading
 
 
+def tiny_transformer_config(size: str = "tiny") -> dict:
+    """The tiny transformer's config (TINY_SIZES[size]): what build_tiny_pipeline builds, and what
+    the LoRA checks read before any model exists."""
+    s = TINY_SIZES[size]
+    head_dim = s["attention_head_dim"]
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)  # even, sums to head_dim
+    return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=s["num_layers"],
+                attention_head_dim=head_dim, num_attention_heads=s["num_attention_heads"],
+                joint_attention_dim=s["text_hidden"], guidance_embeds=False, axes_dims_rope=rope)
+
+
+def linear_shapes(module) -> dict[str, tuple[int, int]]:
+    """{name: (in_features, out_features)} of every Linear in `module` (a transformer, loaded or on
+    the meta device): what a LoRA's modules and sizes must match."""
+    return {name: (sub.in_features, sub.out_features) for name, sub in module.named_modules()
+            if isinstance(sub, torch.nn.Linear)}
+
+
 def looks_like_local_path(spec: str) -> bool:
     """A path meant as a local one: it starts with ./ ../ / ~, or its first component is a folder
     here (`worlds/text_wrold`: `worlds` exists, so this is not the Hub id of an owner `worlds`)."""
@@ -159,18 +177,13 @@ def build_tiny_pipeline(seed: int = 0, size: str = "tiny") -> QwenImagePipeline:
 
     s = TINY_SIZES[size]
     tokenizer = _build_tiny_tokenizer()
-    head_dim = s["attention_head_dim"]
-    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)  # even, sums to head_dim
     text_head_dim = s["text_hidden"] // 2
     mrope = [text_head_dim // 8, 3 * text_head_dim // 16, 3 * text_head_dim // 16]  # sums to head_dim/2
     mrope[0] += text_head_dim // 2 - sum(mrope)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2, in_channels=64, out_channels=16, num_layers=s["num_layers"],
-            attention_head_dim=head_dim, num_attention_heads=s["num_attention_heads"],
-            joint_attention_dim=s["text_hidden"], guidance_embeds=False, axes_dims_rope=rope)
+        transformer = QwenImageTransformer2DModel(**tiny_transformer_config(size))
         # Real latent statistics, so that the normalisation is exercised with non-trivial values.
         vae = AutoencoderKLQwenImage(base_dim=s["vae_base_dim"], z_dim=16, dim_mult=[1, 1, 1, 1],
                                      num_res_blocks=1, temperal_downsample=[False, True, True])

@@ -299,12 +299,7 @@ def transformer_config(pretrained: str) -> dict | None:
     cached transformer/config.json (Qwen/Qwen-Image: its published dims even when not cached); None
     when unknown (another Hub model not in the cache)."""
     if pretrained in ("tiny", "tiny-bench"):
-        sizes = qwen_image.TINY_SIZES["tiny" if pretrained == "tiny" else "bench"]
-        head_dim = sizes["attention_head_dim"]
-        return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=sizes["num_layers"],
-                    attention_head_dim=head_dim, num_attention_heads=sizes["num_attention_heads"],
-                    joint_attention_dim=sizes["text_hidden"], guidance_embeds=False,
-                    axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+        return qwen_image.tiny_transformer_config("tiny" if pretrained == "tiny" else "bench")
     path = os.path.join(pretrained, "transformer", "config.json")
     if not os.path.isdir(pretrained):
         try:
@@ -336,8 +331,7 @@ def transformer_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
 
         with torch.device("meta"):
             model = QwenImageTransformer2DModel.from_config(config)
-        _LINEAR_SHAPES[key] = {name: (module.in_features, module.out_features) for name, module in model.named_modules()
-                               if isinstance(module, torch.nn.Linear)}
+        _LINEAR_SHAPES[key] = qwen_image.linear_shapes(model)
     return _LINEAR_SHAPES[key]
 
 

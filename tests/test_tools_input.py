@@ -73,7 +73,7 @@ def tiny_lora_dir(tmp_path, rank: int = 2) -> str:
 
 
 def test_the_shapes_read_before_loading_are_the_loaded_models(tiny_dir, tiny_pipe, tmp_path):
-    loaded = evaluate.model_linear_shapes(tiny_pipe.transformer)
+    loaded = qwen_image.linear_shapes(tiny_pipe.transformer)
     assert run_config.transformer_linear_shapes(run_config.transformer_config("tiny")) == loaded  # tiny preset
     assert run_config.transformer_linear_shapes(run_config.transformer_config(tiny_dir)) == loaded  # a local folder
     folder = tiny_lora_dir(tmp_path)
@@ -150,7 +150,7 @@ def test_write_pairs_never_leaves_its_temporary_file_behind(tmp_path):
 
 def test_the_lora_parameter_count_from_the_config_is_what_add_lora_adds():
     pipe = qwen_image.build_tiny_pipeline(seed=0)
-    shapes = evaluate.model_linear_shapes(pipe.transformer)
+    shapes = qwen_image.linear_shapes(pipe.transformer)
     counted = run_config.lora_parameter_count(run_config.transformer_linear_shapes(run_config.transformer_config("tiny")),
                                               qwen_image.TINY_LORA_TARGETS, 8)
     dead = [m for m in qwen_image.dead_text_stream_modules(pipe.transformer)
