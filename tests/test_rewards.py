@@ -104,6 +104,18 @@ def test_paddle_ocr_keeps_its_cache_out_of_the_working_directory(paddle_ocr, tmp
     assert not (tmp_path / "cache").exists() and (tmp_path / "elsewhere").exists()
 
 
+def engine_per_image(paddle_ocr, images) -> tuple[list[str], list[int]]:
+    """The engine's own `ocr()` on each image alone (the reference the batched reward must equal):
+    each image's joined text and its number of boxes."""
+    engine = paddle_ocr._load()
+    texts, boxes = [], []
+    for image in images:
+        lines = engine.ocr(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))[0] or []
+        texts.append(" ".join(line[1][0] for line in lines))
+        boxes.append(len(lines))
+    return texts, boxes
+
+
 def test_paddle_ocr_batched_detection_equals_the_engines_own_per_image_pipeline(paddle_ocr):
     """transcribe() detects the images of one size in one call; the engine's own ocr() runs one image
     at a time. Same detections, same crops, the same recogniser input per image: the same texts, for
@@ -115,17 +127,12 @@ def test_paddle_ocr_batched_detection_equals_the_engines_own_per_image_pipeline(
     images = ([render(w) for w in WORDS] + [two_lines, Image.new("RGB", (512, 512), (250, 250, 245))]
               + [render(w, noise=40, seed=i) for i, w in enumerate(WORDS)]
               + [render(w, size=64, font_size=12) for w in ("CAT", "DOG", "Hi 2")] + wide)
-    engine = paddle_ocr._load()
-    one_at_a_time, boxes = [], []
-    for image in images:
-        lines = engine.ocr(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))[0] or []
-        one_at_a_time.append(" ".join(line[1][0] for line in lines))
-        boxes.append(len(lines))
+    one_at_a_time, boxes = engine_per_image(paddle_ocr, images)
     assert paddle_ocr.transcribe(images) == one_at_a_time
     assert boxes[len(WORDS)] == 2 and one_at_a_time[len(WORDS)] == "OPEN 9 TO 5 Coffee Shop"  # top line first
     assert boxes[len(WORDS) + 1] == 0 and one_at_a_time[len(WORDS) + 1] == ""
     assert one_at_a_time[-2:] == ["Grand Opening Sale Today", "Fresh Bread Every Morning"]
-    crops = [crop for image in wide for crop in engine.text_detector(np.asarray(image)[:, :, ::-1].copy())]
+    crops = [crop for image in wide for crop in paddle_ocr._load().text_detector(np.asarray(image)[:, :, ::-1].copy())]
     assert all(max(c[:, 0]) - min(c[:, 0]) > 320 / 48 * (max(c[:, 1]) - min(c[:, 1])) for c in crops)  # wide
 
 
@@ -148,12 +155,7 @@ def test_paddle_ocr_batched_detection_and_its_threads_change_no_text_world_score
     words[3:3] = ["CAT", "SUN BOX"]
     words.append("DOG")
     prompts = [f'A sign that says "{word}"' for word in words]
-    engine = paddle_ocr._load()
-    one_at_a_time, boxes = [], []
-    for image in images:
-        lines = engine.ocr(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))[0] or []
-        one_at_a_time.append(" ".join(line[1][0] for line in lines))
-        boxes.append(len(lines))
+    one_at_a_time, boxes = engine_per_image(paddle_ocr, images)
     two_threads = build_reward("ocr", cache_dir=str(tmp_path), threads=2)
     assert paddle_ocr.transcribe(images) == one_at_a_time == two_threads.transcribe(images)
     assert boxes[3:5] == [0, 2] and one_at_a_time[3] == one_at_a_time[-1] == "" and one_at_a_time[4] == "SUN BOX"

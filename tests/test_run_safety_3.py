@@ -123,18 +123,13 @@ def test_a_folder_without_a_run_is_never_deleted_from_and_a_runs_overwrite_delet
 
 
 def write_checkpoint(out, step, config):
-    """A complete checkpoint in the trainer's format, and the run marker (config.json, metrics.jsonl)."""
-    from safetensors.torch import save_file
+    """A complete checkpoint in the trainer's format (test_run_safety's), and the run marker
+    (config.json, metrics.jsonl)."""
+    from test_run_safety import write_checkpoint as write_checkpoint_only
 
-    path = os.path.join(out, f"checkpoint-{step}")
-    os.makedirs(path)
-    save_file({"w": torch.zeros(1)}, os.path.join(path, "trainable.safetensors"))
-    torch.save({"optimizer": {}, "lr_scheduler": {}}, os.path.join(path, "optimizer.pt"))
-    with open(os.path.join(path, "train_state.json"), "w") as f:
-        json.dump({"step": step}, f)
-    for folder in (path, out):
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(run_config.config_dict(config), f)
+    write_checkpoint_only(out, step, config)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(run_config.config_dict(config), f)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": step}) + "\n")
 
