@@ -59,14 +59,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     "best_worst": ["--objective", "dpo", "--pair_strategy", "best_worst"],
-    "top_bottom": ["--objective", "dpo", "--pair_strategy", "top_bottom"],
+    # the frozen reference pinned: the text_world preset's moving one is top_bottom_trdpo
+    "top_bottom": ["--objective", "dpo", "--pair_strategy", "top_bottom", "--ref_update_every", "0"],
     "dgpo": ["--objective", "dgpo"],
     "nft": ["--objective", "nft"],
     "awm": ["--objective", "awm"],
-    # Flow-GRPO-Fast (SDE on the first 2 of 8 steps, both trained, 2 updates per rollout): the default (7
-    # trained steps x 4 updates) costs ~7x nft's update on the world (perf/update_tflop)
-    "grpo": ["--objective", "grpo", "--grpo_sde_window", "0,2", "--grpo_timestep_fraction", "1",
-             "--updates_per_rollout", "2"],
+    # Flow-GRPO-Fast as its official SD3.5 configs (docs/objectives.md, Flow-GRPO): an SDE window of 3 steps
+    # at a random start in the first half, all trained, noise 0.8, clip 1e-5, no KL (so no reference forward);
+    # 2 updates per rollout. Runs archived with defaults 1 ran a fixed window 0,2 at the default noise, clip and KL.
+    "grpo": ["--objective", "grpo", "--grpo_sde_window", "random:3", "--grpo_timestep_fraction", "1",
+             "--grpo_noise_level", "0.8", "--grpo_clip_range", "1e-5", "--grpo_kl_weight", "0", "--updates_per_rollout", "2"],
 }
 # the cheaper rollouts (issue: learning per rollout FLOP) and the deviations from the official algorithms
 # kept as options, each on a base variant at its knob: (base, extra flags); opt in with --variants
@@ -88,8 +90,9 @@ DERIVED = {
     "top_bottom_rpo10": ("top_bottom", ["--chosen_sft_weight", "10"]),
     "top_bottom_trdpo": ("top_bottom", ["--ref_update_every", "40", "--ref_update_alpha", "0.6"]),
 }
-for _name, (_base, _flags) in DERIVED.items():
-    VARIANTS[_name] = VARIANTS[_base] + _flags
+for _name, (_base, _flags) in DERIVED.items():  # a derived flag replaces the base's of the same name
+    _kept = [i for i in range(0, len(VARIANTS[_base]), 2) if VARIANTS[_base][i] not in _flags[::2]]
+    VARIANTS[_name] = [f for i in _kept for f in VARIANTS[_base][i:i + 2]] + _flags
 # each objective's main knob: the value used, then the values a sweep tries (on the first seed)
 KNOBS = {
     "best_worst": ("beta", 100.0, [30.0, 100.0, 300.0]),
@@ -120,7 +123,13 @@ def config_flags(variant: str, lr: float, updates: int) -> tuple[str, ...]:
     and an earlier run of the same configuration share their archive key."""
     default_lr, default_updates = run_defaults(variant)
     flags = () if lr == default_lr else ("--learning_rate", f"{lr:g}")
-    return flags + (() if updates == default_updates else ("--updates_per_rollout", str(updates)))
+    if updates == default_updates:
+        return flags
+    flags += ("--updates_per_rollout", str(updates))
+    if "--ref_update_every" in VARIANTS[variant]:  # the reference moves every 10 rollout steps whatever the passes
+        every = int(VARIANTS[variant][VARIANTS[variant].index("--ref_update_every") + 1])
+        flags += ("--ref_update_every", str(every * updates // default_updates)) if every else ()
+    return flags
 
 
 def config_job(variant: str, seed: int, config: tuple) -> tuple:
@@ -420,29 +429,30 @@ def print_plan(jobs, args):
 
 
 def run_protocol(args, variants):
-    """Round by round until nothing is missing: each round starts every run the protocol has reached
-    (the tuning stages whose predecessors are scored, the official arm, the tuned arm once chosen) that the
-    archive lacks. Stops when a round's runs did not all finish (their logs say why)."""
-    tried = set()
-    while True:
+    """Until nothing is missing: whenever a slot is free, start a run the protocol has reached that the
+    archive lacks, the tuning runs first (each stage once the one before it is scored), then the official
+    arm and the tuned arm (once chosen). Stops when runs did not finish (their logs say why)."""
+    def reached() -> list[tuple]:
         by_key = collect([], args)
         planned = protocol_jobs(variants, by_key, args.steps, tuple(args.extra))
-        jobs = planned["tuning"] + planned["official"] + planned["tuned"]
-        if args.dry_run:
-            print("later stages and the tuned arm follow from these runs' scores")
-            return print_plan(jobs, args)
-        missing = [j for j in jobs if job_key(j, args.steps, args.extra) not in by_key]
-        if not missing:
-            print(stats.protocol_table(variants, tuning_rows(by_key, args.steps, tuple(args.extra))))
-            return
-        if tried.issuperset(missing):
-            raise SystemExit(f"{len(missing)} protocol run(s) did not finish, e.g. {run_name(*missing[0])}: see its log in {args.workdir}")
-        tried.update(missing)
-        execute(jobs, args)
-        collect(jobs, args)
+        missing = {part: [j for j in jobs if job_key(j, args.steps, args.extra) not in by_key] for part, jobs in planned.items()}
+        return missing["tuning"] + missing["official"] + missing["tuned"]
+
+    if args.dry_run:
+        print("later stages and the tuned arm follow from these runs' scores")
+        by_key = collect([], args)
+        planned = protocol_jobs(variants, by_key, args.steps, tuple(args.extra))
+        return print_plan(planned["tuning"] + planned["official"] + planned["tuned"], args)
+    failed = execute([], args, refill=reached)
+    if failed:
+        raise SystemExit(f"{len(failed)} protocol run(s) did not finish, e.g. {run_name(*failed[0])}: see its log in {args.workdir}")
+    by_key = collect([], args)
+    print(stats.protocol_table(variants, tuning_rows(by_key, args.steps, tuple(args.extra))))
 
 
-def execute(jobs, args):
+def execute(jobs, args, refill=None) -> list[tuple]:
+    """Run the jobs `--jobs` at a time; with `refill`, a free slot with nothing pending asks it for the jobs
+    to run now (those already started are skipped). -> the jobs that did not finish."""
     import shutil
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -454,9 +464,15 @@ def execute(jobs, args):
     outs = (os.path.join(args.workdir, run_name(*j)) for j in jobs if j not in pending)
     baseline = next((out for out in outs if has_step0_eval(out)), "")
     running: list[tuple[subprocess.Popen, tuple, str]] = []
-    while pending or running:
+    started, failed = set(), []
+    while True:
+        if refill and not pending and len(running) < args.jobs:
+            pending = [j for j in refill() if j not in started]
+        if not (pending or running):
+            return failed
         while pending and len(running) < args.jobs and (not baseline or has_step0_eval(baseline)):
             job = pending.pop(0)
+            started.add(job)
             out = os.path.join(args.workdir, run_name(*job))
             if os.path.exists(out):  # an unfinished earlier attempt: start it again from scratch
                 shutil.rmtree(out)
@@ -475,6 +491,7 @@ def execute(jobs, args):
             ok = proc.returncode == 0 and finished(out, args.steps)
             if ok and args.archive:  # at once: a comparison stopped later keeps every finished run
                 update_archive(args.archive, [dict(result(*job[:3], out), steps=args.steps, extra=list(job[3]) + args.extra)])
+            failed += [] if ok else [job]
             print(f"{'done' if ok else f'FAILED (exit {proc.returncode})'} {run_name(*job)} (log {out}.log)", flush=True)
             if out == baseline and not has_step0_eval(out):
                 raise SystemExit(f"the first run {out} failed before its step-0 eval: see {out}.log")

@@ -277,10 +277,15 @@ PROTOCOL = {
     # beta 100: VeRL-Omni's online Qwen-Image DPO recipe (Wallace et al.'s 5000 is offline full fine-tuning)
     "best_worst": (5e-4, 4, "beta", 100.0),
     "top_bottom": (5e-4, 4, "beta", 100.0),
+    # the moving reference (TR-DPO), adopted in the text_world preset; it moves every 10 rollout steps at any
+    # updates per rollout (compare_objectives.config_flags)
+    "top_bottom_trdpo": (5e-4, 4, "beta", 100.0),
     "dgpo": (5e-4, 4, "dgpo_beta", 100.0),  # official train.beta_dpo
     "nft": (5e-4, 4, "nft_beta", 0.1),  # official config.beta (OCR)
     "awm": (5e-4, 4, "awm_old_kl_weight", 1.0),  # official train.ema_beta
-    "grpo": (1e-3, 2, "grpo_kl_weight", 0.04),  # official config/grpo.py train.beta; lr 1e-3: its seed-0 sweep
+    # Flow-GRPO-Fast (compare_objectives.VARIANTS): its official KL weight is 0, so the knob is the clip range
+    # (official Fast configs: 1e-5); lr 1e-3: its seed-0 sweep under the old defaults
+    "grpo": (1e-3, 2, "grpo_clip_range", 1e-5),
 }
 
 

@@ -312,7 +312,7 @@ def favouring(variant, lr_factor, updates_one, knob_factor):
 
 
 def test_every_objective_gets_the_same_protocol():
-    assert set(co.PROTOCOL) == set(co.CORE)
+    assert set(co.CORE) <= set(co.PROTOCOL) <= set(co.VARIANTS)
     assert not set(co.TUNING_SEEDS) & set(co.REPORT_SEEDS) and len(co.TUNING_SEEDS) == 2
     assert max(co.LR_GRID) / min(co.LR_GRID) == pytest.approx(10) and 1.0 in co.LR_GRID and 1.0 in co.KNOB_GRID
     for variant, (centre, updates, knob, official) in co.PROTOCOL.items():
@@ -334,6 +334,10 @@ def test_every_objective_gets_the_same_protocol():
     assert co.config_flags("top_bottom", 5e-4, 4) == () and co.config_flags("grpo", 1e-3, 2) == ("--learning_rate", "0.001")
     assert co.command("grpo", 0, ("grpo_kl_weight", 0.04), "out", 40, 10, "", ["--updates_per_rollout", "1"])[-2:] == [
         "--updates_per_rollout", "1"]  # after the variant's own 2: the last one counts
+    # the moving reference moves every 10 rollout steps at any updates per rollout; a derived flag replaces its base's
+    assert co.config_flags("top_bottom_trdpo", 5e-4, 1) == ("--updates_per_rollout", "1", "--ref_update_every", "10")
+    assert co.VARIANTS["top_bottom"][-2:] == ["--ref_update_every", "0"]
+    assert co.VARIANTS["top_bottom_trdpo"].count("--ref_update_every") == 1 and "40" in co.VARIANTS["top_bottom_trdpo"]
 
 
 def test_the_text_world_defaults_the_flags_are_relative_to():
@@ -385,9 +389,9 @@ def test_summary_prints_both_arms_and_the_protocol_table_from_the_archive(tmp_pa
     assert arms["tuned"]["nft"]["seeds"] == list(co.REPORT_SEEDS) and arms["official"]["grpo"]["against_grpo"]["area_ratio"] == 1
     official, tuned = out.split("official arm")[1].split("tuned arm")
     assert "| nft (nft_beta 0.1, updates_per_rollout 1) | +0.125 / +0.125 / +0.125 / +0.125 / +0.125 |" in official
-    assert "| grpo (grpo_kl_weight 0.04, learning_rate 0.001, updates_per_rollout 1) |" in official
+    assert "| grpo (grpo_clip_range 1e-05, learning_rate 0.001, updates_per_rollout 1) |" in official
     assert "| nft (nft_beta 0.01, learning_rate 0.0015, updates_per_rollout 1) | +0.188 / " in tuned
-    assert "| grpo (grpo_kl_weight 0.004, learning_rate 0.003, updates_per_rollout 1) |" in tuned
+    assert "| grpo (grpo_clip_range 1e-06, learning_rate 0.003, updates_per_rollout 1) |" in tuned
     table = run_main(monkeypatch, capsys, "--workdir", str(tmp_path / "w"), "--variants", "nft", "grpo", "--protocol",
                      "--archive", archive, "--plot_sensitivity", str(tmp_path / "lr.png"))
     assert table.count("**yes**") == 2 and table.count("| nft |") == 6 and table.count("| grpo |") == 6
