@@ -1,7 +1,7 @@
 """`dpo_update`: Diffusion-DPO on interleaved [c0, r0, c1, r1, ...] latents, one or more guarded
 optimizer steps of a `policy.Policy`; both trainers use it (the online one through objectives.py).
 `validate_dpo_levers`: the config rules of DPO's stabilising levers (margin weighting, RPO, norm
-guard, winner preserving, the moving reference).
+guard, winner preserving, the moving reference); `preset_levers_off`: a preset's levers are DPO's only.
 """
 
 from __future__ import annotations
@@ -104,6 +104,26 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
         if winner_preserving:
             metrics["dpo/winner_scale"] = mean["winner_scale"]
     return metrics
+
+
+LEVER_FIELDS = ("pair_weighting", "chosen_sft_weight", "winner_preserving", "winner_preserving_mu",
+                "ref_update_every", "ref_update_alpha", "norm_guard_weight", "norm_guard_tolerance")
+
+
+def preset_levers_off(config, argv: list[str]):
+    """A preset's DPO levers (text_world's moving reference) go back to their defaults for a group
+    objective, as if the preset were DPO's alone; one given as a flag stays, and validate_dpo_levers
+    refuses it."""
+    import dataclasses
+
+    from run_config import flag_value
+
+    if getattr(config, "objective", "dpo") == "dpo":
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for field in LEVER_FIELDS:
+        if field in defaults and flag_value(argv, field) is None:
+            setattr(config, field, defaults[field])
 
 
 def validate_dpo_levers(config):

@@ -419,8 +419,11 @@ def add_old_adapter(transformer, adapter: str = OLD_ADAPTER):
     """Another LoRA adapter (`adapter`) with the trained one's config, holding a copy of its weights;
     frozen. The trained adapter stays the active one."""
     import copy
+    import warnings
 
-    transformer.add_adapter(copy.deepcopy(transformer.peft_config["default"]), adapter_name=adapter)
+    with warnings.catch_warnings():  # peft warns of "multiple adapters" on any second one: this one is meant
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(copy.deepcopy(transformer.peft_config["default"]), adapter_name=adapter)
     transformer.set_adapter("default")
     named = dict(transformer.named_parameters())
     with torch.no_grad():

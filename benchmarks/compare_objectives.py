@@ -106,8 +106,12 @@ KNOBS = {
 }
 for _name, (_base, _flags) in DERIVED.items():
     KNOBS[_name] = KNOBS[_base]
-PRESET = "top_bottom"  # the text_world preset's objective: the others are compared with it
-CORE = ["best_worst", "top_bottom", "dgpo", "nft", "awm", "grpo"]
+# the text_world preset's objective, the others compared with it, and the default --variants, by the defaults
+# the archive rows were run with (compare_archive.DEFAULTS): the moving-reference DPO is the preset's since 2
+PRESETS_BY_DEFAULTS = {1: "top_bottom", 2: "top_bottom_trdpo"}
+CORE_BY_DEFAULTS = {1: ["best_worst", "top_bottom", "dgpo", "nft", "awm", "grpo"],
+                    2: ["top_bottom_trdpo", "dgpo", "nft", "awm", "grpo"]}
+PRESET, CORE = PRESETS_BY_DEFAULTS[DEFAULTS], CORE_BY_DEFAULTS[DEFAULTS]
 TEXT_WORLD_LR, TEXT_WORLD_UPDATES = 5e-4, 4  # train_online_dpo.PRESETS["text_world"]: a run without the flags
 
 
@@ -325,8 +329,8 @@ def parse_knobs(items, variants) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="one folder per run in here; re-running resumes")
-    parser.add_argument("--variants", nargs="+", default=CORE, choices=list(VARIANTS), metavar="VARIANT",
-                        help=f"default: the objectives; also the levers and deviations {', '.join(DERIVED)}")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="VARIANT",
+                        help=f"default: the objectives of --defaults (CORE_BY_DEFAULTS); also the levers and deviations {', '.join(DERIVED)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval_every", type=int, default=10)
@@ -351,8 +355,9 @@ def main():
     args = parser.parse_args()
     if args.defaults != DEFAULTS and not (args.summary_only or args.protocol):
         fail(f"--defaults {args.defaults}: runs are always of today's defaults ({DEFAULTS}); add --summary_only to read them")
-    global READ_DEFAULTS
-    READ_DEFAULTS = args.defaults
+    global READ_DEFAULTS, PRESET
+    READ_DEFAULTS, PRESET = args.defaults, PRESETS_BY_DEFAULTS[args.defaults]
+    args.variants = args.variants or CORE_BY_DEFAULTS[args.defaults]
     knobs = parse_knobs(args.knob, args.variants)
     unknown = [v for v in args.sweep or [] if v not in VARIANTS]
     if unknown:
@@ -451,8 +456,8 @@ def run_protocol(args, variants):
 
 
 def execute(jobs, args, refill=None) -> list[tuple]:
-    """Run the jobs `--jobs` at a time; with `refill`, a free slot with nothing pending asks it for the jobs
-    to run now (those already started are skipped). -> the jobs that did not finish."""
+    """Run the jobs `--jobs` at a time; with `refill`, each free slot asks it for the jobs to run now, in
+    order (those already started are skipped). -> the jobs that did not finish."""
     import shutil
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -461,12 +466,12 @@ def execute(jobs, args, refill=None) -> list[tuple]:
     pending = [j for j in jobs if not finished(os.path.join(args.workdir, run_name(*j)), args.steps)
                and job_key(j, args.steps, args.extra) not in archived]
     # every run takes one step-0 eval (--eval_baseline): a finished run's, else the first run's once it has it
-    outs = (os.path.join(args.workdir, run_name(*j)) for j in jobs if j not in pending)
-    baseline = next((out for out in outs if has_step0_eval(out)), "")
+    outs = sorted(os.path.join(args.workdir, name) for name in os.listdir(args.workdir))
+    baseline = next((out for out in outs if os.path.isdir(out) and has_step0_eval(out)), "")
     running: list[tuple[subprocess.Popen, tuple, str]] = []
     started, failed = set(), []
     while True:
-        if refill and not pending and len(running) < args.jobs:
+        if refill and len(running) < args.jobs:  # asked again at each free slot: a stage scored starts the next
             pending = [j for j in refill() if j not in started]
         if not (pending or running):
             return failed

@@ -274,9 +274,7 @@ LR_GRID = (1.0, 0.3, 3.0)  # the centre first: a tie keeps it
 KNOB_GRID = (1.0, 0.1, 10.0)
 # variant: (centre learning rate = its current one, current updates per rollout, main knob, its official value)
 PROTOCOL = {
-    # beta 100: VeRL-Omni's online Qwen-Image DPO recipe (Wallace et al.'s 5000 is offline full fine-tuning)
-    "best_worst": (5e-4, 4, "beta", 100.0),
-    "top_bottom": (5e-4, 4, "beta", 100.0),
+    # beta 100: VeRL-Omni's online Qwen-Image DPO recipe (Wallace et al.'s 5000 is offline full fine-tuning);
     # the moving reference (TR-DPO), adopted in the text_world preset; it moves every 10 rollout steps at any
     # updates per rollout (compare_objectives.config_flags)
     "top_bottom_trdpo": (5e-4, 4, "beta", 100.0),

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import pytest
 
@@ -179,7 +180,7 @@ def test_a_lever_against_its_base_paired_by_seed(tmp_path):
 
 
 def test_each_objective_minus_the_preset_paired_by_seed(tmp_path):
-    _, summary = summary_of(tmp_path, [("top_bottom", 0, [0.3, 0.4], {}), ("top_bottom", 1, [0.3, 0.35], {}),
+    _, summary = summary_of(tmp_path, [("top_bottom_trdpo", 0, [0.3, 0.4], {}), ("top_bottom_trdpo", 1, [0.3, 0.35], {}),
                                        ("nft", 0, [0.3, 0.5], {}), ("nft", 1, [0.3, 0.35], {}), ("awm", 0, [0.3, 0.4], {})])
     # nft - top_bottom: seed 0 +0.1, seed 1 0.0 -> +0.05 +- 0.05; awm has one common seed: no paired SE, not shown
     assert summary["nft"]["minus_preset"] == (pytest.approx(0.05), pytest.approx(0.05))
@@ -423,3 +424,30 @@ def test_bad_inputs_are_one_line_and_exit_2_before_any_run(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert error.value.code == 2 and message in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_the_protocol_starts_a_stage_as_soon_as_the_one_before_is_scored(tmp_path, monkeypatch):
+    """--run_protocol with real processes in place of the trainer: each free slot takes the first run the
+    protocol has reached (tuning first), so stage 2 starts before the official arm has all started, and
+    every run of the protocol runs once and is archived."""
+    archive, fake = str(tmp_path / "archive.jsonl"), tmp_path / "fake_run.py"
+    fake.write_text(FAKE_RUN)
+    started = []
+
+    def command(variant, seed, knob, out, steps, eval_every, baseline, extra):
+        started.append((seed, tuple(extra), knob[1]))
+        return [sys.executable, str(fake), out, archive, "0.4"]
+
+    sleep = time.sleep
+    monkeypatch.setattr(co.time, "sleep", lambda _: sleep(0.05))
+    monkeypatch.setattr(co, "command", command)
+    monkeypatch.setattr(sys, "argv", ["compare_objectives.py", "--variants", "nft", "--steps", "20", "--jobs", "2",
+                                      "--workdir", str(tmp_path / "w"), "--archive", archive, "--run_protocol"])
+    co.main()
+    assert len(started) == len(set(started)) == 22  # 12 tuning (6 configurations x 2 seeds), 5 official, 5 tuned
+    assert len(co.load_archive(archive)) == 22
+    one_pass = ("--updates_per_rollout", "1")
+    first_stage2 = started.index((100, one_pass, 0.1))  # the one new configuration of stage 2 (all scores tie)
+    last_official = max(i for i, (seed, flags, _) in enumerate(started) if seed in co.REPORT_SEEDS and flags == one_pass)
+    assert first_stage2 < last_official
+    assert all(seed in co.TUNING_SEEDS for seed, _, _ in started[:6])  # stage 1 first

@@ -285,3 +285,26 @@ def test_levers_refused_where_they_do_nothing():
         config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, ["--preset", "cpu_tiny", *flags])
         with pytest.raises(ConfigError, match=f"`{field}`"):
             train_online_dpo.validate(config)
+
+
+def test_the_text_world_presets_moving_reference_is_dpos_alone():
+    """The preset moves DPO's reference (the adopted lever); a group objective on the preset gets a frozen
+    one, as if the preset named DPO's levers only, and the lever given as a flag is still refused."""
+    from dpo_update import preset_levers_off
+
+    def config_of(*flags):
+        argv = ["--preset", "text_world", *flags]
+        config = parse_config(train_online_dpo.Config, train_online_dpo.PRESETS, argv)
+        preset_levers_off(config, argv)
+        return config
+
+    dpo = config_of()
+    assert (dpo.ref_update_every, dpo.ref_update_alpha) == (40, 0.6)
+    for objective in ("nft", "awm", "dgpo", "grpo"):
+        group = config_of("--objective", objective)
+        assert (group.ref_update_every, group.ref_update_alpha) == (0, 1.0)
+        train_online_dpo.validate(group)  # no refusal: the preset's lever is off
+    explicit = config_of("--objective", "nft", "--ref_update_every", "40")
+    assert explicit.ref_update_every == 40
+    with pytest.raises(ConfigError, match="`ref_update_every`: applies to objective dpo only"):
+        train_online_dpo.validate(explicit)
