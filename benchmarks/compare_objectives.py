@@ -465,9 +465,10 @@ def execute(jobs, args, refill=None) -> list[tuple]:
     archived = {archive_key(r) for r in load_archive(args.archive)}
     pending = [j for j in jobs if not finished(os.path.join(args.workdir, run_name(*j)), args.steps)
                and job_key(j, args.steps, args.extra) not in archived]
-    # every run takes one step-0 eval (--eval_baseline): a finished run's, else the first run's once it has it
+    # every run takes one step-0 eval (--eval_baseline): a finished run's (one that is not started again),
+    # else the first run's once it has it
     outs = sorted(os.path.join(args.workdir, name) for name in os.listdir(args.workdir))
-    baseline = next((out for out in outs if os.path.isdir(out) and has_step0_eval(out)), "")
+    baseline = next((out for out in outs if os.path.isdir(out) and finished(out, args.steps) and has_step0_eval(out)), "")
     running: list[tuple[subprocess.Popen, tuple, str]] = []
     started, failed = set(), []
     while True:

@@ -432,10 +432,15 @@ def test_the_protocol_starts_a_stage_as_soon_as_the_one_before_is_scored(tmp_pat
     every run of the protocol runs once and is archived."""
     archive, fake = str(tmp_path / "archive.jsonl"), tmp_path / "fake_run.py"
     fake.write_text(FAKE_RUN)
-    started = []
+    # an earlier attempt of the first run, stopped after its step-0 eval: started again, so no baseline
+    stopped = tmp_path / "w" / co.run_name("nft", 100, ("nft_beta", 0.1), ("--learning_rate", "0.00015"))
+    os.makedirs(stopped)
+    (stopped / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/reward_mean": 0.1, "eval/rewards": [0.1]}) + "\n")
+    started, baselines = [], []
 
     def command(variant, seed, knob, out, steps, eval_every, baseline, extra):
         started.append((seed, tuple(extra), knob[1]))
+        baselines.append(baseline)
         return [sys.executable, str(fake), out, archive, "0.4"]
 
     sleep = time.sleep
@@ -451,3 +456,4 @@ def test_the_protocol_starts_a_stage_as_soon_as_the_one_before_is_scored(tmp_pat
     last_official = max(i for i, (seed, flags, _) in enumerate(started) if seed in co.REPORT_SEEDS and flags == one_pass)
     assert first_stage2 < last_official
     assert all(seed in co.TUNING_SEEDS for seed, _, _ in started[:6])  # stage 1 first
+    assert baselines[0] == "" and set(baselines[1:]) == {str(tmp_path / "w" / co.run_name("nft", 100, ("nft_beta", 0.1)))}
