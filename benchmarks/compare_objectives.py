@@ -20,7 +20,8 @@ COLLAPSE_MARGIN below the run's own peak so far); against `grpo`: x fewer rollou
 and the ratio of areas under the gain curves, with bootstrap intervals and per-seed values. `--plot`: the
 curves. The tuning protocol (compare_stats.PROTOCOL, its rule above it) searches every objective alike on
 TUNING_SEEDS, then runs an `official` and a `tuned` arm on REPORT_SEEDS; one command runs all of it and
-resumes (each round starts what the archive lacks; `--dry_run` lists the next round):
+resumes (each free slot starts the first run the protocol has reached that the archive lacks, tuning
+first; `--dry_run` lists what is reachable now):
 
     python benchmarks/compare_objectives.py --workdir outputs/protocol --jobs 2 --run_protocol \
         --archive docs/results/compare_objectives_v2.jsonl
@@ -89,6 +90,10 @@ DERIVED = {
     "top_bottom_sdpo": ("top_bottom", ["--winner_preserving", "true"]),
     "top_bottom_rpo10": ("top_bottom", ["--chosen_sft_weight", "10"]),
     "top_bottom_trdpo": ("top_bottom", ["--ref_update_every", "40", "--ref_update_alpha", "0.6"]),
+    # the moving reference with a second lever: margin weighting, a reference moving twice as often, a hard copy
+    "top_bottom_trdpo_margin": ("top_bottom_trdpo", ["--pair_weighting", "margin"]),
+    "top_bottom_trdpo_every20": ("top_bottom_trdpo", ["--ref_update_every", "20"]),
+    "top_bottom_trdpo_hard": ("top_bottom_trdpo", ["--ref_update_alpha", "1.0"]),
 }
 for _name, (_base, _flags) in DERIVED.items():  # a derived flag replaces the base's of the same name
     _kept = [i for i in range(0, len(VARIANTS[_base]), 2) if VARIANTS[_base][i] not in _flags[::2]]
