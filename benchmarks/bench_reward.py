@@ -101,7 +101,8 @@ def compare_rec_widths(widths: list[int], count: int, repeats: int):
                "mean_reward": round(statistics.mean(scores[name]), 4)}
         for source in ("pipeline", "render"):
             picked = [i for i, s in enumerate(sources) if s == source]
-            row[f"same_text_{source}"] = round(sum(texts[name][i] == texts["default"][i] for i in picked) / len(picked), 4)
+            same = sum(texts[name][i] == texts["default"][i] for i in picked)
+            row[f"same_text_{source}"] = round(same / len(picked), 4)
             row[f"mean_abs_reward_diff_{source}"] = round(
                 statistics.mean(abs(scores[name][i] - scores["default"][i]) for i in picked), 4)
         rows.append(row)
