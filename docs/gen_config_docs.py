@@ -36,6 +36,7 @@ SCRIPTS = (
     ("benchmarks/plan.py", None, None),
     ("benchmarks/gpu_check.py", None, None),
     ("benchmarks/compare_objectives.py", None, None),
+    ("benchmarks/compare_offline.py", None, None),
     ("benchmarks/plot_runs.py", None, None),
     ("benchmarks/profile_world.py", None, None),
     ("benchmarks/bench_dpo_step.py", None, None),
