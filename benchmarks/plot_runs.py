@@ -10,6 +10,10 @@ configuration) are averaged step by step over the runs that reached that step, a
 standard error over the runs (the seed-to-seed spread, which is what a comparison has to beat).
 Without --label each run is its own curve, named after its folder.
 
+--train_metrics KEY [KEY ...]: a panel per logged per-step metric after the eval panels (e.g. online
+DPO's diagnostics `dpo/implicit_reward_margin update/grad_norm dpo/chosen_err_above_ref`, to see
+which moves before the eval falls), each label's line the mean over its runs at each step, no band.
+
 --grid: the run's first and last eval grids (samples/eval-STEP.png: the same prompts and seeds at
 both steps) side by side, each captioned with its step and eval figures.
 
@@ -90,6 +94,24 @@ def label_curves(run_dirs: list[str]) -> dict:
     return curves
 
 
+def train_series(run_dirs: list[str], key: str) -> tuple[list[int], list[float]]:
+    """A per-step training metric (rows without an eval) -> (steps, the mean over the runs that logged
+    it at each step); the last row of a step wins, as in eval_rows."""
+    at_step: dict[int, list[float]] = {}
+    for run_dir in run_dirs:
+        by_step = {}
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for row in map(json.loads, filter(str.strip, f)):
+                if key in row and "eval/reward_mean" not in row:
+                    by_step[row["step"]] = row[key]
+        for step, value in by_step.items():
+            at_step.setdefault(step, []).append(value)
+    if not at_step:
+        raise ValueError(f"--train_metrics {key}: no run of {', '.join(run_dirs)} logged it")
+    steps = sorted(at_step)
+    return steps, [statistics.fmean(at_step[s]) for s in steps]
+
+
 def group_runs(run_dirs: list[str], labels: list[str] | None) -> dict:
     """-> {label: [run dirs]} in first-seen order; without labels each run is named after its folder."""
     if labels and len(labels) != len(run_dirs):
@@ -101,13 +123,29 @@ def group_runs(run_dirs: list[str], labels: list[str] | None) -> dict:
     return groups
 
 
-def plot_curves(groups: dict, out: str, title: str = "") -> dict:
-    """One panel per metric (exact match, reward), one line per label with its +-1 SE band. -> the
-    plotted {label: curves}."""
+def plot_curves(groups: dict, out: str, title: str = "", train_metrics: tuple = ()) -> dict:
+    """One panel per eval metric (exact match, reward), one line per label with its +-1 SE band, then
+    one per training metric (train_series). -> the plotted {label: curves} (training metrics as
+    (steps, values, None))."""
     plotted = {label: label_curves(dirs) for label, dirs in groups.items()}
     keys = [k for k in CURVE_KEYS if any(k[0] in c for c in plotted.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.0 * len(keys), 3.6), squeeze=False)
-    for ax, (key, _, axis_title) in zip(axes[0], keys):
+    for key in train_metrics:
+        for label, dirs in groups.items():
+            plotted[label][key] = (*train_series(dirs, key), None)
+    panels = len(keys) + len(train_metrics)
+    columns = min(panels, 3)
+    rows = math.ceil(panels / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[panels:]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat[len(keys):], train_metrics):
+        for label, curves in plotted.items():
+            ax.plot(*curves[key][:2], marker=".", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax, (key, _, axis_title) in zip(axes.flat, keys):
         for label, curves in plotted.items():
             if key not in curves:
                 continue
@@ -177,6 +215,8 @@ def main(argv=None):
     parser.add_argument("--label", nargs="+", default=None,
                         help="one label per run; runs sharing a label are averaged (SE over runs)")
     parser.add_argument("--title", default="", help="figure title (curves)")
+    parser.add_argument("--train_metrics", nargs="+", default=[], metavar="KEY",
+                        help="curves: a panel per logged per-step metric after the eval panels (mean over a label's runs)")
     parser.add_argument("--grid", action="store_true", help="before/after eval grids of one run instead of curves")
     parser.add_argument("--grid_rows", type=int, default=0, help="--grid: keep the first N rows of each grid (0 = all)")
     parser.add_argument("--grid_scale", type=float, default=1.0, help="--grid: resize each grid by this factor")
@@ -190,10 +230,13 @@ def main(argv=None):
                                     colors=args.colors)
             print(f"{args.out}: eval grids of step {first} and step {last}")
         else:
-            plotted = plot_curves(group_runs(args.run_dirs, args.label), args.out, args.title)
+            plotted = plot_curves(group_runs(args.run_dirs, args.label), args.out, args.title, tuple(args.train_metrics))
             for label, curves in plotted.items():
                 for key, (steps, values, ses) in curves.items():
-                    print(f"{label} {key}: " + ", ".join(f"{s}: {v:.3f} +- {e:.3f}" for s, v, e in zip(steps, values, ses)))
+                    if ses is None:  # a training metric: one value a step, printed in a line of its own
+                        print(f"{label} {key}: " + ", ".join(f"{s}: {v:.4g}" for s, v in zip(steps, values)))
+                    else:
+                        print(f"{label} {key}: " + ", ".join(f"{s}: {v:.3f} +- {e:.3f}" for s, v, e in zip(steps, values, ses)))
             print(f"wrote {args.out}")
     except (OSError, ValueError) as error:
         print(f"plot_runs.py: {error}", file=sys.stderr)

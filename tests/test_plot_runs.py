@@ -88,3 +88,21 @@ def test_runs_sharing_a_label_average_with_the_standard_error_over_runs(tmp_path
     with pytest.raises(ValueError, match="2 labels for 3 runs"):
         plot_runs.group_runs(dirs, ["a", "b"])
     assert plot_runs.main([str(tmp_path / "nowhere"), "--out", out]) == 2
+
+
+def test_training_metrics_get_a_panel_each_with_the_mean_over_a_labels_runs(tmp_path):
+    dirs = [str(tmp_path / f"seed{i}") for i in range(2)]
+    for run_dir, loss in zip(dirs, (0.6, 0.8)):
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            for step in (1, 2):
+                f.write(json.dumps({"step": step, "dpo/loss": loss * step}) + "\n")
+            f.write(json.dumps({"step": 2, "dpo/loss": loss * 10}) + "\n")  # a repeated step (a resume): the last wins
+            for step in (0, 2):
+                f.write(json.dumps({"step": step, "eval/reward_mean": 0.5, "eval/reward_se": 0.01, "dpo/loss": 99}) + "\n")
+    assert plot_runs.train_series(dirs, "dpo/loss") == ([1, 2], [pytest.approx(0.7), pytest.approx(7.0)])
+    out = str(tmp_path / "curves.png")
+    assert plot_runs.main(dirs + ["--label", "a", "a", "--train_metrics", "dpo/loss", "--out", out]) == 0
+    assert Image.open(out).size == (1000, 360)  # the reward panel and the loss panel
+    with pytest.raises(ValueError, match="--train_metrics dpo/nothing: no run of"):
+        plot_runs.train_series(dirs, "dpo/nothing")
