@@ -308,3 +308,15 @@ def test_the_text_world_presets_moving_reference_is_dpos_alone():
     assert explicit.ref_update_every == 40
     with pytest.raises(ConfigError, match="`ref_update_every`: applies to objective dpo only"):
         train_online_dpo.validate(explicit)
+
+
+def test_the_projects_second_adapter_raises_no_peft_warning(tiny_dir):
+    """peft warns of "multiple adapters" on any second adapter; the moving reference's is meant, so a run
+    does not print it (other warnings still show)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, policy, _ = dpo_setup(tiny_dir, "--updates_per_rollout", "1", "--ref_update_every", "1")
+    assert policy.ref_pairs  # the second adapter exists
+    assert not [w for w in caught if "Already found a `peft_config` attribute" in str(w.message)]
