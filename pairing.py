@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-PAIR_STRATEGIES = ("best_worst", "top_bottom")
+PAIR_STRATEGIES = ("best_worst", "top_bottom", "all")
 SIGMA_SCHEMES = ("logit_normal", "uniform", "mode")
 
 
@@ -34,7 +34,9 @@ def select_pairs(group_ids: Sequence | torch.Tensor, rewards: torch.Tensor, stra
     """-> LongTensor [P, 2] of (chosen_index, rejected_index).
 
     - "best_worst": one pair per group, its highest vs its lowest reward;
-    - "top_bottom": floor(K/2) disjoint pairs per group, i-th best vs i-th worst (every rollout used).
+    - "top_bottom": floor(K/2) disjoint pairs per group, i-th best vs i-th worst (every rollout used);
+    - "all": every pair of a group's samples, the better one chosen (K(K-1)/2 before ties are dropped):
+      every comparison the group's ranking holds, not only its extremes.
     A pair is kept only if reward(chosen) - reward(rejected) > min_margin, so ties never pair, even
     with min_margin = 0. Deterministic: groups in order of first appearance, pairs within a group
     best first, equal rewards ordered by index.
@@ -60,6 +62,9 @@ def _candidate_pairs(group_ids, values: list, strategy: str) -> list[tuple[int, 
     pairs = []
     for members in _groups_in_order(group_ids).values():
         ranked = sorted(members, key=lambda i: (-values[i], i))  # best first, ties by index
+        if strategy == "all":
+            pairs += [(ranked[a], ranked[b]) for a in range(len(ranked)) for b in range(a + 1, len(ranked))]
+            continue
         n_pairs = 1 if strategy == "best_worst" else len(ranked) // 2
         for k in range(n_pairs if len(ranked) >= 2 else 0):
             pairs.append((ranked[k], ranked[len(ranked) - 1 - k]))

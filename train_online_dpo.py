@@ -75,7 +75,7 @@ class Config:
     reward_overlap: bool = False  # score rollout chunk i on a worker thread while chunk i+1 is sampled
     # DPO
     beta: float = 100.0  # Diffusion-DPO's beta (> 0; docs/objectives.md, "Diffusion-DPO")
-    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
+    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group), top_bottom (floor(K/2) pairs per group) or all (every pair of a group, ties dropped)
     min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     reverse_preference: bool = False  # control run: train towards the rejected sample
     sigma_scheme: str = ""  # "" = the objective's official: dpo logit_normal; dgpo sampler_first (distinct steps among the sampler's first, shared by the batch); nft sampler (the sampler's own sigmas); awm sampler_stratified; or logit_normal, uniform, mode (any), sampler, sampler_stratified (group objectives)

@@ -94,6 +94,9 @@ DERIVED = {
     "top_bottom_trdpo_margin": ("top_bottom_trdpo", ["--pair_weighting", "margin"]),
     "top_bottom_trdpo_every20": ("top_bottom_trdpo", ["--ref_update_every", "20"]),
     "top_bottom_trdpo_hard": ("top_bottom_trdpo", ["--ref_update_alpha", "1.0"]),
+    # every pair of a group (~4x the preset's pairs once ties drop), one pass: about the preset's pair-updates
+    "all_pairs_trdpo": ("top_bottom_trdpo", ["--pair_strategy", "all", "--updates_per_rollout", "1",
+                                             "--ref_update_every", "10"]),
 }
 for _name, (_base, _flags) in DERIVED.items():  # a derived flag replaces the base's of the same name
     _kept = [i for i in range(0, len(VARIANTS[_base]), 2) if VARIANTS[_base][i] not in _flags[::2]]

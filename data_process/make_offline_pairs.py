@@ -43,7 +43,7 @@ class PairsConfig:
     chunk_size: int = 16  # images per pipeline call
     reward: str = "ocr"  # ocr, ocr_vlm, ocr_server, jpeg_compressibility, brightness, pickscore or clipscore; or weighted: ocr:1.0,pickscore:0.2
     reward_kwargs: str = "{}"  # JSON for rewards.build_reward; keyed by component name for a weighted reward
-    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group) or top_bottom (floor(K/2) pairs per group)
+    pair_strategy: str = "best_worst"  # best_worst (best vs worst per group), top_bottom (floor(K/2) pairs per group) or all (every pair of a group, ties dropped)
     min_reward_margin: float = 0.0  # a pair needs chosen - rejected reward > this margin (>= 0)
     store_latents: bool = True  # the packed latents the images came from: offline training skips the VAE
     seed: int = 0  # sample j of prompt i has a seed derived from (seed, i, j)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pairing import (interleave, pair_stats, sample_pair_noise_and_sigmas, sample_sigmas, select_pairs,
+from pairing import (interleave, pair_stats, sample_pair_noise_and_sigmas, sample_sigmas, select_pairs, tied_candidates,
                      validate_pairs)
 
 
@@ -141,3 +141,25 @@ def test_update_parts_use_every_pair_once_when_disjoint(n_pairs, updates):
     assert update_parts(n_pairs, updates, "all") == [(0, n_pairs)] * updates
     with pytest.raises(ValueError, match="split"):
         update_parts(n_pairs, updates, "half")
+
+
+@settings(max_examples=200, deadline=None)
+@given(scored_groups())
+def test_all_pairs_are_every_ordered_comparison_of_a_group_above_the_margin(data):
+    """"all": exactly the set {(i, j): same group, reward i - reward j > margin}, by brute force; best
+    first within a group, and validate_pairs accepts them."""
+    groups, rewards, margin = data
+    selected = select_pairs(groups, rewards, "all", margin)
+    pairs = selected.tolist()
+    brute = {(i, j) for i in range(len(groups)) for j in range(len(groups))
+             if groups[i] == groups[j] and rewards[i] - rewards[j] > margin}
+    assert len(pairs) == len(set(map(tuple, pairs))) and set(map(tuple, pairs)) == brute
+    for (c1, _), (c2, _) in zip(pairs, pairs[1:]):
+        if groups[c1] == groups[c2]:
+            assert rewards[c1] >= rewards[c2]  # chosen in rank order
+    validate_pairs(interleave(selected, groups), interleave(selected, rewards))
+    tied, candidates = tied_candidates(groups, rewards, "all")
+    sizes = [groups.count(g) for g in set(groups)]
+    assert candidates == sum(k * (k - 1) // 2 for k in sizes)
+    assert tied == sum(1 for i in range(len(groups)) for j in range(i + 1, len(groups))
+                       if groups[i] == groups[j] and rewards[i] == rewards[j])
