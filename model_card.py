@@ -56,6 +56,10 @@ def objective_card(config: dict) -> dict:
         knobs = tuple(k for k in config if k.startswith(f"{name}_"))
     if name == "dpo" and config.get("reverse_preference"):
         knobs = (*knobs, "reverse_preference")
+    if name == "dpo" and config.get("ref_update_every", 0) > 0:  # not frozen: the card must not say it is
+        entry = dict(entry, method=entry["method"].replace(
+            "the frozen reference's", f"a moving reference's (a LoRA moved {config.get('ref_update_alpha', 1.0):g} of "
+            f"the way to the policy every {config['ref_update_every']} optimizer steps, TR-DPO)"))
     shown = [k for k in knobs if k in config and not (name == "dpo" and lever_off(k, config))]
     return dict(entry, name=name, knobs=shown)
 
