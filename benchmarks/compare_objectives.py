@@ -43,11 +43,11 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 
+import compare_plots
 import compare_stats as stats
 from compare_archive import DEFAULTS, archive_key, load_archive, update_archive
 
@@ -253,61 +253,16 @@ def table(summary: dict) -> str:
     return stats.table(summary, PRESET)
 
 
-def plot(summary: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for variant, s in summary.items():
-        images = [i for i, _, _ in s["curve"]]
-        mean = [m for _, m, _ in s["curve"]]
-        se = [e for _, _, e in s["curve"]]
-        seeds = len(s["seeds"])
-        ax.plot(images, mean, marker="o", ms=3, label=f"{variant} ({seeds} seed{'s' if seeds > 1 else ''})")
-        ax.fill_between(images, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)], alpha=0.15)
-    ax.set_xlabel("rollout images")
-    ax.set_ylabel("eval exact match (192 images)")
-    one_seed = all(len(s["seeds"]) == 1 for s in summary.values())
-    ax.set_title("Text world, equal rollout budget: " + ("one seed, band = paired SE over the eval images" if one_seed
-                                                          else "mean, band = SE over seeds (one seed: paired SE)"), fontsize=10)
-    target = (summary.get("grpo", {}).get("against_grpo") or {}).get("target")
-    if target is not None:
-        ax.axhline(target, color="grey", lw=0.8, ls=":", label="target: GRPO's start + half its gain")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-
-
-def plot_sensitivity(by_key: dict, variants, steps: int, extra: tuple, path: str):
-    """Each objective's final exact match against the learning rate: its stage-1 tuning runs (the official
-    knob, the current updates per rollout), every tuning seed a dot and their mean a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+def sensitivity_points(by_key: dict, variants, steps: int, extra: tuple) -> dict[str, list[tuple[float, list[float]]]]:
+    """{variant: [(learning rate, final exact match of each tuning seed)]}: its stage-1 tuning runs (the
+    official knob, the current updates per rollout) that are archived."""
+    out = {}
     for variant in variants:
         stage1 = sorted(protocol_plan(variant, lambda c: None)[0][0])
         points = [(c[0], [by_key[k]["final_exact_match"] for s in TUNING_SEEDS
                           for k in [job_key(config_job(variant, s, c), steps, extra)] if k in by_key]) for c in stage1]
-        points = [(lr, finals) for lr, finals in points if finals]
-        if points:
-            line, = ax.plot([lr for lr, _ in points], [statistics.fmean(f) for _, f in points], marker="o", label=variant)
-            ax.scatter([lr for lr, f in points for _ in f], [x for _, f in points for x in f], s=8, color=line.get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final eval exact match")
-    ax.set_title(f"Learning-rate sensitivity (tuning seeds {', '.join(map(str, TUNING_SEEDS))}; official knob)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+        out[variant] = [(lr, finals) for lr, finals in points if finals]
+    return out
 
 
 def fail(message: str):  # a user error before any run starts: one line, exit 2
@@ -377,7 +332,8 @@ def main():
         by_key = {archive_key(r): r for r in load_archive(args.archive)}
         print(stats.protocol_table(protocol_variants, tuning_rows(by_key, args.steps, tuple(args.extra))))
         if args.plot_sensitivity:
-            plot_sensitivity(by_key, protocol_variants, args.steps, tuple(args.extra), args.plot_sensitivity)
+            compare_plots.plot_sensitivity(sensitivity_points(by_key, protocol_variants, args.steps, tuple(args.extra)),
+                                           TUNING_SEEDS, args.plot_sensitivity)
         return
     if args.run_protocol:
         return run_protocol(args, protocol_variants)
@@ -412,7 +368,7 @@ def main():
             json.dump({"summary": summary, "versus_base": versus, "runs": results,
                        "arms": {arm: summarise(runs) for arm, runs in arms.items()}}, f, indent=1)
     if args.plot:
-        plot(summary, args.plot)
+        compare_plots.plot_curves(summary, args.plot)
 
 
 def arm_results(by_key: dict, variants, steps: int, extra: tuple) -> dict[str, list[dict]]:
