@@ -146,8 +146,10 @@ def test_a_comparison_runs_only_what_the_archive_lacks_and_archives_each_run_as_
     monkeypatch.setattr(co, "command", command)
     monkeypatch.setattr(sys, "argv", ["compare_objectives.py", "--variants", "nft", "--seeds", "0", "1", "2",
                                       "--steps", "20", "--jobs", "1", "--workdir", str(tmp_path / "new"),
-                                      "--archive", archive, "--json", str(tmp_path / "s.json")])
+                                      "--archive", archive, "--json", str(tmp_path / "s.json"),
+                                      "--plot", str(tmp_path / "curves.png")])
     co.main()
+    assert os.path.getsize(tmp_path / "curves.png") > 1000
     first_new = str(tmp_path / "new" / co.run_name("nft", 1, knob))
     assert started == [(1, ""), (2, first_new)]  # seed 0 not run again; the first new run is the baseline
     seed2 = co.read_rows(str(tmp_path / "new" / co.run_name("nft", 2, knob)))
@@ -385,8 +387,7 @@ def test_summary_prints_both_arms_and_the_protocol_table_from_the_archive(tmp_pa
     archive = str(tmp_path / "archive.jsonl")
     protocol_archive(archive)
     out = run_main(monkeypatch, capsys, "--workdir", str(tmp_path / "w"), "--variants", "nft", "grpo", "--summary_only",
-                   "--archive", archive, "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "curves.png"))
-    assert os.path.getsize(tmp_path / "curves.png") > 1000
+                   "--archive", archive, "--json", str(tmp_path / "s.json"))
     arms = json.load(open(tmp_path / "s.json"))["arms"]
     assert arms["tuned"]["nft"]["seeds"] == list(co.REPORT_SEEDS) and arms["official"]["grpo"]["against_grpo"]["area_ratio"] == 1
     official, tuned = out.split("official arm")[1].split("tuned arm")
