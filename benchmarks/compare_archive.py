@@ -32,14 +32,15 @@ def load_archive(path: str) -> list[dict]:
     return rows
 
 
-def update_archive(path: str, runs: list[dict]) -> dict[tuple, dict]:
-    """Archive + these runs (a re-run replaces its archived row), written atomically; returns all by key."""
-    merged = {archive_key(r): r for r in load_archive(path)}
-    merged.update({archive_key(r): r for r in runs})
+def update_archive(path: str, runs: list[dict], key=archive_key) -> dict[tuple, dict]:
+    """Archive + these runs (a re-run replaces its archived row), written atomically, rows in key order;
+    returns all by key. `key(row)`: a row's identity (compare_offline.py has its own)."""
+    merged = {key(r): r for r in load_archive(path)}
+    merged.update({key(r): r for r in runs})
     if runs:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path + ".tmp", "w") as f:
-            for key in sorted(merged, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5])):
-                f.write(json.dumps(merged[key]) + "\n")
+            for k in sorted(merged):
+                f.write(json.dumps(merged[k]) + "\n")
         os.replace(path + ".tmp", path)
     return merged

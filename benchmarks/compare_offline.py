@@ -38,7 +38,7 @@ import sys
 import time
 
 import compare_stats as stats
-from compare_archive import load_archive
+from compare_archive import load_archive, update_archive
 from compare_objectives import read_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,18 +90,6 @@ def result(variant: str, seed: int, preset: str, extra, out: str) -> dict:
             "config": config, "curve": curve}
 
 
-def save(path: str, rows: list[dict]):
-    """Archive + rows (a row of the same key replaced), written to a temporary file then renamed over it,
-    so that a kill mid-write leaves the old archive whole (compare_archive.update_archive's pattern)."""
-    merged = {row_key(r): r for r in load_archive(path)}
-    merged.update({row_key(r): r for r in rows})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        for k in sorted(merged):
-            f.write(json.dumps(merged[k]) + "\n")
-    os.replace(path + ".tmp", path)
-
-
 def collect(jobs, args) -> dict[tuple, dict]:
     """Every known run of the jobs by key: the archive's, and the workdir's finished ones (archived here)."""
     known = {row_key(r): r for r in load_archive(args.archive)}
@@ -113,7 +101,7 @@ def collect(jobs, args) -> dict[tuple, dict]:
             new.append(result(variant, seed, args.preset, args.extra, out))
             known[k] = new[-1]
     if new and args.archive:
-        save(args.archive, new)
+        update_archive(args.archive, new, key=row_key)
     return known
 
 
@@ -160,7 +148,7 @@ def execute(todo, args) -> list[str]:
             log.close()
             ok = proc.returncode == 0 and finished(out)
             if ok and args.archive:  # at once: a comparison stopped later keeps every finished run
-                save(args.archive, [result(variant, seed, args.preset, args.extra, out)])
+                update_archive(args.archive, [result(variant, seed, args.preset, args.extra, out)], key=row_key)
             why = "" if ok or proc.returncode else " (no eval at max_steps: make it a multiple of eval_every)"
             print(f"{'done' if ok else f'FAILED (exit {proc.returncode}){why}'} {os.path.basename(out)} (log {out}.log)", flush=True)
             failed += [] if ok else [out]

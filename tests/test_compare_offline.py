@@ -91,7 +91,8 @@ def test_gains_over_seeds_paired_with_the_preset_and_collapses_from_the_archive(
     preset = {0: [0.5, 0.6, 0.7], 1: [0.5, 0.55, 0.6], 2: [0.5, 0.5, 0.65]}
     sdpo = {0: [0.5, 0.7, 0.6], 1: [0.5, 0.6, 0.62], 2: [0.5, 0.52, 0.6]}  # seed 0 at step 20: 0.1 below its peak
     archive = str(tmp_path / "a.jsonl")
-    cof.save(archive, [run_row("preset", s, c) for s, c in preset.items()] + [run_row("sdpo", s, c) for s, c in sdpo.items()])
+    rows = [run_row("preset", s, c) for s, c in preset.items()] + [run_row("sdpo", s, c) for s, c in sdpo.items()]
+    cof.update_archive(archive, rows, key=cof.row_key)
     cof.main(["--workdir", str(tmp_path / "none"), "--preset", "p", "--variants", "preset", "sdpo", "--archive", archive,
               "--summary_only"])
     cells = table_rows(capsys.readouterr().out)
