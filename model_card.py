@@ -26,8 +26,8 @@ SECRET_FIELDS = ("hub_token",)
 OBJECTIVE_CARDS = {
     "dpo": dict(title="Diffusion-DPO", tags=["diffusion-dpo", "dpo"],
                 method="Diffusion-DPO (Wallace et al., 2024) adapted to flow matching: per prompt, a chosen and a "
-                       "rejected image; the policy's velocity error on the chosen one is pushed below the frozen "
-                       "reference's, and the reverse on the rejected one"),
+                       "rejected image; the policy's velocity error on the chosen one is pushed below {reference}, "
+                       "and the reverse on the rejected one"),
     "dgpo": dict(title="DGPO", tags=["dgpo", "group-preference-optimization"],
                  method="DGPO: every sample of a prompt group, weighted by its reward advantage within the group, "
                         "in one DPO-style sigmoid per group against the frozen reference"),
@@ -56,10 +56,11 @@ def objective_card(config: dict) -> dict:
         knobs = tuple(k for k in config if k.startswith(f"{name}_"))
     if name == "dpo" and config.get("reverse_preference"):
         knobs = (*knobs, "reverse_preference")
-    if name == "dpo" and config.get("ref_update_every", 0) > 0:  # not frozen: the card must not say it is
-        entry = dict(entry, method=entry["method"].replace(
-            "the frozen reference's", f"a moving reference's (a LoRA moved {config.get('ref_update_alpha', 1.0):g} of "
-            f"the way to the policy every {config['ref_update_every']} optimizer steps, TR-DPO)"))
+    if name == "dpo":  # the reference is called frozen only when it is
+        every = config.get("ref_update_every", 0)
+        reference = (f"a moving reference's (a LoRA moved {config.get('ref_update_alpha', 1.0):g} of the way to the policy "
+                     f"every {every} optimizer steps, TR-DPO)" if every > 0 else "the frozen reference's")
+        entry = dict(entry, method=entry["method"].format(reference=reference))
     shown = [k for k in knobs if k in config and not (name == "dpo" and lever_off(k, config))]
     return dict(entry, name=name, knobs=shown)
 
