@@ -52,7 +52,7 @@ import compare_stats as stats
 from compare_archive import DEFAULTS, archive_key, load_archive, update_archive
 
 READ_DEFAULTS = DEFAULTS  # --defaults: the archive rows a summary reads (runs are always of today's defaults)
-from compare_stats import (KNOB_GRID, LR_GRID, PROTOCOL, REPORT_SEEDS, TUNING_SEEDS, canonical,  # noqa: F401
+from compare_stats import (KNOB_GRID, LR_GRID, OFFICIAL_UPDATES, PROTOCOL, REPORT_SEEDS, TUNING_SEEDS, canonical,  # noqa: F401
                            images_to_reach, mean_se, official_config, plus_minus, protocol_configs, protocol_plan,
                            versus_table)
 

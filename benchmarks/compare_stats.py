@@ -341,8 +341,15 @@ def protocol_table(variants, rows) -> str:
     return "\n".join(lines)
 
 
+# The official scripts' optimizer steps per rollout batch, each a disjoint part of it (docs/objectives.md,
+# "optimizer steps per rollout batch"): DGPO and AWM's OCR recipe 1, NFT's OCR recipe and Flow-GRPO 2;
+# online DPO 1 (one pass: VeRL-Omni uses each pair once)
+OFFICIAL_UPDATES = {"top_bottom_trdpo": 1, "dgpo": 1, "nft": 2, "awm": 1, "grpo": 2}
+
+
 def official_config(variant: str) -> tuple:
-    return PROTOCOL[variant][0], 1, PROTOCOL[variant][3]
+    """The official arm: the current learning rate, the official optimizer steps per rollout batch, the official knob."""
+    return PROTOCOL[variant][0], OFFICIAL_UPDATES[variant], PROTOCOL[variant][3]
 
 
 # ---- tables

@@ -326,9 +326,11 @@ def test_every_objective_gets_the_same_protocol():
         assert stages[1] == [(co.canonical(3 * centre), updates, official), (co.canonical(3 * centre), 1, official)]
         assert official in [c[2] for c in stages[2]]  # the official value among the knob's candidates
         assert winner == (co.canonical(3 * centre), 1, co.canonical(official / 10))
-        assert co.official_config(variant) == (centre, 1, official)
+        assert co.official_config(variant) == (centre, co.OFFICIAL_UPDATES[variant], official)
         job = co.config_job(variant, 100, winner)
         assert job[2] == (knob, co.canonical(official / 10)) and job[3][:2] == ("--learning_rate", f"{3 * centre:g}")
+    # the official scripts' steps per rollout batch: NFT's OCR recipe and Flow-GRPO two, the others one
+    assert {v: co.official_config(v)[1] for v in co.PROTOCOL} == {"top_bottom_trdpo": 1, "dgpo": 1, "nft": 2, "awm": 1, "grpo": 2}
     # a stage is not reached before the one before it has every score; a tie keeps each stage's centre
     stages, winner = co.protocol_plan("nft", lambda c: None if c[0] == 1.5e-3 else 0.0)
     assert len(stages) == 1 and winner is None
@@ -391,8 +393,8 @@ def test_summary_prints_both_arms_and_the_protocol_table_from_the_archive(tmp_pa
     arms = json.load(open(tmp_path / "s.json"))["arms"]
     assert arms["tuned"]["nft"]["seeds"] == list(co.REPORT_SEEDS) and arms["official"]["grpo"]["against_grpo"]["area_ratio"] == 1
     official, tuned = out.split("official arm")[1].split("tuned arm")
-    assert "| nft (nft_beta 0.1, updates_per_rollout 1) | +0.125 / +0.125 / +0.125 / +0.125 / +0.125 |" in official
-    assert "| grpo (grpo_clip_range 1e-05, learning_rate 0.001, updates_per_rollout 1) |" in official
+    assert "| nft (nft_beta 0.1, updates_per_rollout 2) | +0.125 / +0.125 / +0.125 / +0.125 / +0.125 |" in official
+    assert "| grpo (grpo_clip_range 1e-05, learning_rate 0.001) |" in official  # the variant's own 2 steps
     assert "| nft (nft_beta 0.01, learning_rate 0.0015, updates_per_rollout 1) | +0.188 / " in tuned
     assert "| grpo (grpo_clip_range 1e-06, learning_rate 0.003, updates_per_rollout 1) |" in tuned
     table = run_main(monkeypatch, capsys, "--workdir", str(tmp_path / "w"), "--variants", "nft", "grpo", "--protocol",
@@ -455,7 +457,8 @@ def test_the_protocol_starts_a_stage_as_soon_as_the_one_before_is_scored(tmp_pat
     assert len(co.load_archive(archive)) == 22
     one_pass = ("--updates_per_rollout", "1")
     first_stage2 = started.index((100, one_pass, 0.1))  # the one new configuration of stage 2 (all scores tie)
-    last_official = max(i for i, (seed, flags, _) in enumerate(started) if seed in co.REPORT_SEEDS and flags == one_pass)
+    last_official = max(i for i, (seed, flags, _) in enumerate(started)
+                        if seed in co.REPORT_SEEDS and flags == ("--updates_per_rollout", "2"))  # NFT's official 2 steps
     assert first_stage2 < last_official
     assert all(seed in co.TUNING_SEEDS for seed, _, _ in started[:6])  # stage 1 first
     assert baselines[0] == "" and set(baselines[1:]) == {str(tmp_path / "w" / co.run_name("nft", 100, ("nft_beta", 0.1)))}
