@@ -6,6 +6,7 @@ guard, winner preserving, the moving reference); `preset_levers_off`: a preset's
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -22,7 +23,9 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
     split "all": every update trains every pair; "disjoint": update u trains part u of the pairs
     (pairing.update_parts), each pair once. The loss is the mean over the update's pairs of every
     rank. Noise and sigma: one per pair, fresh per update, drawn from (seed, step, rank, stream,
-    update), so a resumed run draws the same. pair_weights [P]: per-pair loss weights (margin
+    update), so a resumed run draws the same; with the config's train_timesteps T > 1, T draws per
+    pair and update (the first as T = 1 draws it), gradients averaged over them in one optimizer step
+    (the group objectives' official 4-7 timesteps per sample; Diffusion-DPO trains one). pair_weights [P]: per-pair loss weights (margin
     weighting). The config's stabilising levers (chosen_sft_weight, norm_guard_weight /
     norm_guard_tolerance, winner_preserving / winner_preserving_mu) add to or scale the loss;
     read with getattr, so a config without them (0 / off) trains plain Diffusion-DPO."""
@@ -35,6 +38,7 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
     sft_weight = getattr(config, "chosen_sft_weight", 0.0)
     guard_weight, guard_tolerance = getattr(config, "norm_guard_weight", 0.0), getattr(config, "norm_guard_tolerance", 0.05)
     winner_preserving, winner_mu = getattr(config, "winner_preserving", False), getattr(config, "winner_preserving_mu", 0.0)
+    timesteps = max(1, getattr(config, "train_timesteps", 0))  # 0: Diffusion-DPO's one per pair and update
     if all_sum(accelerator, n_pairs)[0] == 0:
         return {"update/skipped_no_pairs": 1.0}
     # summed over pairs (weighted by the pair count of each micro-batch), then over ranks
@@ -49,12 +53,15 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
         # every rank runs the same number of micro-batches (the most any rank needs)
         n_micro = int(all_max(accelerator, max(1, math.ceil(part_pairs / config.micro_batch_pairs))))
         generator = torch.Generator().manual_seed(dpo_noise_seed(config.seed, step, rank, stream, update))
-        noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme or "logit_normal",
-                                                     logit_mean=config.logit_mean, logit_std=config.logit_std)
-        target = velocity_target(x0, noise)
+        draws = []  # (noise, sigmas, target) per timestep; noise and target [2P, S, 64], sigmas [2P]
+        for _ in range(timesteps):
+            noise, sigmas = sample_pair_noise_and_sigmas(x0, generator, config.sigma_scheme or "logit_normal",
+                                                         logit_mean=config.logit_mean, logit_std=config.logit_std)
+            draws.append((noise, sigmas, velocity_target(x0, noise)))
         sums = dict.fromkeys(names, 0.0)
         total_loss_sum = 0.0
-        for micro in range(n_micro):
+        for timestep, micro in itertools.product(range(timesteps), range(n_micro)):
+            noise, sigmas, target = draws[timestep]
             lo = part_lo + micro * config.micro_batch_pairs
             hi, weight = min(lo + config.micro_batch_pairs, part_hi), 1.0
             if hi <= lo:  # padding micro-batch: same shapes, no contribution
@@ -62,7 +69,7 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
             rows = slice(2 * lo, 2 * hi)
             args = (x0[rows], noise[rows], sigmas[rows], *policy.conditioning(prompt_cache, pair_prompts[rows], x0.device))
             ref_pred = policy.reference_velocity(*args)
-            with policy.no_sync(micro == n_micro - 1):
+            with policy.no_sync(timestep == timesteps - 1 and micro == n_micro - 1):
                 model_pred = policy.velocity(*args)
                 scale = dpo_loss.winner_preserving_scale(model_pred, target[rows], winner_mu) if winner_preserving else 1.0
                 weights = pair_weights[lo:hi] if pair_weights is not None and weight else None
@@ -78,12 +85,12 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
                     total = total + guard_weight * guard
                     m["norm_guard_penalty"] = guard.item()
                 # DDP / FSDP average gradients over ranks: scale to the global mean over pairs
-                accelerator.backward(total * (weight * (hi - lo) * world / part_total))
+                accelerator.backward(total * (weight * (hi - lo) * world / (part_total * timesteps)))
             m.update(loss=loss.item(), err_chosen=m["model_err_chosen"], err_rejected=m["model_err_rejected"],
                      winner_scale=float(scale))
             for name in names:
-                sums[name] += weight * m.get(name, 0.0) * (hi - lo)
-            total_loss_sum += weight * total.item() * (hi - lo)
+                sums[name] += weight * m.get(name, 0.0) * (hi - lo) / timesteps
+            total_loss_sum += weight * total.item() * (hi - lo) / timesteps
         if policy.optimizer_step(math.isfinite(total_loss_sum), step, metrics):
             trained_pairs += part_total
             totals = {name: totals[name] + sums[name] for name in names}

@@ -65,7 +65,7 @@ class DPO:
     # compared on resume (checkpoints.config_changes); the card shows a lever only when it is on (model_card.LEVERS_OFF)
     knobs = ("beta", "pair_strategy", "min_reward_margin", "update_split", "pair_weighting", "chosen_sft_weight",
              "winner_preserving", "winner_preserving_mu", "ref_update_every", "ref_update_alpha", "norm_guard_weight",
-             "norm_guard_tolerance")
+             "norm_guard_tolerance", "train_timesteps")
     uses_old_adapter = False
     official_update_split = "all"  # what update_split "" means for dpo (today's behaviour)
 
@@ -104,7 +104,8 @@ class DPO:
                              split=getattr(config, "update_split", "") or self.official_update_split,
                              pair_weights=pair_weights)
         metrics["perf/update_tflop"] = perf.update_tflop(config, policy.transformer.config, prompt_cache, pair_prompts,
-                                                         2 * config.micro_batch_pairs) if n_pairs else 0.0
+                                                         2 * config.micro_batch_pairs,
+                                                         forwards_per_row=max(1, config.train_timesteps)) if n_pairs else 0.0
         if (getattr(config, "update_split", "") or self.official_update_split) == "disjoint":  # each pair once
             metrics["perf/update_tflop"] /= config.updates_per_rollout
         if "update/skipped_no_pairs" in metrics:

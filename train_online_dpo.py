@@ -82,7 +82,7 @@ class Config:
     logit_mean: float = 0.0  # mean of the logit-normal sigma distribution (logit_normal scheme)
     logit_std: float = 1.0  # std of the logit-normal sigma distribution (logit_normal scheme)
     updates_per_rollout: int = 1  # optimizer steps per rollout batch, fresh noise and sigma each
-    train_timesteps: int = 0  # group objectives: timesteps per trained sample per optimizer step, gradients accumulated over them; 0 = the official: dgpo 4 (num_train_timesteps), nft int(0.99 x num_inference_steps) (timestep_fraction), awm 6 (train_timesteps)
+    train_timesteps: int = 0  # timesteps (noise, sigma draws) per trained sample or pair per optimizer step, gradients accumulated over them; 0 = the official: dpo 1 (Diffusion-DPO), dgpo 4 (num_train_timesteps), nft int(0.99 x num_inference_steps) (timestep_fraction), awm 6 (train_timesteps)
     update_split: str = ""  # "" = the objective's official; "all": each of the updates_per_rollout optimizer steps uses every sample (fresh noise / sigma); "disjoint": the rollout batch is split into updates_per_rollout disjoint parts, one optimizer step each (each sample used once, as the official Flow-GRPO / VeRL-Omni scripts)
     micro_batch_pairs: int = 1  # pairs per forward/backward; gradients accumulate over micro-batches
     # DPO's stabilising levers, all off by default (docs/objectives.md, "Keeping online DPO stable"); objective dpo only

@@ -97,6 +97,9 @@ DERIVED = {
     # every pair of a group (~4x the preset's pairs once ties drop), one pass: about the preset's pair-updates
     "all_pairs_trdpo": ("top_bottom_trdpo", ["--pair_strategy", "all", "--updates_per_rollout", "1",
                                              "--ref_update_every", "10"]),
+    # 4 noise / sigma draws per pair and optimizer step (DGPO's official 4; the group objectives train 4-7
+    # timesteps per sample and step, Diffusion-DPO one): the update's compute closer to theirs
+    "top_bottom_trdpo_t4": ("top_bottom_trdpo", ["--train_timesteps", "4"]),
 }
 for _name, (_base, _flags) in DERIVED.items():  # a derived flag replaces the base's of the same name
     _kept = [i for i in range(0, len(VARIANTS[_base]), 2) if VARIANTS[_base][i] not in _flags[::2]]

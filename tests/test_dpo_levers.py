@@ -116,18 +116,21 @@ def lora_weights(policy) -> dict:
     return {n: p.detach().clone() for n, p in policy.transformer.named_parameters() if ".default." in n}
 
 
-def pair_uses(tiny_dir, split: str) -> tuple[list[int], int]:
+def pair_uses(tiny_dir, split: str, *flags, sigmas_seen: list | None = None) -> tuple[list[int], int]:
     """-> (how many times each pair's chosen sample went through the policy in one rollout batch's
-    update, optimizer steps taken); the forwards are recorded, the real ones run."""
+    update, optimizer steps taken); the forwards are recorded (their sigmas into sigmas_seen), the real
+    ones run."""
     from pairing import select_pairs
 
-    objective, policy, cache = dpo_setup(tiny_dir, "--pair_strategy", "top_bottom", "--update_split", split)
+    objective, policy, cache = dpo_setup(tiny_dir, "--pair_strategy", "top_bottom", "--update_split", split, *flags)
     rollouts = objective_worker.rollouts_for(0, 0, 1)
     chosen = select_pairs(rollouts.group_ids, rollouts.rewards, "top_bottom")[:, 0].tolist()
     seen, velocity = [], policy.velocity
 
     def recording(*args):
         seen.append(args[0][0::2].clone())  # the chosen rows of the micro-batch
+        if sigmas_seen is not None:
+            sigmas_seen.append(args[2].clone())
         return velocity(*args)
     policy.velocity = recording
     objective.update(policy, rollouts, cache, 0)
@@ -140,6 +143,20 @@ def test_update_split_disjoint_uses_each_pair_once(tiny_dir):
     assert len(uses) == 6 and uses == [1] * 6 and steps == 2  # 2 optimizer steps of 3 pairs
     uses, steps = pair_uses(tiny_dir, "")  # dpo's "" is "all": every pair in each of the 2 steps
     assert uses == [2] * 6 and steps == 2
+
+
+def test_train_timesteps_trains_each_pair_at_several_draws_in_one_optimizer_step(tiny_dir):
+    one, two = [], []
+    assert pair_uses(tiny_dir, "disjoint", sigmas_seen=one) == ([1] * 6, 2)
+    uses, steps = pair_uses(tiny_dir, "disjoint", "--train_timesteps", "2", sigmas_seen=two)
+    assert uses == [2] * 6 and steps == 2  # every pair at 2 draws, the same 2 optimizer steps
+    assert len(one) == 2 and len(two) == 4  # per update: one micro-batch per draw
+    # each update's first draw is the one train_timesteps 1 (Diffusion-DPO's one per pair) takes
+    assert torch.equal(two[0], one[0]) and torch.equal(two[2], one[1])
+    assert not torch.equal(two[1], two[0]) and not torch.equal(two[3], two[2])
+    _, single = one_update(tiny_dir)
+    _, double = one_update(tiny_dir, None, "--train_timesteps", "2")
+    assert not same(single, double, atol=1e-7)
 
 
 def one_update(tiny_dir, rewards=None, *flags):
