@@ -100,6 +100,8 @@ DERIVED = {
     # 4 noise / sigma draws per pair and optimizer step (DGPO's official 4; the group objectives train 4-7
     # timesteps per sample and step, Diffusion-DPO one): the update's compute closer to theirs
     "top_bottom_trdpo_t4": ("top_bottom_trdpo", ["--train_timesteps", "4"]),
+    # 16 samples of 4 prompts per step instead of 8 of 8 (the same 64 images): wider top/bottom margins, fewer ties
+    "top_bottom_trdpo_k16": ("top_bottom_trdpo", ["--samples_per_prompt", "16", "--prompts_per_step", "4"]),
 }
 for _name, (_base, _flags) in DERIVED.items():  # a derived flag replaces the base's of the same name
     _kept = [i for i in range(0, len(VARIANTS[_base]), 2) if VARIANTS[_base][i] not in _flags[::2]]
