@@ -25,7 +25,8 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
     rank. Noise and sigma: one per pair, fresh per update, drawn from (seed, step, rank, stream,
     update), so a resumed run draws the same; with the config's train_timesteps T > 1, T draws per
     pair and update (the first as T = 1 draws it), gradients averaged over them in one optimizer step
-    (the group objectives' official 4-7 timesteps per sample; Diffusion-DPO trains one). pair_weights [P]: per-pair loss weights (margin
+    (the group objectives officially train 4-9 timesteps per sample, 4-7 on the 8-step text world;
+    Diffusion-DPO trains one). pair_weights [P]: per-pair loss weights (margin
     weighting). The config's stabilising levers (chosen_sft_weight, norm_guard_weight /
     norm_guard_tolerance, winner_preserving / winner_preserving_mu) add to or scale the loss;
     read with getattr, so a config without them (0 / off) trains plain Diffusion-DPO."""

@@ -110,7 +110,7 @@ class Config:
     eval_samples_per_prompt: int = 1  # eval images per prompt (sample j of prompt i has seed i * 1000 + j)
     eval_inference_steps: int = 50  # sampling steps of an eval image
     max_eval_prompts: int = 0  # evaluate on the first N prompts of eval_data (0 = all)
-    eval_with_ema: bool = False  # evaluate and export an EMA of the trained LoRA (a third adapter), as the official NFT / AWM / DGPO runs do (train.ema)
+    eval_with_ema: bool = False  # evaluate and export an EMA of the trained LoRA (a third adapter), as the official NFT / AWM / DGPO runs do (train.ema; stepped after every optimizer step as NFT's, where DGPO's steps every 8th and AWM's once per rollout batch)
     eval_ema_decay: float = 0.9  # that EMA's decay cap: min((1+k)/(10+k), cap) after optimizer step k (official NFT/DGPO EMAModuleWrapper decay 0.9; AWM 0.99)
     eval_baseline: str = ""  # a run folder whose step-0 eval (same model, eval settings) this run takes as its own
     checkpoint_every: int = 20  # checkpoint every N steps (0 = never; a stop signal always writes one)

@@ -97,8 +97,8 @@ DERIVED = {
     # every pair of a group (~4x the preset's pairs once ties drop), one pass: about the preset's pair-updates
     "all_pairs_trdpo": ("top_bottom_trdpo", ["--pair_strategy", "all", "--updates_per_rollout", "1",
                                              "--ref_update_every", "10"]),
-    # 4 noise / sigma draws per pair and optimizer step (DGPO's official 4; the group objectives train 4-7
-    # timesteps per sample and step, Diffusion-DPO one): the update's compute closer to theirs
+    # 4 noise / sigma draws per pair and optimizer step (DGPO's official 4; the group objectives train 4-7 timesteps
+    # per sample and step on this world, Diffusion-DPO one): the update's compute closer to theirs
     "top_bottom_trdpo_t4": ("top_bottom_trdpo", ["--train_timesteps", "4"]),
     # 16 samples of 4 prompts per step instead of 8 of 8 (the same 64 images): wider top/bottom margins, fewer ties
     "top_bottom_trdpo_k16": ("top_bottom_trdpo", ["--samples_per_prompt", "16", "--prompts_per_step", "4"]),

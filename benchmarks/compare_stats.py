@@ -261,7 +261,8 @@ def versus_base(results: list[dict], by_key: dict, steps: int, extra: tuple, der
 # ---- The tuning protocol, fixed before any of its runs. The rule: every objective gets the same search,
 # coordinate-wise, each stage centred on the previous stage's winner:
 #   1. learning_rate = centre x LR_GRID (a 10x range), at the official knob and the current updates per rollout;
-#   2. updates_per_rollout in (the current value; 1: one pass, as the official scripts), at stage 1's lr;
+#   2. updates_per_rollout in (the current value; 1: one optimizer step per rollout batch, DGPO's and AWM's official
+#      count; every value is one pass under the group objectives' disjoint split), at stage 1's lr;
 #   3. the main knob = official x KNOB_GRID, at the chosen lr and updates;
 # 6 distinct configurations per objective, each run on every TUNING_SEED (never reported). Score: the mean
 # over the tuning seeds of the mean exact match of the run's last two evals (tuning_score); the highest
