@@ -29,7 +29,7 @@ first; `--dry_run` lists what is reachable now):
         --archive docs/results/compare_objectives_v2.jsonl --plot_sensitivity docs/img/lr_sensitivity.png
 
 `--protocol` prints each configuration's score and the winners; `--summary_only --archive FILE` prints,
-after the table of KNOBS' runs, the official and tuned arms' tables.
+after the table of KNOBS' runs, the official and tuned arms' tables (`--plot_arms PREFIX`: their curves).
 
 `--archive FILE` keeps every finished run's result (its curve with per-image evals, and totals; one JSON
 line per run keyed by variant, seed, knob, steps and extra flags; written as each run ends; an archived
@@ -312,6 +312,8 @@ def main():
     parser.add_argument("--protocol", action="store_true", help="run nothing: print the tuning table from the archive")
     parser.add_argument("--dry_run", action="store_true", help="run nothing: list the runs the command would start next")
     parser.add_argument("--plot", default="", help="write the curves to this PNG")
+    parser.add_argument("--plot_arms", default="", help="write each protocol arm's curves to PREFIX-official.png and "
+                        "PREFIX-tuned.png (with --archive)")
     parser.add_argument("--plot_sensitivity", default="", help="write final exact match vs learning rate (tuning runs) to this PNG")
     parser.add_argument("--json", default="", help="write the summary (and every run) to this JSON file")
     parser.add_argument("--archive", default="", help="JSON-lines file of finished runs: updated with the workdir's, "
@@ -374,6 +376,8 @@ def main():
                        "arms": {arm: summarise(runs) for arm, runs in arms.items()}}, f, indent=1)
     if args.plot:
         compare_plots.plot_curves(summary, args.plot)
+    for arm, runs in arms.items() if args.plot_arms else ():
+        compare_plots.plot_curves(summarise(runs), f"{args.plot_arms}-{arm}.png", f"the {arm} arm")
 
 
 def arm_results(by_key: dict, variants, steps: int, extra: tuple) -> dict[str, list[dict]]:

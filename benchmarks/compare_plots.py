@@ -5,8 +5,9 @@ import os
 import statistics
 
 
-def plot_curves(summary: dict, path: str):
-    """Eval exact match against rollout images, one line per objective (mean over seeds, band = SE)."""
+def plot_curves(summary: dict, path: str, name: str = ""):
+    """Eval exact match against rollout images, one line per objective (mean over seeds, band = SE);
+    name: what the curves are (a protocol arm), put in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +24,7 @@ def plot_curves(summary: dict, path: str):
     ax.set_xlabel("rollout images")
     ax.set_ylabel("eval exact match (192 images)")
     one_seed = all(len(s["seeds"]) == 1 for s in summary.values())
-    ax.set_title("Text world, equal rollout budget: " + ("one seed, band = paired SE over the eval images" if one_seed
+    ax.set_title(f"Text world, equal rollout budget{', ' + name if name else ''}: " + ("one seed, band = paired SE over the eval images" if one_seed
                                                           else "mean, band = SE over seeds (one seed: paired SE)"), fontsize=10)
     target = (summary.get("grpo", {}).get("against_grpo") or {}).get("target")
     if target is not None:

@@ -389,7 +389,8 @@ def test_summary_prints_both_arms_and_the_protocol_table_from_the_archive(tmp_pa
     archive = str(tmp_path / "archive.jsonl")
     protocol_archive(archive)
     out = run_main(monkeypatch, capsys, "--workdir", str(tmp_path / "w"), "--variants", "nft", "grpo", "--summary_only",
-                   "--archive", archive, "--json", str(tmp_path / "s.json"))
+                   "--archive", archive, "--json", str(tmp_path / "s.json"), "--plot_arms", str(tmp_path / "arm"))
+    assert all(os.path.getsize(tmp_path / f"arm-{arm}.png") > 1000 for arm in ("official", "tuned"))
     arms = json.load(open(tmp_path / "s.json"))["arms"]
     assert arms["tuned"]["nft"]["seeds"] == list(co.REPORT_SEEDS) and arms["official"]["grpo"]["against_grpo"]["area_ratio"] == 1
     official, tuned = out.split("official arm")[1].split("tuned arm")
