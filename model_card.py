@@ -65,10 +65,11 @@ def objective_card(config: dict) -> dict:
     return dict(entry, name=name, knobs=shown)
 
 
-# DPO's stabilising levers (dpo_update.validate_dpo_levers) and the values that leave them off: a card names a
-# lever (and its setting) only when the run used it
+# DPO's stabilising levers (dpo_update.validate_dpo_levers), its timesteps per pair, and the values that leave
+# them off: a card names a lever (and its setting) only when the run used it
 LEVERS_OFF = {"update_split": ("", "all"), "pair_weighting": ("none",), "chosen_sft_weight": (0,),
-              "winner_preserving": (False,), "ref_update_every": (0,), "norm_guard_weight": (0,)}
+              "winner_preserving": (False,), "ref_update_every": (0,), "norm_guard_weight": (0,),
+              "train_timesteps": (0, 1)}
 LEVER_SETTINGS = {"winner_preserving_mu": "winner_preserving", "ref_update_alpha": "ref_update_every",
                   "norm_guard_tolerance": "norm_guard_weight"}
 

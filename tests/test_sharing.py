@@ -38,6 +38,8 @@ def test_the_card_describes_the_objective_its_knobs_the_data_and_the_hub_base_mo
     # a stabilising lever is named, with its setting, only when the run used it
     _, with_lever = card_of(tmp_path, online_config(eval_data=TINY_PROMPTS, ref_update_every=40, ref_update_alpha=0.6), EVALS)
     assert "min_reward_margin 0.0, ref_update_every 40, ref_update_alpha 0.6." in with_lever
+    _, timesteps = card_of(tmp_path, online_config(eval_data=TINY_PROMPTS, train_timesteps=4), EVALS)
+    assert "min_reward_margin 0.0, train_timesteps 4." in timesteps
     # the reference is called frozen only when it is
     assert "pushed below the frozen reference's" in card and "frozen" not in with_lever
     assert "a moving reference's (a LoRA moved 0.6 of the way to the policy every 40 optimizer steps, TR-DPO)" in with_lever
