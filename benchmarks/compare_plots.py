@@ -24,7 +24,7 @@ def plot_curves(summary: dict, path: str, name: str = ""):
     ax.set_xlabel("rollout images")
     ax.set_ylabel("eval exact match (192 images)")
     one_seed = all(len(s["seeds"]) == 1 for s in summary.values())
-    ax.set_title(f"Text world, equal rollout budget{', ' + name if name else ''}: " + ("one seed, band = paired SE over the eval images" if one_seed
+    ax.set_title(f"Text world, equal rollout budget{', ' + name if name else ''}:\n" + ("one seed, band = paired SE over the eval images" if one_seed
                                                           else "mean, band = SE over seeds (one seed: paired SE)"), fontsize=10)
     target = (summary.get("grpo", {}).get("against_grpo") or {}).get("target")
     if target is not None:
@@ -51,6 +51,9 @@ def plot_sensitivity(points: dict, tuning_seeds, path: str):
             line, = ax.plot([lr for lr, _ in by_lr], [statistics.fmean(f) for _, f in by_lr], marker="o", label=variant)
             ax.scatter([lr for lr, f in by_lr for _ in f], [x for _, f in by_lr for x in f], s=8, color=line.get_color())
     ax.set_xscale("log")
+    rates = sorted({lr for by_lr in points.values() for lr, _ in by_lr})
+    ax.set_xticks(rates, [f"{lr:g}" for lr in rates], minor=False)  # the grid's rates, not crowded log ticks
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final eval exact match")
     ax.set_title(f"Learning-rate sensitivity (tuning seeds {', '.join(map(str, tuning_seeds))}; official knob)", fontsize=10)
