@@ -17,14 +17,15 @@ from prompt_data import dpo_noise_seed
 
 
 def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pairs: int, prompt_cache, step: int,
-               updates: int = 1, stream: int = 0, split: str = "all", pair_weights: torch.Tensor | None = None) -> dict:
+               updates: int = 1, stream: int = 0, split: str = "all", pair_weights: torch.Tensor | None = None,
+               timesteps: int = 1) -> dict:
     """Diffusion-DPO: `updates` optimizer steps on this rank's pairs: x0 [2P, S, 64] interleaved,
     n_pairs = P (0 allowed: x0 then holds 2 placeholder rows and this rank joins with zero weight).
     split "all": every update trains every pair; "disjoint": update u trains part u of the pairs
     (pairing.update_parts), each pair once. The loss is the mean over the update's pairs of every
     rank. Noise and sigma: one per pair, fresh per update, drawn from (seed, step, rank, stream,
-    update), so a resumed run draws the same; with the config's train_timesteps T > 1, T draws per
-    pair and update (the first as T = 1 draws it), gradients averaged over them in one optimizer step
+    update), so a resumed run draws the same; timesteps T > 1: T draws per pair and update (the
+    first as T = 1 draws it), gradients averaged over them in one optimizer step
     (the group objectives officially train 4-9 timesteps per sample, 4-7 on the 8-step text world;
     Diffusion-DPO trains one). pair_weights [P]: per-pair loss weights (margin
     weighting). The config's stabilising levers (chosen_sft_weight, norm_guard_weight /
@@ -39,7 +40,6 @@ def dpo_update(policy: Policy, x0: torch.Tensor, pair_prompts: list[str], n_pair
     sft_weight = getattr(config, "chosen_sft_weight", 0.0)
     guard_weight, guard_tolerance = getattr(config, "norm_guard_weight", 0.0), getattr(config, "norm_guard_tolerance", 0.05)
     winner_preserving, winner_mu = getattr(config, "winner_preserving", False), getattr(config, "winner_preserving_mu", 0.0)
-    timesteps = max(1, getattr(config, "train_timesteps", 0))  # 0: Diffusion-DPO's one per pair and update
     if all_sum(accelerator, n_pairs)[0] == 0:
         return {"update/skipped_no_pairs": 1.0}
     # summed over pairs (weighted by the pair count of each micro-batch), then over ranks

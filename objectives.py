@@ -93,6 +93,7 @@ class DPO:
         if config.reverse_preference:
             pairs = pairs.flip(1)
         n_pairs = pairs.shape[0]
+        timesteps = max(1, config.train_timesteps)  # 0: Diffusion-DPO's one draw per pair and update
         device = accelerator.device
         if n_pairs:
             chosen_rejected_latents = interleave(pairs, latents).to(device)  # [2P, S, 64]
@@ -102,10 +103,10 @@ class DPO:
         metrics = dpo_update(policy, chosen_rejected_latents, pair_prompts, n_pairs, prompt_cache, step,
                              updates=config.updates_per_rollout,
                              split=getattr(config, "update_split", "") or self.official_update_split,
-                             pair_weights=pair_weights)
+                             pair_weights=pair_weights, timesteps=timesteps)
         metrics["perf/update_tflop"] = perf.update_tflop(config, policy.transformer.config, prompt_cache, pair_prompts,
                                                          2 * config.micro_batch_pairs,
-                                                         forwards_per_row=max(1, config.train_timesteps)) if n_pairs else 0.0
+                                                         forwards_per_row=timesteps) if n_pairs else 0.0
         if (getattr(config, "update_split", "") or self.official_update_split) == "disjoint":  # each pair once
             metrics["perf/update_tflop"] /= config.updates_per_rollout
         if "update/skipped_no_pairs" in metrics:

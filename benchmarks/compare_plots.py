@@ -24,8 +24,8 @@ def plot_curves(summary: dict, path: str, name: str = ""):
     ax.set_xlabel("rollout images")
     ax.set_ylabel("eval exact match (192 images)")
     one_seed = all(len(s["seeds"]) == 1 for s in summary.values())
-    ax.set_title(f"Text world, equal rollout budget{', ' + name if name else ''}:\n" + ("one seed, band = paired SE over the eval images" if one_seed
-                                                          else "mean, band = SE over seeds (one seed: paired SE)"), fontsize=10)
+    band = "one seed, band = paired SE over the eval images" if one_seed else "mean, band = SE over seeds (one seed: paired SE)"
+    ax.set_title(f"Text world, equal rollout budget{', ' + name if name else ''}:\n{band}", fontsize=10)
     target = (summary.get("grpo", {}).get("against_grpo") or {}).get("target")
     if target is not None:
         ax.axhline(target, color="grey", lw=0.8, ls=":", label="target: GRPO's start + half its gain")
@@ -34,7 +34,6 @@ def plot_curves(summary: dict, path: str, name: str = ""):
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
-
 
 
 def plot_sensitivity(points: dict, tuning_seeds, path: str):
